@@ -28,6 +28,18 @@ def _not_built(name: str):
     return run
 
 
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    from .bench import add_arguments
+
+    add_arguments(p)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtlfast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -35,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=_cmd_info)
     sub.add_parser("demo", help="multi-task training demo").set_defaults(func=_not_built("demo"))
-    sub.add_parser("bench", help="throughput benchmarks").set_defaults(func=_not_built("bench"))
+    p = sub.add_parser("bench", help="throughput benchmarks against torchjd and the usual loops")
+    p.set_defaults(func=_cmd_bench)
+    _bench_arguments(p)
     return parser
 
 

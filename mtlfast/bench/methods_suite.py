@@ -1,0 +1,164 @@
+"""Suite ``methods``: aggregating a ``(T, P)`` matrix of per-task gradients into one update.
+
+Contenders for each method mtlfast has (discovered from ``mtlfast.methods``): mtlfast's
+``method(G)`` (Gram, T x T solve, combination), torchjd's aggregator of the same name, and
+for PCGrad the pairwise projection loop of the common reference code. Random methods
+(PCGrad's task order) are checked at T = 2, where the order cannot matter, and timed at
+every T.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from . import _contenders
+from .harness import Case, Config, Contender, human
+
+__all__ = ["cases", "discover_methods", "make_gradients"]
+
+#: Methods measured in --quick runs (whichever of them exist); full runs measure them all.
+QUICK_METHODS = ("Mean", "UPGrad", "PCGrad", "MGDA", "CAGrad")
+
+#: Sizes per profile: a T sweep at fixed P and a P sweep at fixed T; the headline case.
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {"T": (2, 4), "P_at_T": 300, "P": (100, 1000), "T_at_P": 3, "headline": (4, 300)},
+    "quick": {"T": (2, 8, 32), "P_at_T": 100_000, "P": (1_000, 10_000, 100_000), "T_at_P": 8,
+              "headline": (32, 100_000)},
+    "full": {"T": (2, 4, 8, 16, 32, 64), "P_at_T": 1_000_000,
+             "P": (10_000, 100_000, 1_000_000, 10_000_000), "T_at_P": 8,
+             "headline": (32, 1_000_000)},
+}
+
+# torchjd's constructor keywords for an mtlfast method instance (its hyper-parameters, read
+# from the instance where mtlfast stores them, else the paper's defaults).
+_TORCHJD_KWARGS: dict[str, Callable[[Any, int], dict[str, Any]]] = {
+    "CAGrad": lambda m, T: {"c": float(getattr(m, "c", 0.4))},
+    "FairGrad": lambda m, T: {"alpha": float(getattr(m, "alpha", 1.0))},
+    "NashMTL": lambda m, T: {"n_tasks": T, "max_norm": float(getattr(m, "max_norm", 1.0)),
+                             "update_weights_every": int(getattr(m, "update_weights_every", 1))},
+    "GradVac": lambda m, T: {"beta": float(getattr(m, "beta", 0.5))},
+}
+
+
+def discover_methods() -> dict[str, type]:
+    """The methods of ``mtlfast.methods`` that aggregate a gradient matrix (Gram or whole-
+    matrix methods; loss-based methods never see G)."""
+    from .. import methods as mm
+
+    bases = {mm.Method, mm.GramMethod, mm.JacobianMethod, mm.LossMethod}
+    found = {}
+    for name in getattr(mm, "__all__", dir(mm)):
+        cls = getattr(mm, name, None)
+        if (inspect.isclass(cls) and issubclass(cls, mm.Method) and cls not in bases
+                and getattr(cls, "needs", None) in ("gram", "jacobian")):
+            found[name] = cls
+    return found
+
+
+def make_gradients(T: int, P: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """``(T, P)`` float32 gradients with real conflicts: a shared direction whose sign
+    alternates between tasks, plus independent noise of varied scale."""
+    gen = torch.Generator().manual_seed(seed)
+    shared = torch.randn(P, generator=gen)
+    signs = torch.tensor([1.0 if t % 2 == 0 else -0.6 for t in range(T)])
+    scales = torch.linspace(0.5, 2.0, T)
+    G = scales[:, None] * torch.randn(T, P, generator=gen) + 2.0 * signs[:, None] * shared
+    return G.to(device)
+
+
+def _torchjd_factory(name: str, method: Any, T: int) -> tuple[Callable[[], Any] | None, str]:
+    agg, why = _contenders.torchjd_aggregation()
+    if agg is None:
+        return None, why
+    cls = getattr(agg, name, None)
+    if cls is None:
+        return None, f"torchjd has no {name}"
+    kwargs = _TORCHJD_KWARGS.get(name, lambda m, T: {})(method, T)
+    try:
+        cls(**kwargs)
+    except Exception as exc:  # e.g. NashMTL without cvxpy
+        return None, f"torchjd {name}: {type(exc).__name__}: {exc}".splitlines()[0]
+    return lambda: cls(**kwargs), ""
+
+
+def _case_contenders(name: str, cls: type, G: torch.Tensor, G_check: torch.Tensor
+                     ) -> list[Contender]:
+    T = G.shape[0]
+    timed_method = cls()
+    out = [Contender("mtlfast", run=lambda: timed_method(G), check=lambda: cls()(G_check),
+                     reference=True)]
+    make_jd, why = _torchjd_factory(name, timed_method, T)
+    if make_jd is None:
+        out.append(Contender("torchjd", unavailable=why))
+    else:
+        jd = make_jd()
+        out.append(Contender("torchjd", run=lambda: jd(G), check=lambda: make_jd()(G_check)))
+    if name == "PCGrad":
+        out.append(_pairwise_loop(cls, timed_method, G, G_check))
+    return out
+
+
+def _pairwise_loop(cls: type, timed_method: Any, G: torch.Tensor, G_check: torch.Tensor
+                   ) -> Contender:
+    """The pairwise PCGrad loop. When mtlfast's PCGrad exposes the task orders of its last
+    call (``last_orders``), the loop replays them and is checked at full T; otherwise it is
+    checked on ``G_check``, where the order cannot matter."""
+    base, why = _contenders.baselines()
+    if base is None:
+        return Contender("pairwise loop", unavailable=why)
+    reduction = str(getattr(timed_method, "reduction", "sum"))
+    note = "Python loop over task pairs, full-length projections"
+    run = lambda: base.pcgrad_pairwise(G, reduction=reduction)  # noqa: E731
+    probe = cls()
+    probe(G_check)
+    if getattr(probe, "last_orders", None) is None:
+        return Contender("pairwise loop", run=run, note=note,
+                         check=lambda: base.pcgrad_pairwise(G_check, reduction=reduction))
+    orders: list[torch.Tensor] = []
+
+    def expect() -> torch.Tensor:
+        method = cls()
+        answer = method(G)
+        orders[:] = [method.last_orders]
+        return answer
+
+    return Contender("pairwise loop", run=run, expect=expect,
+                     check=lambda: base.pcgrad_pairwise(G, orders=orders[0].tolist(),
+                                                        reduction=reduction),
+                     note=note + " (checked replaying mtlfast's task orders)")
+
+
+def cases(cfg: Config) -> Iterator[Case]:
+    """The case matrix for ``cfg``: every method at every (T, P) of the sweeps."""
+    sizes = SIZES[cfg.sizes]
+    sweeps: dict[tuple[int, int], tuple[str, ...]] = {}
+    for T in sizes["T"]:
+        sweeps[(T, sizes["P_at_T"])] = ("T",)
+    for P in sizes["P"]:
+        key = (sizes["T_at_P"], P)
+        sweeps[key] = sweeps.get(key, ()) + ("P",)  # a point of both sweeps is run once
+    methods = discover_methods()
+    if cfg.sizes != "full":
+        methods = {n: c for n, c in methods.items() if n in QUICK_METHODS} or methods
+    for name, cls in methods.items():
+        for (T, P), sweep in sweeps.items():
+            yield Case(
+                suite="methods", method=name, label=f"T={T} P={human(P)}",
+                params={"T": T, "P": P, "dtype": "float32"}, sweeps=sweep,
+                headline=(T, P) == tuple(sizes["headline"]),
+                build=_builder(name, cls, T, P, cfg.device), rtol=1e-3,
+            )
+
+
+def _builder(name: str, cls: type, T: int, P: int, device: torch.device
+             ) -> Callable[[], list[Contender]]:
+    def build() -> list[Contender]:
+        G = make_gradients(T, P, device)
+        G_check = G if getattr(cls, "deterministic", True) else G[:2].contiguous()
+        return _case_contenders(name, cls, G, G_check)
+
+    return build

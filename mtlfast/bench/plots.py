@@ -1,0 +1,139 @@
+"""PNG plots of a run: time vs T and time vs P per suite (one panel per method, log-log),
+and mtlfast's speedup over each contender on the headline cases (bars, log scale)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from .harness import Record, human
+
+__all__ = ["plot_all"]
+
+_AXIS = {"T": "number of tasks T", "P": "shared parameters P"}
+
+
+def _pyplot():  # imported late: matplotlib is the ``bench`` extra
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colors(records: Sequence[Record]) -> dict[str, str]:
+    """Stable colours: mtlfast's contenders in warm tones, everyone else in cool ones."""
+    warm = ["#d62728", "#ff7f0e", "#e377c2", "#8c564b"]
+    cool = ["#1f77b4", "#2ca02c", "#9467bd", "#17becf", "#7f7f7f", "#bcbd22", "#393b79"]
+    colors: dict[str, str] = {}
+    for name in sorted({r.contender for r in records}):
+        pool = warm if name.startswith("mtlfast") else cool
+        used = sum(1 for n in colors if n.startswith("mtlfast") == name.startswith("mtlfast"))
+        colors[name] = pool[used % len(pool)]
+    return colors
+
+
+def _fixed(records: Sequence[Record], axis: str) -> str:
+    other = "P" if axis == "T" else "T"
+    values = sorted({r.params.get(other) for r in records if r.params.get(other) is not None})
+    if len(values) == 1:
+        return f"{other} = {human(values[0])}"
+    return ""
+
+
+def _sweep_figure(records: Sequence[Record], suite: str, axis: str, device: str,
+                  colors: dict[str, str], path: Path) -> bool:
+    recs = [r for r in records if r.suite == suite and axis in r.sweeps and r.median_s]
+    methods = list(dict.fromkeys(r.method for r in recs))
+    if not methods:
+        return False
+    plt = _pyplot()
+    from matplotlib.ticker import NullLocator
+
+    cols = min(3, len(methods))
+    rows = math.ceil(len(methods) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols + 0.6, 3.4 * rows + 0.8),
+                             squeeze=False)
+    for ax, method in zip(axes.flat, methods, strict=False):
+        mine = [r for r in recs if r.method == method]
+        for contender in dict.fromkeys(r.contender for r in mine):
+            pts = sorted((r.params[axis], r.median_s * 1e3) for r in mine
+                         if r.contender == contender)
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, marker="o", label=contender, color=colors[contender],
+                    linewidth=2.2 if contender.startswith("mtlfast") else 1.5)
+        ax.set_xscale("log", base=2 if axis == "T" else 10)
+        ax.set_yscale("log")
+        xs_all = sorted({r.params[axis] for r in mine})
+        ax.set_xticks(xs_all, [human(x) for x in xs_all])
+        ax.xaxis.set_minor_locator(NullLocator())  # the ticks are the measured sizes
+        ax.set_title(method, fontsize=11)
+        ax.set_xlabel(_AXIS[axis])
+        ax.set_ylabel("median time per call (ms)")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(methods):]:
+        ax.set_visible(False)
+    fixed = _fixed(recs, axis)
+    fig.suptitle(f"{suite}: time vs {axis}" + (f" at {fixed}" if fixed else "") + f" ({device})",
+                 fontsize=12)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _speedup_figure(records: Sequence[Record], device: str, colors: dict[str, str],
+                    path: Path) -> bool:
+    bars = [r for r in records if (r.headline or not r.sweeps) and r.speedup is not None
+            and not r.reference]
+    groups = list(dict.fromkeys((r.suite, r.method, r.case) for r in bars))
+    if not groups:
+        return False
+    plt = _pyplot()
+    contenders = list(dict.fromkeys(r.contender for r in bars))
+    width = 0.8 / len(contenders)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(groups) + 2.5), 4.6))
+    for k, contender in enumerate(contenders):
+        for g, key in enumerate(groups):
+            rec = next((r for r in bars if (r.suite, r.method, r.case) == key
+                        and r.contender == contender), None)
+            if rec is None:
+                continue
+            x = g - 0.4 + width * (k + 0.5)
+            ax.bar(x, rec.speedup, width, color=colors[contender],
+                   label=contender, hatch="//" if rec.status == "floor" else None)
+            ax.annotate(f"{rec.speedup:.2g}x", (x, rec.speedup), ha="center",
+                        va="bottom" if rec.speedup >= 1 else "top", fontsize=7)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper left")
+    ax.axhline(1.0, color="black", linewidth=1)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(groups)),
+                  [f"{s}\n{m}\n{c}" for s, m, c in groups], fontsize=8)
+    ax.set_ylabel("contender time / mtlfast time\n(> 1: mtlfast is faster)")
+    ax.set_title(f"mtlfast speedup, headline cases ({device})\n"
+                 "hatched: a cheaper, different update (the floor)", fontsize=10)
+    ax.grid(True, axis="y", which="major", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_all(records: Sequence[Record], out_dir: Path, device: str) -> list[Path]:
+    """Write every plot that has data; return the paths written."""
+    colors = _colors(records)
+    written = []
+    for suite in dict.fromkeys(r.suite for r in records):
+        for axis in ("T", "P"):
+            path = out_dir / f"{suite}_time_vs_{axis}.png"
+            if _sweep_figure(records, suite, axis, device, colors, path):
+                written.append(path)
+    path = out_dir / "speedup.png"
+    if _speedup_figure(records, device, colors, path):
+        written.append(path)
+    return written

@@ -1,0 +1,147 @@
+"""``python -m mtlfast bench`` end to end on tiny sizes (nothing here checks a timing)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import make_results
+from benchmarks.baselines import ConcatBmmHeads, heads_loop, pcgrad_pairwise
+from mtlfast.bench import SUITES, Case, Config, Contender, run_case
+from mtlfast.bench.heads_suite import make_heads
+from mtlfast.cli import main
+
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture(scope="module")
+def bench_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert main(["bench", "--sizes", "tiny", "--out", str(out)]) == 0
+    return out
+
+
+def test_every_suite_ran_and_every_available_contender_was_timed(bench_out):
+    doc = json.loads((bench_out / "bench.json").read_text())
+    records = doc["records"]
+    assert {r["suite"] for r in records} == set(SUITES)
+    assert doc["machine"]["device"] == "cpu" and doc["command"].startswith("python -m mtlfast")
+    for r in records:
+        assert r["status"] in ("ok", "floor", "unavailable"), r
+        if r["status"] == "unavailable":
+            assert r["note"], r  # says why
+        else:
+            assert r["median_s"] is not None and r["median_s"] > 0 and r["times_s"], r
+    by_case: dict = {}
+    for r in records:
+        by_case.setdefault((r["suite"], r["method"], r["case"]), []).append(r)
+    for recs in by_case.values():
+        timed = [r for r in recs if r["status"] == "ok"]
+        checked = [r for r in timed if r["rel_err"] is not None]
+        # every timed contender but the one checked against was compared with it first
+        assert len(checked) >= len(timed) - 1
+        assert all(r["rel_err"] <= 1e-3 for r in checked)
+    # the methods suite has its reference everywhere, so every other timed contender has a ratio
+    methods = [r for r in records if r["suite"] == "methods" and r["status"] == "ok"]
+    assert methods and all(r["speedup"] is not None for r in methods)
+
+
+def test_plots_and_json_are_written(bench_out):
+    assert (bench_out / "bench.json").stat().st_size > 0
+    pngs = sorted(p.name for p in bench_out.glob("*.png"))
+    assert {"methods_time_vs_T.png", "methods_time_vs_P.png", "speedup.png"} <= set(pngs)
+    for name in pngs:
+        data = (bench_out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
+
+
+def test_results_section_is_regenerated_in_place(bench_out, tmp_path):
+    results = tmp_path / "RESULTS.md"
+    readme = tmp_path / "README.md"
+    results.write_text("# Benchmark results\n\nkept\n")
+    readme.write_text("# x\n\n## Performance\n\nkept too\n")
+    args = [str(bench_out / "bench.json"), "--results", str(results), "--readme", str(readme),
+            "--plot", "p.png", "--note", "shared machine"]
+    for _ in range(2):  # a rerun replaces its section instead of adding another
+        assert make_results.main(args) == 0
+    text = results.read_text()
+    assert text.count("<!-- mtlfast-bench:cpu:begin -->") == 1 and "kept" in text
+    assert "### methods" in text and "shared machine" in text and "| method | case |" in text
+    assert readme.read_text().count("![mtlfast speedup") == 1 and "kept too" in readme.read_text()
+
+
+def _counting(fn):
+    calls = []
+
+    def run():
+        calls.append(1)
+        return fn()
+
+    return run, calls
+
+
+def test_a_wrong_contender_is_flagged_and_not_timed(monkeypatch, tmp_path):
+    G = torch.randn(4, 50)
+    wrong, wrong_calls = _counting(lambda: G.sum(0) * 1.01)
+    right, right_calls = _counting(lambda: G.sum(0).clone())
+
+    def suite(cfg):
+        yield Case("wrong", "Sum", "T=4 P=50", {"T": 4, "P": 50}, sweeps=("T",), build=lambda: [
+            Contender("mtlfast", run=lambda: G.sum(0), reference=True),
+            Contender("right", run=right), Contender("wrong", run=wrong)])
+
+    monkeypatch.setitem(SUITES, "wrong", suite)
+    assert main(["bench", "--sizes", "tiny", "--suite", "wrong", "--out", str(tmp_path),
+                 "--no-plots"]) == 0
+    recs = {r["contender"]: r for r in json.loads((tmp_path / "bench.json").read_text())
+            ["records"]}
+    assert recs["wrong"]["status"] == "differs" and recs["wrong"]["median_s"] is None
+    assert recs["wrong"]["rel_err"] == pytest.approx(0.01, rel=1e-3)
+    assert len(wrong_calls) == 1  # the check only, never timed
+    assert recs["right"]["status"] == "ok" and len(right_calls) >= 2  # checked, then timed
+
+
+def test_nothing_is_compared_with_a_random_answer():
+    case = Case("s", "Random", "T=2", {"T": 2}, build=lambda: [
+        Contender("mtlfast", run=lambda: torch.rand(3), reference=True),
+        Contender("other", run=lambda: torch.rand(3))])
+    recs = {r.contender: r for r in run_case(case, Config.for_sizes("tiny", "cpu"))}
+    assert recs["mtlfast"].status == "ok" and recs["mtlfast"].median_s is not None
+    assert recs["other"].status == "unchecked" and recs["other"].median_s is None
+
+
+def test_pairwise_pcgrad_loop_matches_torchjd_where_the_order_cannot_matter():
+    torchjd = pytest.importorskip("torchjd.aggregation")
+    G = torch.tensor([[1.0, 2.0, -1.0], [-2.0, 0.5, 1.0]], dtype=torch.float64)
+    assert (G[0] @ G[1]) < 0  # a real conflict
+    expected = torchjd.PCGrad()(G)
+    torch.testing.assert_close(pcgrad_pairwise(G), expected)
+    torch.testing.assert_close(pcgrad_pairwise(G, reduction="mean"), expected / 2)
+
+
+def test_pairwise_pcgrad_follows_the_given_orders():
+    G = torch.randn(3, 20, dtype=torch.float64)
+    orders = [[1, 2], [0, 2], [1, 0]]
+    rows = []
+    for i, order in enumerate(orders):
+        g = G[i].clone()
+        for j in order:
+            d = g @ G[j]
+            g = g - min(d, 0.0) / (G[j] @ G[j]) * G[j]
+        rows.append(g)
+    torch.testing.assert_close(pcgrad_pairwise(G, orders=orders), sum(rows))
+
+
+@pytest.mark.parametrize("hidden", [None, 6])
+def test_concat_bmm_heads_equal_the_loop(hidden):
+    heads = make_heads(5, hidden, (1, 3, 2), torch.device("cpu"))
+    z = torch.randn(4, 5, requires_grad=True)
+    fused = ConcatBmmHeads(heads)
+    a, b = heads_loop(heads, z), fused(z)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name])
+    ga = torch.autograd.grad(sum(o.sum() for o in a.values()), z)[0]
+    gb = torch.autograd.grad(sum(o.sum() for o in b.values()), z)[0]
+    torch.testing.assert_close(gb, ga)
