@@ -19,7 +19,7 @@ pytest.importorskip("matplotlib")
 @pytest.fixture(scope="module")
 def bench_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    assert main(["bench", "--sizes", "tiny", "--out", str(out)]) == 0
+    assert main(["bench", "--sizes", "tiny", "--threads", "1", "--out", str(out)]) == 0
     return out
 
 
@@ -93,8 +93,8 @@ def test_a_wrong_contender_is_flagged_and_not_timed(monkeypatch, tmp_path):
             Contender("right", run=right), Contender("wrong", run=wrong)])
 
     monkeypatch.setitem(SUITES, "wrong", suite)
-    assert main(["bench", "--sizes", "tiny", "--suite", "wrong", "--out", str(tmp_path),
-                 "--no-plots"]) == 0
+    assert main(["bench", "--sizes", "tiny", "--threads", "1", "--suite", "wrong",
+                 "--out", str(tmp_path), "--no-plots"]) == 0
     recs = {r["contender"]: r for r in json.loads((tmp_path / "bench.json").read_text())
             ["records"]}
     assert recs["wrong"]["status"] == "differs" and recs["wrong"]["median_s"] is None

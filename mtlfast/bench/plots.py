@@ -93,25 +93,26 @@ def _speedup_figure(records: Sequence[Record], device: str, colors: dict[str, st
     if not groups:
         return False
     plt = _pyplot()
-    contenders = list(dict.fromkeys(r.contender for r in bars))
-    width = 0.8 / len(contenders)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(groups) + 2.5), 4.6))
-    for k, contender in enumerate(contenders):
-        for g, key in enumerate(groups):
-            rec = next((r for r in bars if (r.suite, r.method, r.case) == key
-                        and r.contender == contender), None)
-            if rec is None:
-                continue
-            x = g - 0.4 + width * (k + 0.5)
-            ax.bar(x, rec.speedup, width, color=colors[contender],
-                   label=contender, hatch="//" if rec.status == "floor" else None)
-            ax.annotate(f"{rec.speedup:.2g}x", (x, rec.speedup), ha="center",
-                        va="bottom" if rec.speedup >= 1 else "top", fontsize=7)
+    per_group = {key: [r for r in bars if (r.suite, r.method, r.case) == key] for key in groups}
+    width = 0.8 / max(len(v) for v in per_group.values())
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(groups) + 4.0), 4.8))
+    for g, key in enumerate(groups):
+        recs = per_group[key]
+        for k, rec in enumerate(recs):
+            x = g + width * (k - (len(recs) - 1) / 2)
+            ax.bar(x, rec.speedup, width, color=colors[rec.contender], label=rec.contender,
+                   hatch="//" if rec.status == "floor" else None, edgecolor="white")
+            ax.annotate(f"{rec.speedup:.2g}x", (x, rec.speedup), xytext=(0, 2),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=7,
+                        rotation=90)
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
-    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper left")
+    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), title="contender", title_fontsize=8)
     ax.axhline(1.0, color="black", linewidth=1)
     ax.set_yscale("log")
+    low, high = ax.get_ylim()
+    ax.set_ylim(min(low, 0.5), max(high, 2.0) * 2.5)  # room for the labels above the bars
     ax.set_xticks(range(len(groups)),
                   [f"{s}\n{m}\n{c}" for s, m, c in groups], fontsize=8)
     ax.set_ylabel("contender time / mtlfast time\n(> 1: mtlfast is faster)")

@@ -23,10 +23,10 @@ def fmt_time(seconds: float | None) -> str:
     """``0.00123 -> "1.23 ms"`` (three significant digits, unit chosen by size)."""
     if seconds is None:
         return "-"
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
-        if seconds >= scale:
+    for unit, scale in (("ns", 1e-9), ("us", 1e-6), ("ms", 1e-3)):
+        if float(f"{seconds / scale:.3g}") < 1000:
             return f"{seconds / scale:.3g} {unit}"
-    return f"{seconds / 1e-9:.3g} ns"
+    return f"{seconds:.3g} s"
 
 
 def _cpu_model() -> str:
@@ -111,6 +111,9 @@ def print_tables(records: Sequence[Record], out: TextIO = sys.stdout) -> None:
             print("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip(),
                   file=out)
         notes = {(r.contender, r.status, r.note) for r in recs
-                 if r.status not in ("ok",) and r.note}
+                 if r.status not in ("ok", "differs") and r.note}
         for contender, status, note in sorted(notes):
             print(f"  {contender} [{status}]: {note}", file=out)
+        for r in recs:
+            if r.status == "differs":
+                print(f"  {r.contender} [differs] on {r.method} {r.case}: {r.note}", file=out)
