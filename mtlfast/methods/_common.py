@@ -40,6 +40,15 @@ def check_loss_vector(method: Method, losses: torch.Tensor) -> int:
     return losses.shape[0]
 
 
+def check_task_losses(method: Method, losses: torch.Tensor | None, T: int
+                      ) -> torch.Tensor | None:
+    """Validate the optional losses given with a (T, P) matrix: None or a (T,) float tensor."""
+    if losses is not None and check_loss_vector(method, losses) != T:
+        raise ValueError(f"{type(method).__name__}: losses must have shape ({T},) to match G, "
+                         f"got {tuple(losses.shape)}")
+    return losses
+
+
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """Running state is kept in at least float32 (EMAs in half precision drift)."""
     return torch.promote_types(dtype, torch.float32)

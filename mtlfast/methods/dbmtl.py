@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import LazyStateMixin, check_matrix, state_dtype
+from ._common import LazyStateMixin, check_matrix, check_task_losses, state_dtype
 from .base import JacobianMethod, NonFinitePolicy
 
 __all__ = ["DBMTL"]
@@ -62,7 +62,7 @@ class DBMTL(LazyStateMixin, JacobianMethod):
         if losses is None:
             raise ValueError("DBMTL needs the losses (gradients of log-losses): "
                              "aggregate(G, losses)")
-        losses = self._check_losses(losses, T)
+        losses = check_task_losses(self, losses, T)
         self.bind_tasks(T)
         self._raise_if_nonfinite(G=G, losses=losses)
         self._allocate(G)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._common import OwnedGeneratorMixin, check_matrix, state_dtype
+from ._common import OwnedGeneratorMixin, check_matrix, check_task_losses, state_dtype
 from .base import JacobianMethod, NonFinitePolicy
 
 __all__ = ["GradDrop", "graddrop_torch"]
@@ -75,7 +75,7 @@ class GradDrop(OwnedGeneratorMixin, JacobianMethod):
 
     def aggregate(self, G: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
         T = check_matrix(self, G)
-        losses = self._check_losses(losses, T)
+        losses = check_task_losses(self, losses, T)
         self.bind_tasks(T)
         self._raise_if_nonfinite(G=G, losses=losses)
         u = torch.rand(G.shape[1], generator=self.generator(G.device), dtype=state_dtype(G.dtype),

@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from ._common import LazyStateMixin, check_matrix, state_dtype
+from ._common import LazyStateMixin, check_matrix, check_task_losses, state_dtype
 from .base import JacobianMethod, NonFinitePolicy
 
 __all__ = ["MoCo", "project_simplex"]
@@ -98,7 +98,7 @@ class MoCo(LazyStateMixin, JacobianMethod):
         T = check_matrix(self, G)
         if self.normalize_grads and losses is None:
             raise ValueError("MoCo(normalize_grads=True) needs the losses: aggregate(G, losses)")
-        losses = self._check_losses(losses, T)
+        losses = check_task_losses(self, losses, T)
         self.bind_tasks(T)
         self._raise_if_nonfinite(G=G, losses=losses)
         self._allocate(G)

@@ -299,8 +299,10 @@ def test_bad_input_rejected():
         M.DBMTL()(torch.zeros(2, 3, dtype=torch.int64), torch.ones(2))
     with pytest.raises(ValueError, match="needs the losses"):
         M.DBMTL()(torch.zeros(2, 3))
-    with pytest.raises(ValueError, match="losses must have shape"):
+    with pytest.raises(ValueError, match=r"losses must have shape \(2,\)"):
         M.DBMTL()(torch.zeros(2, 3), torch.ones(3))
+    with pytest.raises(ValueError, match=r"losses must have shape \(T,\)"):
+        M.MoCo()(torch.zeros(2, 3), torch.ones(1, 2))
     with pytest.raises(ValueError, match=r"losses must have shape \(T,\)"):
         M.GLS()(torch.ones(2, 2))
     with pytest.raises(TypeError, match="losses must be floating"):
@@ -321,3 +323,64 @@ def test_bad_input_rejected():
         M.FAMO().update(torch.ones(2))
     with pytest.raises(RuntimeError, match="do not call update"):
         M.FAMO(post_step_losses="next_batch").update(torch.ones(2))
+
+
+def _drive(method, name, device, steps=5):
+    """Run a method on a fixed float64 sequence on ``device``; return its outputs on the CPU."""
+    T, P = 4, 257
+    outs = []
+    for k in range(steps):
+        L = _losses(T, k).to(device)
+        if name in JACOBIAN_FACTORIES:
+            outs.append(method(_matrix(T, P, k).to(device), L).cpu())
+            continue
+        outs.append(method(L).cpu())
+        if isinstance(method, M.FAMO) and method.post_step_losses == "extra_forward":
+            method.update(L * 0.9)
+        if hasattr(method, "epoch_end") and k % 2 == 1:
+            method.epoch_end()
+    return outs
+
+
+RANDOM = ["RLW", "GradDrop", "GradDrop-leak"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", [n for n in {**LOSS_FACTORIES, **JACOBIAN_FACTORIES}
+                                  if n not in RANDOM])
+def test_cuda_matches_cpu(name):
+    factory = {**LOSS_FACTORIES, **JACOBIAN_FACTORIES}[name]
+    for a, b in zip(_drive(factory(4).cuda(), name, "cuda"), _drive(factory(4), name, "cpu"),
+                    strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.cuda
+def test_cuda_random_methods_draw_from_their_cuda_generator():
+    from mtlfast.methods.graddrop import graddrop_torch
+
+    G = _matrix(4, 1000, 0).cuda()
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    method = M.GradDrop(seed=3)
+    for _ in range(2):
+        u = torch.rand(1000, generator=gen, dtype=torch.float64, device="cuda")
+        expected = graddrop_torch(G, u, torch.zeros(4, dtype=torch.float64, device="cuda"))
+        assert torch.equal(method(G), expected)
+    L = _losses(4, 0).cuda()
+    rlw = M.RLW(seed=9)
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    for _ in range(2):
+        w = torch.softmax(torch.randn(4, generator=gen, dtype=torch.float64, device="cuda"), 0)
+        assert torch.equal(rlw.loss_weights(L), w)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", [*LOSS_FACTORIES, *JACOBIAN_FACTORIES])
+def test_cuda_state_dict_round_trip(name):
+    factory = {**LOSS_FACTORIES, **JACOBIAN_FACTORIES}[name]
+    method = factory(4).cuda()
+    _drive(method, name, "cuda", steps=3)
+    restored = factory(4).cuda()
+    restored.load_state_dict(_round_trip(method))
+    for a, b in zip(_drive(restored, name, "cuda"), _drive(method, name, "cuda"), strict=True):
+        assert torch.equal(a, b)
