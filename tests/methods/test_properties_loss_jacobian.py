@@ -384,3 +384,27 @@ def test_cuda_state_dict_round_trip(name):
     restored.load_state_dict(_round_trip(method))
     for a, b in zip(_drive(restored, name, "cuda"), _drive(method, name, "cuda"), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", [n for n in {**LOSS_FACTORIES, **JACOBIAN_FACTORIES}
+                                  if n not in ("RLW", "UW")])
+def test_permutation(name):
+    """Renaming the tasks permutes the loss weights and leaves totals and updates unchanged
+    (RLW draws per position, UW's parameters are per position: both excluded)."""
+    factory = {**LOSS_FACTORIES, **JACOBIAN_FACTORIES}[name]
+    perm = torch.tensor([2, 0, 3, 1])
+    a, b = factory(4), factory(4)
+    for k in range(6):
+        L = _losses(4, k)
+        if name in JACOBIAN_FACTORIES:
+            G = _matrix(4, 19, k)
+            torch.testing.assert_close(a(G, L), b(G[perm], L[perm]), rtol=1e-10, atol=1e-12)
+            continue
+        torch.testing.assert_close(a.loss_weights(L)[perm], b.loss_weights(L[perm]),
+                                   rtol=1e-10, atol=0)
+        after = L * torch.linspace(0.5, 1, 4, dtype=L.dtype)
+        for m, x in ((a, after), (b, after[perm])):
+            if isinstance(m, M.FAMO) and m.post_step_losses == "extra_forward":
+                m.update(x)
+            if hasattr(m, "epoch_end") and k % 2 == 1:
+                m.epoch_end()
