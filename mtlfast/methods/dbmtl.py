@@ -67,13 +67,14 @@ class DBMTL(LazyStateMixin, JacobianMethod):
         self._raise_if_nonfinite(G=G, losses=losses)
         self._allocate(G)
         ema, step = self.ema, self.step
-        log_grads = G.to(ema.dtype) / (losses.to(ema.dtype) + self.eps)[:, None]
         t = step + 1
         beta_t = self.beta / t**self.beta_sigma
         skip = self.on_nonfinite == "skip"
-        # h + beta_t (m - h) == lerp(h, m, beta_t); in place unless a skipped step keeps m.
-        ema_new = torch.lerp(log_grads, ema, beta_t) if skip else \
-            ema.copy_(log_grads.lerp_(ema, beta_t))
+        # m <- beta_t m + (1 - beta_t) g_i / (L_i + eps): one scale and one row-scaled add (in
+        # place: no T x P temporary) unless a skipped step must keep m.
+        coef = (1 - beta_t) / (losses.to(ema.dtype) + self.eps)
+        ema_new = ema * beta_t if skip else ema.mul_(beta_t)
+        ema_new.addcmul_(G, coef[:, None])
         norms = ema_new.norm(dim=1)
         alpha = norms.max() / (norms + 1e-8)
         update = alpha @ ema_new

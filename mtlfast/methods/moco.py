@@ -103,15 +103,17 @@ class MoCo(LazyStateMixin, JacobianMethod):
         self._raise_if_nonfinite(G=G, losses=losses)
         self._allocate(G)
         y, lam, step = self.tracked, self.task_weights, self.step
-        grads = G.to(y.dtype)
+        # y <- (1 - beta_t) y + beta_t s_i g_i, s_i = 1 or L_i / (|g_i| + 1e-8), as one scale and
+        # one row-scaled add (in place: no T x P temporary) unless a skipped step must keep y.
+        scale = torch.ones(T, dtype=y.dtype, device=y.device)
         if self.normalize_grads:
-            grads = grads * (losses.to(y.dtype) / (grads.norm(dim=1) + 1e-8))[:, None]
+            scale = losses.to(y.dtype) / (G.to(y.dtype).norm(dim=1) + 1e-8)
         t = step + 1
         beta_t = self.beta / t**self.beta_sigma
         gamma_t = self.gamma / t**self.gamma_sigma
         skip = self.on_nonfinite == "skip"
-        # y - beta_t (y - g) == lerp(y, g, beta_t); in place unless a skipped step must keep y.
-        y_new = torch.lerp(y, grads, beta_t) if skip else y.lerp_(grads, beta_t)
+        y_new = y * (1 - beta_t) if skip else y.mul_(1 - beta_t)
+        y_new.addcmul_(G, (beta_t * scale)[:, None])
         lam_new = lam - gamma_t * (y_new @ (y_new.T @ lam) + self.rho * lam)
         lam_new = project_simplex(lam_new) if self.lambda_update == "simplex" \
             else torch.softmax(lam_new, dim=-1)
