@@ -2,5 +2,20 @@
 
 from .base import GramMethod, JacobianMethod, LossMethod, Method
 from .basic import Mean, Sum
+from .dualproj import DualProj
+from .mgda import MGDA
+from .pcgrad import PCGrad
+from .upgrad import UPGrad
 
-__all__ = ["GramMethod", "JacobianMethod", "LossMethod", "Method", "Mean", "Sum"]
+__all__ = [
+    "DualProj",
+    "GramMethod",
+    "JacobianMethod",
+    "LossMethod",
+    "MGDA",
+    "Mean",
+    "Method",
+    "PCGrad",
+    "Sum",
+    "UPGrad",
+]
