@@ -45,7 +45,8 @@ def test_mgda_is_the_min_norm_point(T):
         eye = torch.eye(T, dtype=torch.float64)
         ref = _qp(K, torch.zeros(T, dtype=torch.float64),
                   torch.cat([torch.ones(T, 1, dtype=torch.float64), eye], 1),
-                  torch.cat([torch.ones(1, dtype=torch.float64), torch.zeros(T, dtype=torch.float64)]),
+                  torch.cat([torch.ones(1, dtype=torch.float64),
+                             torch.zeros(T, dtype=torch.float64)]),
                   meq=1)
         assert (w >= 0).all() and abs(float(w.sum()) - 1) < 1e-12
         assert float(w @ K @ w) <= float(ref @ K @ ref) * (1 + 1e-9) + 1e-15

@@ -111,7 +111,8 @@ def test_mgda_reaches_true_optimum_at_t_32():
 
 
 def test_nnqp_batched_matches_one_by_one():
-    A = torch.stack([solvers.normalize_gram(_grams(6, seed=s))[0] for s in range(4)]).view(2, 2, 6, 6)
+    A = torch.stack([solvers.normalize_gram(_grams(6, seed=s))[0] for s in range(4)])
+    A = A.view(2, 2, 6, 6)
     b = torch.randn(2, 2, 3, 6, dtype=torch.float64) @ A
     for simplex in (False, True):
         x = solvers.nnqp_reference(A, b, simplex=simplex)
