@@ -18,7 +18,7 @@ class FairGrad(GramMethod):
     ``1/2 w^T K w - sum_i h(w_i)``, ``h'(w) = w^(-1/alpha)``, by ``iters`` damped Newton steps
     on ``K / ||K||_F`` and an exact rescaling (the root scales as ``||K||_F^(-alpha/(alpha+1))``),
     see :func:`mtlfast.ops.solvers_nonlinear.power_fixed_point`. ``alpha = 1`` is
-    proportional fairness (Nash-MTL's equation without its normalization).
+    proportional fairness, Nash-MTL's equation (without its clip).
     """
 
     def __init__(self, *, alpha: float = 1.0, iters: int = 25, on_nonfinite: str = "raise") -> None:
@@ -34,7 +34,7 @@ class FairGrad(GramMethod):
         if self.alpha == 0:
             T = gram.shape[-1]
             return torch.full(gram.shape[:-1], 1.0 / T, dtype=gram.dtype, device=gram.device)
-        return power_fixed_point(gram, self.alpha, self.iters, rescale=True)
+        return power_fixed_point(gram, self.alpha, self.iters)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, iters={self.iters}, {super().extra_repr()}"

@@ -13,18 +13,19 @@ __all__ = ["NashMTL"]
 
 
 class NashMTL(StatefulGramMethod):
-    """Nash bargaining solution: ``w = alpha`` with ``(K / ||K||_F) alpha = 1 / alpha``, alpha > 0.
+    """Nash bargaining solution: ``w = alpha`` with ``K alpha = 1 / alpha``, alpha > 0.
 
-    As in the official code, the fixed point is solved on the Frobenius-normalized Gram (so
-    the weights do not depend on the gradients' scale), it is recomputed every
-    ``update_weights_every`` calls and reused in between, and the update is clipped:
+    As in the official code, the solution is recomputed every ``update_weights_every`` calls
+    and reused in between, and the update is clipped:
     ``w <- w * max_norm / ||w @ G||`` when ``||w @ G|| = sqrt(w^T K w) > max_norm``
     (``max_norm = 0`` disables the clip).
 
     The official code approximates the root with ``optim_niter`` convex-concave steps in
-    cvxpy on the CPU; here the same root is found exactly (to rounding) on the Gram's device
-    as the minimizer of ``1/2 a^T K a - sum_i log a_i`` by ``optim_niter`` damped Newton steps
-    (:func:`mtlfast.ops.solvers_nonlinear.power_fixed_point`). Where no finite root exists
+    cvxpy on the CPU (stopping at ``||K a - 1/a|| < 1e-3``); here the same root is found to
+    rounding on the Gram's device as the minimizer of ``1/2 a^T K a - sum_i log a_i`` by
+    ``optim_niter`` damped Newton steps on ``K / ||K||_F`` and an exact rescaling
+    (:func:`mtlfast.ops.solvers_nonlinear.power_fixed_point`). Unclipped, ``w @ G`` does not
+    depend on the gradients' scale (``w`` scales as 1/scale). Where no finite root exists
     (a zero gradient, or tasks with a non-negative combination equal to 0, e.g. g and -g),
     the weights along that direction grow 2x per step and stay finite; their update is 0.
 
@@ -64,7 +65,7 @@ class NashMTL(StatefulGramMethod):
 
     def _weights(self, gram: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         if self.cached_alpha is None or self._calls % self.update_weights_every == 0:
-            alpha = power_fixed_point(gram, 1.0, self.optim_niter, rescale=False)
+            alpha = power_fixed_point(gram, 1.0, self.optim_niter)
             previous = (torch.ones_like(alpha) if self.cached_alpha is None
                         else self.cached_alpha.to(alpha))
             self.cached_alpha = self._keep_if_skipped(alpha, previous)

@@ -6,7 +6,7 @@ function that picks the C++ kernel for CPU tensors when the extension is built. 
 compute in float64 and return the Gram's dtype; the references compute in float64 too
 (float32 where the device has no float64).
 
-- ``power_fixed_point(K, alpha, iters, rescale)``: the positive root of ``K w = w^(-1/alpha)``
+- ``power_fixed_point(K, alpha, iters)``: the positive root of ``K w = w^(-1/alpha)``
   (FairGrad; Nash-MTL is ``alpha = 1``), the minimizer of the convex
   ``f(w) = 1/2 w^T K w - sum_i h(w_i)`` with ``h' = w^(-1/alpha)``, by damped Newton.
 - ``aligned_mtl_weights(K, pref, scale_mode)``: ``w = sqrt(s) V diag(1/sqrt(lambda)) V^T pref``.
@@ -62,9 +62,7 @@ def _barrier(w: torch.Tensor, p: float) -> torch.Tensor:
     return w.pow(1.0 - p) / (1.0 - p)
 
 
-def power_fixed_point_reference(
-    K: torch.Tensor, alpha: float, iters: int, rescale: bool
-) -> torch.Tensor:
+def power_fixed_point_reference(K: torch.Tensor, alpha: float, iters: int) -> torch.Tensor:
     """The spec of :func:`power_fixed_point` in torch (float64, any device, no host read)."""
     out_dtype = K.dtype
     K = _symmetric(K)
@@ -103,17 +101,16 @@ def power_fixed_point_reference(
         first = torch.argmax(ok.to(torch.int8), dim=-1, keepdim=True)
         t_acc = torch.where(ok.any(-1, keepdim=True), t.gather(-1, first), 0.0)
         w = w + t_acc * step
-    if rescale:
-        w = w * s[..., None].pow(-alpha / (alpha + 1.0))
+    w = w * s[..., None].pow(-alpha / (alpha + 1.0))
     return w.to(out_dtype)
 
 
-def power_fixed_point(K: torch.Tensor, alpha: float, iters: int, rescale: bool) -> torch.Tensor:
+def power_fixed_point(K: torch.Tensor, alpha: float, iters: int) -> torch.Tensor:
     """Positive root of ``K w = w^(-1/alpha)`` for each ``(T, T)`` block of ``K``.
 
     Solved on ``K / ||K||_F`` by damped Newton (Armijo backtracking, ``iters`` steps; the C++
-    kernel stops early once a step is below rounding), then rescaled to ``K``'s root when
-    ``rescale`` (else the root for the normalized Gram is returned, as Nash-MTL's code does).
+    kernel stops early once a step is below rounding), then rescaled exactly to ``K``'s root
+    (which scales as ``||K||_F^(-alpha/(alpha+1))``).
     Where no finite root exists (a zero row; tasks whose non-negative combination is 0) the
     weights along that direction grow at most 2x per step and stay finite.
     """
@@ -122,8 +119,8 @@ def power_fixed_point(K: torch.Tensor, alpha: float, iters: int, rescale: bool) 
     if iters < 1:
         raise ValueError(f"power_fixed_point: iters must be >= 1, got {iters}")
     if _use_kernel(K):
-        return torch.ops.mtlfast.power_fixed_point(K, float(alpha), int(iters), bool(rescale))
-    return power_fixed_point_reference(K, alpha, iters, rescale)
+        return torch.ops.mtlfast.power_fixed_point(K, float(alpha), int(iters))
+    return power_fixed_point_reference(K, alpha, iters)
 
 
 def _pref(pref: torch.Tensor | None, K: torch.Tensor, fill: float) -> torch.Tensor:
