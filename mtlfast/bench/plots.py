@@ -36,11 +36,13 @@ def _colors(records: Sequence[Record]) -> dict[str, str]:
 
 
 def _fixed(records: Sequence[Record], axis: str) -> str:
-    other = "P" if axis == "T" else "T"
-    values = sorted({r.params.get(other) for r in records if r.params.get(other) is not None})
-    if len(values) == 1:
-        return f"{other} = {human(values[0])}"
-    return ""
+    """The sizes that stay the same along a sweep, e.g. ``"P = 100k, B = 64"``."""
+    held = []
+    for key in ("T", "P", "D", "B"):
+        values = {r.params.get(key) for r in records}
+        if key != axis and len(values) == 1 and None not in values:
+            held.append(f"{key} = {human(int(values.pop()))}")
+    return ", ".join(held)
 
 
 def _sweep_figure(records: Sequence[Record], suite: str, axis: str, device: str,

@@ -36,9 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="which suite to run")
     p.add_argument("--out", default="bench-out", type=Path,
                    help="folder for bench.json and the PNG plots")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's own; 1 gives steadier numbers "
-                        "on a machine shared with other jobs)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch during the run (default 1: steady numbers, also "
+                        "on a machine shared with other jobs; every contender gets the same)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
 
@@ -59,7 +59,7 @@ def _command(args: argparse.Namespace) -> list[str]:
     argv = ["bench"] + (["--quick"] if args.quick else [])
     argv += ["--sizes", args.sizes] if args.sizes else []
     argv += ["--device", args.device, "--suite", args.suite, "--out", str(args.out)]
-    argv += ["--threads", str(args.threads)] if args.threads is not None else []
+    argv += ["--threads", str(args.threads)]
     return argv + (["--no-plots"] if args.no_plots else [])
 
 
@@ -68,13 +68,12 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("mtlfast bench: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
-    if args.threads is not None and args.threads < 1:
+    if args.threads < 1:
         print("mtlfast bench: --threads must be at least 1", file=sys.stderr)
         return 2
     threads = torch.get_num_threads()
     try:
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)
         return _run(args)
     finally:
         torch.set_num_threads(threads)  # a caller in the same process keeps its setting
