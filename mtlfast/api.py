@@ -424,19 +424,21 @@ def backward(
 
     ``G`` (T x P) holds the per-task gradients of the shared parameters, ``w`` the method's
     weights (UPGrad by default, Quinton & Rey 2024) from ``K = G G^T``. See ``MTLBackward`` for
-    the options; the last engine built here is reused while ``shared``, ``method`` and the
-    options stay the same, so its (T, P) buffer is allocated once.
+    the options; the last engine built here is reused while ``shared`` and the options stay
+    the same (a new ``method`` object just replaces the old one), so its (T, P) buffer is
+    allocated once.
     """
     params = as_shared(shared)
     method = _default_method() if method is None else method
     config = (mode, chunk_size, jacobian_dtype, jacobian_budget, on_nonfinite)
     engine = _CACHE[0] if _CACHE else None
-    if engine is None or engine.method is not method or engine._config != config or \
-            not engine._shared.same_as(params):
+    if engine is None or engine._config != config or not engine._shared.same_as(params):
         _CACHE.clear()  # drop the old engine (and its buffers) before building the new one
         engine = MTLBackward(params, method, mode=mode, chunk_size=chunk_size,
                              jacobian_dtype=jacobian_dtype, jacobian_budget=jacobian_budget,
                              on_nonfinite=on_nonfinite)
         engine._config = config
         _CACHE.append(engine)
+    elif engine.method is not method:
+        engine.method = method  # buffers depend on the parameters only: keep them
     return engine.backward(losses, features, retain_graph=retain_graph, grad_scaler=grad_scaler)

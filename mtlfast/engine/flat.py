@@ -29,7 +29,9 @@ class SharedParams:
         self.device = self.params[0].device
         dtypes = {p.dtype for p in self.params}
         # One dtype for all: the flat .grad buffer can back every parameter's .grad.
-        self.grad_dtype: torch.dtype | None = dtypes.pop() if len(dtypes) == 1 else None
+        self.grad_dtype: torch.dtype | None = next(iter(dtypes)) if len(dtypes) == 1 else None
+        #: dtype of temporaries holding a flat update (float64 only for float64 parameters).
+        self.work_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
         self._jacobian: torch.Tensor | None = None
         self._grad: torch.Tensor | None = None
         self._views: list[torch.Tensor] = []
@@ -100,7 +102,7 @@ class SharedParams:
             write(out, accumulate)
             self._attach()
             return
-        tmp = torch.empty(self.size, dtype=torch.float32, device=self.device)
+        tmp = torch.empty(self.size, dtype=self.work_dtype, device=self.device)
         write(tmp, False)
         self.add_list([tmp[self.slice(i)].view(p.shape) for i, p in enumerate(self.params)])
 

@@ -48,18 +48,15 @@ class FixedLossWeights(LossMethod):
 class RunningMean(Normalized):
     """A stateful Gram method: weights blend with a running mean kept in a buffer."""
 
-    def __init__(self):
+    def __init__(self, num_tasks=3):
         super().__init__()
-        self.register_buffer("avg", torch.zeros(0))
+        self.register_buffer("avg", torch.zeros(num_tasks, dtype=torch.float64))
 
     def stateful(self):
         return True
 
     def _weights(self, gram, losses):
-        w = super()._weights(gram, losses)
-        if self.avg.numel() != w.numel():
-            self.avg = torch.zeros_like(w)
-        self.avg = 0.5 * self.avg + 0.5 * w
+        self.avg = 0.5 * self.avg + 0.5 * super()._weights(gram, losses).to(self.avg.dtype)
         return self.avg.clone()
 
 
