@@ -209,3 +209,21 @@ def test_compiled_trunk_gives_the_same_gradients(backend):
         losses, _ = twin(x, y)
         reference_step(losses, shared_params(twin), Projected(), head_params=_heads(twin))
         assert rel_err(_flat_grads(model), _flat_grads(twin)) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["jacobian", "gramian", "features"])
+def test_features_as_a_tuple_of_tensors(mode):
+    model, twin, (x, y) = _twins(MLPModel)
+    z = model.trunk(x)
+    za, zb = z[:, :3] * 1.0, z[:, 3:] * 1.0
+    zz = torch.cat([za, zb], dim=1)
+    losses = [((h(zz).squeeze(-1) - y[:, t]) ** 2).mean() for t, h in enumerate(model.heads)]
+    info = mtlfast.backward(losses, model.trunk, Projected(), features=(za, zb), mode=mode)
+    losses, z = twin(x, y)
+    if mode == "features":
+        J = torch.stack([torch.autograd.grad(loss, z, retain_graph=True)[0].reshape(-1)
+                         for loss in losses])
+        torch.testing.assert_close(info.gram, J @ J.T)
+        return
+    reference_step(losses, shared_params(twin), Projected(), head_params=_heads(twin))
+    assert rel_err(_flat_grads(model), _flat_grads(twin)) < 1e-10
