@@ -302,18 +302,36 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, gy, _gpre):
     x, w, y, pre = ctx.saved_tensors
     in_widths, out_widths, per_task, activation, has_bias = ctx.meta
-    g = activation_grad(gy, pre, y, activation)
     gx = gw = gb = None
-    if ctx.needs_input_grad[0]:
-        gx = _input_grad_op(g, w, in_widths, out_widths, per_task)
-    if ctx.needs_input_grad[1]:
-        gw = _weight_grad_op(g, x, in_widths, out_widths, per_task)
-    if has_bias and ctx.needs_input_grad[2]:
-        gb = g.sum(0)
+    # First order only: the backward ops carry no autograd formula of their own, and under
+    # torch.func.grad their inputs may still track gradients of an outer level.
+    with torch.no_grad():
+        g = activation_grad(gy, pre, y, activation)
+        if ctx.needs_input_grad[0]:
+            gx = _input_grad_op(g, w, in_widths, out_widths, per_task)
+        if ctx.needs_input_grad[1]:
+            gw = _weight_grad_op(g, x, in_widths, out_widths, per_task)
+        if has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum(0)
     return gx, gw, gb, None, None, None, None
 
 
 _grouped_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _GroupedLinearFn(torch.autograd.Function):
+    """The same forward/backward as an autograd.Function: torch.func transforms (vjp, grad,
+    vmap of a backward) reject a custom op's own autograd formula (no setup_context there),
+    but accept this; its vmap rule comes from the custom ops' ``register_vmap`` rules."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, w, bias, in_widths, out_widths, per_task, activation):
+        return _grouped_linear_op(x, w, bias, in_widths, out_widths, per_task, activation)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
 
 
 # ----------------------------------------------------------------------------- vmap
@@ -321,7 +339,8 @@ _grouped_linear_op.register_autograd(_backward, setup_context=_setup_context)
 def _vmap_loop(op, info, in_dims, args):
     """Fallback rule: one call per batch element (correct for any batched argument)."""
     def pick(i):
-        return [a.select(d, i) if d is not None else a for a, d in zip(args, in_dims, strict=True)]
+        return [a.select(d, i) if isinstance(d, int) else a
+                for a, d in zip(args, in_dims, strict=True)]
 
     outs = [op(*pick(i)) for i in range(info.batch_size)]
     if isinstance(outs[0], tuple):
@@ -331,7 +350,8 @@ def _vmap_loop(op, info, in_dims, args):
 
 
 def _only_first_batched(in_dims) -> bool:
-    return in_dims[0] is not None and all(d is None for d in in_dims[1:])
+    # (list arguments come with a list of Nones as their in_dim)
+    return isinstance(in_dims[0], int) and not any(isinstance(d, int) for d in in_dims[1:])
 
 
 def _fold_rows(x: torch.Tensor, dim: int, per_task: bool) -> torch.Tensor:
@@ -383,8 +403,8 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
     ``(M, sum out_widths)``.
     """
     _check(x, w, bias, in_widths, out_widths, per_task, activation)
-    return _grouped_linear_op(x, w, bias, list(in_widths), list(out_widths), per_task,
-                              activation)[0]
+    return _GroupedLinearFn.apply(x, w, bias, list(in_widths), list(out_widths), per_task,
+                                  activation)[0]
 
 
 def grouped_linear_input_grad(gy: torch.Tensor, w: torch.Tensor, in_widths: Sequence[int],
