@@ -197,6 +197,10 @@ class FusedHeads(nn.Module):
             h = F.dropout(h, self.dropout, self.training) if self.dropout > 0 else h
             y = grouped_linear(h, self.weight2.to(dtype), self._p(self.bias2, dtype),
                                self.hidden_widths, self.out_widths)
+        elif not per_task:
+            # One dense GEMM with no epilogue to fuse: the native op (addmm / cuBLAS) is the
+            # fastest and adds no custom-op dispatch overhead.
+            y = F.linear(x, self.weight.to(dtype), self._p(self.bias, dtype))
         else:
             ins, outs = self._first_layer_widths(per_task)
             y = grouped_linear(x, self.weight.to(dtype).view(-1), self._p(self.bias, dtype),

@@ -161,13 +161,16 @@ def _uniform(in_widths, out_widths) -> bool:
 def _forward_torch(x, w, bias, in_widths, out_widths, per_task, activation):
     T, M = len(in_widths), x.shape[-2]
     if T == 1 and not per_task:
+        # addmm + in-place relu measured faster here than torch._addmm_activation (CPU;
+        # benchmarks/RESULTS.md, "heads" section)
         W = w.view(out_widths[0], in_widths[0])
-        if activation == "relu" and bias is not None:
-            return torch._addmm_activation(bias, x, W.t())
         pre = torch.addmm(bias, x, W.t()) if bias is not None else x @ W.t()
-        return apply_activation(pre, activation)
+        return torch.relu_(pre) if activation == "relu" else apply_activation(pre, activation)
     if _uniform(in_widths, out_widths):
         n, k = out_widths[0], in_widths[0]
+        if n == 1 and not per_task:  # T dot products per row: one broadcast multiply-sum
+            pre = (x.view(M, T, k) * w.view(T, k)).sum(-1)
+            return apply_activation(pre + bias if bias is not None else pre, activation)
         xs = x if per_task else x.view(M, T, k).transpose(0, 1)
         Wt = w.view(T, n, k).transpose(1, 2)
         yt = torch.baddbmm(bias.view(T, 1, n), xs, Wt) if bias is not None else torch.bmm(xs, Wt)
@@ -182,6 +185,9 @@ def _input_grad_torch(gy, w, in_widths, out_widths, per_task):
         return gy @ w.view(out_widths[0], in_widths[0])
     if _uniform(in_widths, out_widths):
         n, k = out_widths[0], in_widths[0]
+        if n == 1:  # an outer product per group: a broadcast multiply, no GEMM
+            gx = gy.view(M, T, 1) * w.view(T, k)
+            return gx.transpose(0, 1) if per_task else gx.reshape(M, T * k)
         gx = torch.bmm(gy.view(M, T, n).transpose(0, 1), w.view(T, n, k))  # (T, M, k)
         return gx if per_task else gx.transpose(0, 1).reshape(M, T * k)
     return grouped_linear_input_grad_reference(gy, w, in_widths, out_widths, per_task)

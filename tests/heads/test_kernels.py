@@ -22,7 +22,7 @@ BLOCK_DIAG = [
     ((3,), (129,)),
     ((1,), (1,)),
 ]
-PER_TASK = [((24,) * 4, (1, 33, 2, 65)), ((16,) * 3, (7,) * 3)]
+PER_TASK = [((24,) * 4, (1, 33, 2, 65)), ((16,) * 3, (7,) * 3), ((16,) * 3, (1,) * 3)]
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
@@ -77,7 +77,7 @@ def _torch_fwd(x, w, b, ins, outs, per_task, act):
 SHAPES = [(i, o, False) for i, o in BLOCK_DIAG] + [(i, o, True) for i, o in PER_TASK]
 
 
-ACTS = ["relu", "gelu", "silu", "none", "relu", "silu"]  # one per shape: the interpreter is slow
+ACTS = ["relu", "gelu", "silu", "none", "relu", "silu", "gelu"]  # one per shape: the interpreter is slow
 
 
 @pytest.mark.parametrize("ins,outs,per_task,act",
