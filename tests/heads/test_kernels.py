@@ -77,7 +77,8 @@ def _torch_fwd(x, w, b, ins, outs, per_task, act):
 SHAPES = [(i, o, False) for i, o in BLOCK_DIAG] + [(i, o, True) for i, o in PER_TASK]
 
 
-ACTS = ["relu", "gelu", "silu", "none", "relu", "silu", "gelu"]  # one per shape: the interpreter is slow
+# one activation per shape: the interpreter is slow
+ACTS = ["relu", "gelu", "silu", "none", "relu", "silu", "gelu"]
 
 
 @pytest.mark.parametrize("ins,outs,per_task,act",

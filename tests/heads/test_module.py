@@ -79,6 +79,11 @@ def test_triton_path_under_interpreter_matches_loop(hidden, monkeypatch):
     fused = FusedHeads(D, RAGGED, hidden=hidden, activation="gelu")
     plain = fused.unfuse()
     _compare(fused, plain, torch.randn(19, D, requires_grad=True), 1e-5)
+    # per-task inputs: the grouped first layer with its fused activation epilogue
+    Z = torch.randn(len(RAGGED), 9, D)
+    out = fused(Z, per_task=True)
+    for i, t in enumerate(RAGGED):
+        assert rel_err(out[t], plain[t](Z[i])) < 1e-5
 
 
 def test_outputs_are_views_of_one_buffer():
