@@ -54,6 +54,9 @@ class FusedHeads(nn.Module):
         dropout: dropout probability on the hidden layer of MLP heads (independent per task,
             as in separate heads). Linear heads take no dropout (apply it to ``z``).
         bias, device, dtype: as in ``nn.Linear``.
+
+    NaN/Inf policy: none is checked or masked; they propagate exactly as through the unfused
+    heads (a NaN in row ``i`` of ``z`` gives NaN in row ``i`` of every task's output only).
     """
 
     def __init__(self, in_features: int, tasks, hidden=None, activation: str | None = "relu",
@@ -178,13 +181,14 @@ class FusedHeads(nn.Module):
             return [D] * T, list(outs)
         return [D], [sum(outs)]
 
-    def _p(self, param, dtype):
+    @staticmethod
+    def _cast(param, dtype):
         return None if param is None else param.to(dtype)
 
     def _hidden(self, x, per_task, dtype):
         """Layer 1 of MLP heads: act(x W1^T + b1), (M, H), before dropout."""
         ins, outs = self._first_layer_widths(per_task)
-        return grouped_linear(x, self.weight1.to(dtype).view(-1), self._p(self.bias1, dtype),
+        return grouped_linear(x, self.weight1.to(dtype).view(-1), self._cast(self.bias1, dtype),
                               ins, outs, per_task=per_task, activation=self.activation)
 
     def forward(self, z, per_task: bool | None = None) -> dict[str, torch.Tensor]:
@@ -195,15 +199,15 @@ class FusedHeads(nn.Module):
         if self.is_mlp:
             h = self._hidden(x, per_task, dtype)
             h = F.dropout(h, self.dropout, self.training) if self.dropout > 0 else h
-            y = grouped_linear(h, self.weight2.to(dtype), self._p(self.bias2, dtype),
+            y = grouped_linear(h, self.weight2.to(dtype), self._cast(self.bias2, dtype),
                                self.hidden_widths, self.out_widths)
         elif not per_task:
             # One dense GEMM with no epilogue to fuse: the native op (addmm / cuBLAS) is the
             # fastest and adds no custom-op dispatch overhead.
-            y = F.linear(x, self.weight.to(dtype), self._p(self.bias, dtype))
+            y = F.linear(x, self.weight.to(dtype), self._cast(self.bias, dtype))
         else:
             ins, outs = self._first_layer_widths(per_task)
-            y = grouped_linear(x, self.weight.to(dtype).view(-1), self._p(self.bias, dtype),
+            y = grouped_linear(x, self.weight.to(dtype).view(-1), self._cast(self.bias, dtype),
                                ins, outs, per_task=per_task)
         parts = y.view(*batch, y.shape[-1]).split(list(self.out_widths), dim=-1)
         return dict(zip(self.tasks, parts, strict=True))
@@ -240,7 +244,7 @@ class FusedHeads(nn.Module):
                                  "eval() mode or use dropout=0")
             ins, outs = self._first_layer_widths(per_task)
             h_pre = grouped_linear(x, self.weight1.to(dtype).view(-1),
-                                   self._p(self.bias1, dtype), ins, outs, per_task=per_task)
+                                   self._cast(self.bias1, dtype), ins, outs, per_task=per_task)
             gh = grouped_linear_input_grad(g, self.weight2.to(dtype), self.hidden_widths,
                                            self.out_widths)
             # relu' reads the output's sign, which equals the pre-activation's.

@@ -207,3 +207,12 @@ def test_cuda_task_feature_grads():
     for i, t in enumerate(RAGGED):
         (ref,) = torch.autograd.grad(out[t], z, g[t], retain_graph=True)
         assert rel_err(J[i], ref) < 2e-3
+
+
+def test_nan_propagates_row_wise_like_unfused_heads():
+    fused = FusedHeads(D, RAGGED, hidden=[3, 5, 2, 7])
+    z = torch.randn(4, D)
+    z[1, 3] = float("nan")
+    out = fused(z)
+    for t, v in out.items():
+        assert torch.isnan(v[1]).all() and not torch.isnan(v[[0, 2, 3]]).any(), t
