@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-from . import ops  # noqa: E402
+from . import methods, ops  # noqa: E402
 from ._ext import info  # noqa: E402
 from .heads import FusedHeads, HeadSpec, fuse_heads  # noqa: E402
 
-__all__ = ["FusedHeads", "HeadSpec", "__version__", "fuse_heads", "info", "ops"]
+__all__ = ["FusedHeads", "HeadSpec", "__version__", "fuse_heads", "info", "methods", "ops"]

@@ -1,7 +1,22 @@
-import json, os, torch, mtlfast
+"""H200 check run of the whole FusedHeads module (record of heads_gpu_h200.json): parity with
+the unfused heads in fp32/fp16/bf16 (shared and per-task inputs, task_feature_grads), then
+run_heads_gpu_bench(). Run from the repo root with PYTHONPATH=. on a CUDA machine."""
+
+import json
+import os
+
+import torch
+
+import mtlfast
 from benchmarks.bench_heads import run_heads_gpu_bench
+
 R = {"a": 1, "b": 2, "c": 7, "d": 67}
-def rel(a, b): return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
 errs = {}
 for dt in (torch.float32, torch.float16, torch.bfloat16):
     for hid in (None, [64, 256, 3, 100]):
