@@ -2,6 +2,17 @@
 reference (the spec every kernel is tested against)."""
 
 from .combine import combine, combine_reference
-from .gram import gram, gram_reference
+from .graddrop import graddrop, graddrop_reference, graddrop_uniform
+from .gram import gram, gram_multi, gram_multi_reference, gram_reference
 
-__all__ = ["combine", "combine_reference", "gram", "gram_reference"]
+__all__ = [
+    "combine",
+    "combine_reference",
+    "graddrop",
+    "graddrop_reference",
+    "graddrop_uniform",
+    "gram",
+    "gram_multi",
+    "gram_multi_reference",
+    "gram_reference",
+]
