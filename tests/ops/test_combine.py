@@ -70,7 +70,7 @@ def test_tensor_scale_equals_float_scale(device, dtype):
     for accumulate in (False, True):
         a, b = base.clone(), base.clone()
         combine(w, G, a, accumulate=accumulate, scale=0.3)
-        combine(w, G, b, accumulate=accumulate, scale=torch.tensor(0.3, device=device))
+        combine(w, G, b, accumulate=accumulate, scale=torch.tensor(0.3, device=device, dtype=dtype))
         tol = 1e-6 if dtype == torch.float32 else 1e-13
         assert rel_err(b, a) < tol
     ref = combine_reference(w, G, scale=torch.tensor([0.3], dtype=dtype))
