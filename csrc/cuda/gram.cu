@@ -70,7 +70,7 @@ template <typename Src> using GramFn = void (*)(Src, int, float*);
 
 // ---------------------------------------------------------------------------------- T <= 8
 template <typename T, int NT, typename Src>
-__global__ void __launch_bounds__(kThreads) gram_direct_kernel(Src src, int, float* ws) {
+__global__ void __launch_bounds__(kThreads, 2) gram_direct_kernel(Src src, int, float* ws) {
   constexpr int V = Vec<T>::kLanes;
   constexpr int NP = NT * (NT + 1) / 2;
   float acc[NP];
