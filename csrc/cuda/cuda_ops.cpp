@@ -174,6 +174,26 @@ at::Tensor graddrop_cuda(const at::Tensor& G_in, int64_t seed) {
   return out;
 }
 
+at::Tensor pcgrad_cuda(const at::Tensor& K_in, const at::Tensor& orders_in) {
+  TORCH_CHECK(K_in.dim() >= 2 && K_in.size(-1) == K_in.size(-2),
+              "pcgrad: K must have shape (..., T, T), got ", K_in.sizes());
+  TORCH_CHECK(K_in.scalar_type() == at::kDouble, "pcgrad: K must be float64");
+  TORCH_CHECK(orders_in.scalar_type() == at::kLong && orders_in.sizes() == K_in.sizes(),
+              "pcgrad: orders must be int64 with K's shape");
+  TORCH_CHECK(orders_in.device() == K_in.device(), "pcgrad: orders and K on different devices");
+  const int64_t T = K_in.size(-1);
+  TORCH_CHECK(T <= 64, "pcgrad: the CUDA kernel takes T <= 64, got ", T);
+  c10::OptionalDeviceGuard guard(K_in.device());
+  at::Tensor K = K_in.contiguous(), orders = orders_in.contiguous();
+  at::Tensor C = at::empty_like(K, at::MemoryFormat::Contiguous);
+  const int64_t batch = T == 0 ? 0 : K.numel() / (T * T);
+  if (batch == 0) return C;
+  check(mtlfast_cuda_pcgrad(K.data_ptr<double>(), orders.data_ptr<int64_t>(), batch, T,
+                            C.data_ptr<double>(), current_stream(K)),
+        "pcgrad");
+  return C;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mtlfast, m) {
@@ -186,6 +206,7 @@ TORCH_LIBRARY_IMPL(mtlfast, CUDA, m) {
   m.impl("gram_multi", &gram_multi_cuda);
   m.impl("combine_", &combine_cuda);
   m.impl("graddrop", &graddrop_cuda);
+  m.impl("pcgrad", &pcgrad_cuda);  // schema in csrc/cpu/solvers.cpp
 }
 
 }  // namespace mtlfast

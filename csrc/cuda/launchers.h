@@ -32,6 +32,10 @@ int mtlfast_cuda_combine(const float* w, const void* G, int dtype, int64_t T, in
 // uniform U(seed, p) per column; NaN for a column whose sum |G[t, p]| is not finite.
 int mtlfast_cuda_graddrop(const void* G, int dtype, int64_t T, int64_t P, int64_t ld,
                           uint64_t seed, void* out, void* stream);
+// PCGrad coefficients (mtlfast/ops/solvers.py) for `batch` float64 Grams K (batch, T, T) with
+// int64 orders of the same shape, one block per problem. T <= 64.
+int mtlfast_cuda_pcgrad(const double* K, const int64_t* orders, int64_t batch, int64_t T,
+                        double* C, void* stream);
 
 #ifdef __cplusplus
 }

@@ -180,3 +180,20 @@ def test_cuda_graph_capture():
         Kref = gram_reference(G.double())
         assert rel_err(K, Kref) < 1e-5
         assert rel_err(out, (Kref[0] / Kref[0, 0]) @ G.double()) < 1e-5
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 31, 32, 33, 64])
+@pytest.mark.parametrize("batch", [(), (3,), (2, 4)])
+def test_pcgrad_weights_kernel(T, batch):
+    from mtlfast.ops import solvers
+
+    G = torch.randn(*batch, T, 40, dtype=torch.float64)
+    if T > 1:
+        G[..., -1, :] = -0.5 * G[..., 0, :]  # a sure conflict
+        G[..., 1, :] = 0.0  # a zero gradient: K_jj = 0 is never projected on
+    K = G @ G.transpose(-1, -2)
+    orders = torch.rand(*batch, T, T).argsort(-1)
+    ref = solvers.pcgrad_weights_reference(K, orders)
+    C = solvers.pcgrad_weights(K.cuda(), orders.cuda())
+    assert C.device.type == "cuda" and torch.isfinite(C).all()
+    torch.testing.assert_close(C.cpu(), ref, rtol=1e-10, atol=1e-10)
