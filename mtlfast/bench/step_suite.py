@@ -67,6 +67,25 @@ def _stepper(model: TrunkModel, x: torch.Tensor, y: torch.Tensor,
     return run
 
 
+def _per_task_loop(method_cls: type, model: TrunkModel, shared: list[nn.Parameter],
+                   step: Callable[[Callable[[list[torch.Tensor], torch.Tensor], None]],
+                                  Callable[[], list[torch.Tensor]]]) -> Contender:
+    """The LibMTL pattern: ``mtlfast.baselines.per_task_backward`` when the package has it,
+    else ``benchmarks/baselines/per_task_loop.py`` of the source checkout."""
+    note = "T backward passes with retain_graph, flatten, method (LibMTL pattern)"
+    method = method_cls()
+    pkg, why_pkg = _contenders.optional("mtlfast.baselines")
+    if pkg is not None and hasattr(pkg, "per_task_backward"):
+        return Contender("per-task loop", note=note, run=step(
+            lambda losses, z: pkg.per_task_backward(losses, shared, method)))
+    base, why = _contenders.baselines()
+    if base is not None and hasattr(base, "per_task_loop_backward"):
+        heads = [p for h in model.heads for p in h.parameters()]
+        return Contender("per-task loop", note=note, run=step(
+            lambda losses, z: base.per_task_loop_backward(losses, shared, method, heads)))
+    return Contender("per-task loop", unavailable=why or why_pkg)
+
+
 def _contenders_for(method_name: str, method_cls: type, T: int, W: int, cfg: Config
                     ) -> list[Contender]:
     sizes = SIZES[cfg.sizes]
@@ -99,17 +118,7 @@ def _contenders_for(method_name: str, method_cls: type, T: int, W: int, cfg: Con
             floor=mode == "features",
             note="Gram of dL/dz only (MGDA-UB objective)" if mode == "features" else ""))
 
-    loop_mod, why = _contenders.optional("mtlfast.baselines")
-    per_task = getattr(loop_mod, "per_task_backward", None) if loop_mod else None
-    if per_task is None:
-        out.append(Contender("per-task loop", unavailable=why or
-                             "mtlfast.baselines.per_task_backward not built yet"))
-    else:
-        loop_method = method_cls()
-        out.append(Contender(
-            "per-task loop",
-            run=step(lambda losses, z: per_task(losses, shared, loop_method)),
-            note="T backward passes with retain_graph, flatten, method (LibMTL pattern)"))
+    out.append(_per_task_loop(method_cls, model, shared, step))
 
     autojac, why = _contenders.torchjd_autojac()
     make_jd, why_agg = _torchjd_factory(method_name, method_cls(), T)
