@@ -14,12 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
-from mtlfast.bench.report import fmt_time
-
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere: use this checkout's mtlfast
+    sys.path.insert(0, str(ROOT))
+
+from mtlfast.bench.report import fmt_time  # noqa: E402
 
 
 def _cell(r: dict[str, Any]) -> str:
@@ -58,7 +61,8 @@ def _notes(records: list[dict[str, Any]]) -> list[str]:
 
 def _machine_line(doc: dict[str, Any]) -> str:
     m = doc["machine"]
-    where = m.get("gpu") or f"{m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} threads)"
+    cpu = f"{m['cpu']} ({m['cpu_count']} cores, torch threads: {m['torch_threads']})"
+    where = m.get("gpu") or cpu
     ext = m.get("mtlfast", {}).get("extension", "?")
     return (f"{where}; torch {m['torch']}, torchjd {m.get('torchjd')}, Python {m['python']}; "
             f"mtlfast extension: {ext}")
@@ -112,7 +116,7 @@ def readme_block(doc: dict[str, Any], plot: str | None) -> str:
         "machine details and the other sizes: [benchmarks/RESULTS.md](benchmarks/RESULTS.md).",
     ]
     for suite in dict.fromkeys(r["suite"] for r in heads):
-        parts += ["", table([r for r in heads if r["suite"] == suite])]
+        parts += ["", f"Suite `{suite}`:", "", table([r for r in heads if r["suite"] == suite])]
     if plot:
         parts += ["", f"![mtlfast speedup on the headline cases]({plot})"]
     return "\n".join(parts)

@@ -45,6 +45,16 @@ def _fixed(records: Sequence[Record], axis: str) -> str:
     return ", ".join(held)
 
 
+def _plain(value: float, _pos: object = None) -> str:
+    return f"{value:g}"
+
+
+def _plain_2_5(value: float, _pos: object = None) -> str:
+    """Minor log ticks: label only 2x and 5x a power of ten (enough to read, not crowded)."""
+    lead = round(value / 10 ** math.floor(math.log10(value))) if value > 0 else 0
+    return f"{value:g}" if lead in (2, 5) else ""
+
+
 def _sweep_figure(records: Sequence[Record], suite: str, axis: str, device: str,
                   colors: dict[str, str], path: Path) -> bool:
     recs = [r for r in records if r.suite == suite and axis in r.sweeps and r.median_s]
@@ -52,7 +62,7 @@ def _sweep_figure(records: Sequence[Record], suite: str, axis: str, device: str,
     if not methods:
         return False
     plt = _pyplot()
-    from matplotlib.ticker import NullLocator
+    from matplotlib.ticker import FuncFormatter, NullLocator
 
     cols = min(3, len(methods))
     rows = math.ceil(len(methods) / cols)
@@ -66,8 +76,16 @@ def _sweep_figure(records: Sequence[Record], suite: str, axis: str, device: str,
             xs, ys = zip(*pts, strict=True)
             ax.plot(xs, ys, marker="o", label=contender, color=colors[contender],
                     linewidth=2.2 if contender.startswith("mtlfast") else 1.5)
+        untimed = {r.contender: r.status for r in records if r.suite == suite
+                   and r.method == method and axis in r.sweeps and r.median_s is None
+                   and r.status in ("differs", "unchecked")}
+        for contender, status in untimed.items():
+            if contender not in {r.contender for r in mine}:
+                ax.plot([], [], " ", label=f"{contender}: {status}, not timed")
         ax.set_xscale("log", base=2 if axis == "T" else 10)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(_plain))  # 0.3, not 3x10^-1
+        ax.yaxis.set_minor_formatter(FuncFormatter(_plain_2_5))
         xs_all = sorted({r.params[axis] for r in mine})
         ax.set_xticks(xs_all, [human(x) for x in xs_all])
         ax.xaxis.set_minor_locator(NullLocator())  # the ticks are the measured sizes

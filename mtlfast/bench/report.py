@@ -4,6 +4,7 @@ each) and ``bench.json`` (every record plus the machine, the command and the dat
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.metadata
 import json
 import os
 import platform
@@ -56,10 +57,8 @@ def machine(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         facts["gpu"] = torch.cuda.get_device_name(device)
     try:
-        import torchjd
-
-        facts["torchjd"] = torchjd.__version__
-    except Exception:
+        facts["torchjd"] = importlib.metadata.version("torchjd")
+    except importlib.metadata.PackageNotFoundError:
         facts["torchjd"] = None
     return facts
 
