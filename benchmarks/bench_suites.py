@@ -8,6 +8,8 @@ skipped with the reason); floors (linear scalarization) are benchmarked unchecke
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -18,7 +20,13 @@ CASES = [case for cases in SUITES.values() for case in cases(CFG)]
 #: contender names per (suite, method): they do not depend on the sizes, so a tiny build says
 _NAMES = {(c.suite, c.method): [x.name for x in c.build()]
           for cases in SUITES.values() for c in cases(Config.for_sizes("tiny", "cpu"))}
-PARAMS = [pytest.param(case, name, id=f"{case.suite}-{case.method}-{case.label}-{name}")
+
+def _id(*parts: str) -> str:
+    """``methods-PCGrad-T8_P100k-pairwise_loop``: usable with ``-k``."""
+    return "-".join(re.sub(r"[^A-Za-z0-9.]+", "_", p.replace("=", "")).strip("_") for p in parts)
+
+
+PARAMS = [pytest.param(case, name, id=_id(case.suite, case.method, case.label, name))
           for case in CASES for name in _NAMES.get((case.suite, case.method), [])]
 
 
