@@ -70,15 +70,16 @@ def _sweep_figure(records: Sequence[Record], suite: str, axis: str, device: str,
                              squeeze=False)
     for ax, method in zip(axes.flat, methods, strict=False):
         mine = [r for r in recs if r.method == method]
+        untimed = {r.contender: r.status for r in records if r.suite == suite
+                   and r.method == method and axis in r.sweeps and r.median_s is None
+                   and r.status in ("differs", "unchecked")}
         for contender in dict.fromkeys(r.contender for r in mine):
             pts = sorted((r.params[axis], r.median_s * 1e3) for r in mine
                          if r.contender == contender)
             xs, ys = zip(*pts, strict=True)
-            ax.plot(xs, ys, marker="o", label=contender, color=colors[contender],
+            gaps = f" (gaps: {untimed[contender]})" if contender in untimed else ""
+            ax.plot(xs, ys, marker="o", label=contender + gaps, color=colors[contender],
                     linewidth=2.2 if contender.startswith("mtlfast") else 1.5)
-        untimed = {r.contender: r.status for r in records if r.suite == suite
-                   and r.method == method and axis in r.sweeps and r.median_s is None
-                   and r.status in ("differs", "unchecked")}
         for contender, status in untimed.items():
             if contender not in {r.contender for r in mine}:
                 ax.plot([], [], " ", label=f"{contender}: {status}, not timed")
