@@ -68,8 +68,8 @@ def apply_activation(pre: torch.Tensor, activation: str) -> torch.Tensor:
 def activation_grad(grad: torch.Tensor, pre: torch.Tensor | None, out: torch.Tensor,
                     activation: str) -> torch.Tensor:
     """``grad * act'(pre)``; relu uses the output (``out > 0``), gelu/silu the pre-activation."""
-    if activation == "relu":
-        return grad * (out > 0).to(grad.dtype)
+    if activation == "relu":  # the fused native kernel relu's own backward uses
+        return torch.ops.aten.threshold_backward(grad, out, 0)
     if activation == "gelu":
         cdf = 0.5 * (1.0 + torch.erf(pre * (1.0 / math.sqrt(2.0))))
         pdf = torch.exp(-0.5 * pre * pre) * (1.0 / math.sqrt(2.0 * math.pi))
