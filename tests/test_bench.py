@@ -149,3 +149,12 @@ def test_concat_bmm_heads_equal_the_loop(hidden):
     ga = torch.autograd.grad(sum(o.sum() for o in a.values()), z)[0]
     gb = torch.autograd.grad(sum(o.sum() for o in b.values()), z)[0]
     torch.testing.assert_close(gb, ga)
+
+
+def test_bad_arguments_fail_clearly(tmp_path, capsys):
+    assert main(["bench", "--threads", "0", "--out", str(tmp_path)]) == 2
+    assert "--threads" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["bench", "--device", "cuda", "--out", str(tmp_path)]) == 2
+        assert "CUDA" in capsys.readouterr().err
+    assert not (tmp_path / "bench.json").exists()
