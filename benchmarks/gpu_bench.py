@@ -231,6 +231,35 @@ def batched_solvers(ctx):
     return rows
 
 
+@section
+def fused_heads(ctx):
+    """FusedHeads vs the ModuleList loop vs concatenated Linear + bmm, forward + backward."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from bench_heads import run_heads_gpu_bench
+
+    rows = []
+    for r in run_heads_gpu_bench():
+        for impl in ("fused", "loop", "concat_bmm"):
+            t = {"ms": r[f"{impl}_ms"], "min_ms": None, "max_ms": None, "reps": None}
+            rows.append(row("heads", f"{r['case']} {impl}", t,
+                            speedup_vs_loop=r["loop_ms"] / r[f"{impl}_ms"]))
+    return rows
+
+
+@section
+def full_step(ctx):
+    """One training step (UPGrad, PCGrad) per variant: mtlfast modes vs sum().backward()."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from bench_step import run_step_gpu_bench
+
+    rows = []
+    for r in run_step_gpu_bench():
+        t = {"ms": r["median_ms"], "min_ms": r["min_ms"], "max_ms": None, "reps": None}
+        rows.append(row("step", f"{r['model']} {r['method']} {r['variant']}", t,
+                        peak_mib=r["peak_mib"], rel_err_vs_loop=r["update_rel_err_vs_loop"]))
+    return rows
+
+
 def environment():
     env = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "torch": torch.__version__, "torch_cuda": torch.version.cuda,

@@ -47,6 +47,11 @@ CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | hea
 export MTLFAST_CUDA_ARCHS="${MTLFAST_CUDA_ARCHS:-${CAP:-90}}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 
+# Test-only packages the bare GPU image lacks (torchjd, quadprog, qpsolvers for the
+# cross-check tests) travel as wheels in benchmarks/wheels: installed without network.
+if ls benchmarks/wheels/*.whl > /dev/null 2>&1; then
+  step test_wheels 60 "$PY" -m pip install --no-index --no-deps --quiet benchmarks/wheels/*.whl
+fi
 step build 240 "$PY" setup.py build_ext --inplace
 step cuda_kernels_present 60 "$PY" -c "
 from mtlfast import _ext

@@ -4,6 +4,12 @@ reference (the spec every kernel is tested against)."""
 from .combine import combine, combine_reference
 from .graddrop import graddrop, graddrop_reference, graddrop_uniform
 from .gram import gram, gram_multi, gram_multi_reference, gram_reference
+from .grouped_linear import (
+    grouped_linear,
+    grouped_linear_input_grad,
+    grouped_linear_reference,
+    grouped_linear_weight_grad,
+)
 
 __all__ = [
     "combine",
@@ -15,4 +21,8 @@ __all__ = [
     "gram_multi",
     "gram_multi_reference",
     "gram_reference",
+    "grouped_linear",
+    "grouped_linear_input_grad",
+    "grouped_linear_reference",
+    "grouped_linear_weight_grad",
 ]
