@@ -28,7 +28,10 @@ constexpr int kStageCols = 112;        // tiled kernel: 7 groups x 4 quads x 4 c
 constexpr int kGroups = 7;
 constexpr int kTiles = 36;             // upper triangle of the 8 x 8 tile grid
 constexpr int kMaxFastT = 64;
-constexpr int64_t kMultiChunk = 28672; // multiple of 112 and of 256 x 8 (both kernels' units)
+// Chunk-table granularity: a multiple of 8 keeps every chunk start 16-byte aligned for all
+// dtypes, 64 stages of 112 columns keep the tiled kernel's stages full. Small enough that a
+// block gets ~8 chunks at P ~ 1.5e7 (the grid-stride walk is balanced to ~1/8 of a chunk).
+constexpr int64_t kMultiChunk = 112 * 64;
 
 __host__ __device__ inline int64_t npairs(int64_t T) { return T * (T + 1) / 2; }
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
