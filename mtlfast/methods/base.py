@@ -103,6 +103,8 @@ class GramMethod(Method):
     needs: ClassVar[str] = "gram"
     #: True when the paper proves ``(w @ G) . g_i >= 0`` for every task i.
     non_conflicting: ClassVar[bool] = False
+    #: False when the weights ignore the Gram (Mean, Sum): ``method(G)`` then never forms it.
+    reads_gram: ClassVar[bool] = True
 
     def weights(self, gram: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
         """Combination weights ``w`` (``(..., T)``) such that the update is ``w @ G``."""
@@ -134,8 +136,17 @@ class GramMethod(Method):
         """Aggregate a ``(T, P)`` matrix: ``weights(gram(G)) @ G``."""
         if not isinstance(G, torch.Tensor) or G.dim() != 2:
             raise ValueError(f"{type(self).__name__}: G must be a (T, P) tensor")
-        w = self.weights(ops.gram(G), losses)
-        return ops.combine(w, G)
+        if self.reads_gram:
+            return ops.combine(self.weights(ops.gram(G), losses), G)
+        # Weights that ignore the Gram: skip its pass over G and apply the non-finite policy
+        # to the update instead (a NaN/Inf in G reaches it).
+        dtype = torch.float64 if G.dtype == torch.float64 else torch.float32
+        w = self.weights(torch.eye(G.shape[0], dtype=dtype, device=G.device), losses)
+        update = ops.combine(w, G)
+        self._raise_if_nonfinite(G=update)
+        if self.on_nonfinite == "skip":
+            update = torch.where(self._all_finite(update), update, 0.0)
+        return update
 
 
 class JacobianMethod(Method):

@@ -137,3 +137,14 @@ def test_bad_gram_rejected():
         M.Mean().weights(torch.eye(3), torch.ones(4))
     with pytest.raises(ValueError, match="on_nonfinite"):
         M.Mean(on_nonfinite="ignore")
+
+
+@pytest.mark.parametrize("cls", [M.Mean, M.Sum])
+def test_gram_free_methods_apply_the_nonfinite_policy_to_the_update(cls):
+    G = _matrix(3, 50, dtype=torch.float32)
+    expected = G.sum(0) / (3 if cls is M.Mean else 1)
+    torch.testing.assert_close(cls()(G), expected)
+    G[1, 7] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        cls()(G)
+    assert torch.equal(cls(on_nonfinite="skip")(G), torch.zeros(50))
