@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -429,10 +430,14 @@ at::Tensor as_blocks(const at::Tensor& K, const char* op) {
   return K.to(at::kDouble).contiguous();
 }
 
-at::Tensor pref_vector(const at::Tensor& pref, int64_t n, const char* op) {
-  TORCH_CHECK(pref.dim() == 1 && pref.size(0) == n, op, ": pref must have shape (", n,
-              "), got ", pref.sizes());
-  return pref.to(at::kDouble).contiguous();
+// The preference vector as float64, or `fill` for every task when absent.
+std::vector<double> pref_vector(const std::optional<at::Tensor>& pref, int64_t n, double fill,
+                                const char* op) {
+  if (!pref.has_value()) return std::vector<double>(static_cast<size_t>(n), fill);
+  TORCH_CHECK(pref->dim() == 1 && pref->size(0) == n, op, ": pref must have shape (", n,
+              "), got ", pref->sizes());
+  const at::Tensor p = pref->to(at::kDouble).contiguous();
+  return std::vector<double>(p.data_ptr<double>(), p.data_ptr<double>() + n);
 }
 
 at::Tensor power_fixed_point_cpu(const at::Tensor& K_in, double alpha, int64_t iters) {
@@ -449,31 +454,33 @@ at::Tensor power_fixed_point_cpu(const at::Tensor& K_in, double alpha, int64_t i
   return out.to(K_in.scalar_type());
 }
 
-at::Tensor aligned_mtl_weights_cpu(const at::Tensor& K_in, const at::Tensor& pref_in,
-                                   int64_t mode) {
+at::Tensor aligned_mtl_weights_cpu(const at::Tensor& K_in,
+                                   const std::optional<at::Tensor>& pref_in, int64_t mode) {
   TORCH_CHECK(mode >= 0 && mode <= 2, "aligned_mtl_weights: scale_mode index must be 0..2");
   const at::Tensor K = as_blocks(K_in, "aligned_mtl_weights");
   const int64_t n = K.size(-1), B = K.numel() / (n * n);
-  const at::Tensor pref = pref_vector(pref_in, n, "aligned_mtl_weights");
+  const std::vector<double> pref =
+      pref_vector(pref_in, n, 1.0 / static_cast<double>(n), "aligned_mtl_weights");
   at::Tensor out = at::empty(K.sizes().slice(0, K.dim() - 1), K.options());
   const double eps = dtype_eps(K_in);
   at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
-      aligned_mtl_one(K.data_ptr<double>() + b * n * n, pref.data_ptr<double>(), n, mode, eps,
+      aligned_mtl_one(K.data_ptr<double>() + b * n * n, pref.data(), n, mode, eps,
                       out.data_ptr<double>() + b * n);
   });
   return out.to(K_in.scalar_type());
 }
 
-at::Tensor config_weights_cpu(const at::Tensor& K_in, const at::Tensor& pref_in) {
+at::Tensor config_weights_cpu(const at::Tensor& K_in,
+                              const std::optional<at::Tensor>& pref_in) {
   const at::Tensor K = as_blocks(K_in, "config_weights");
   const int64_t n = K.size(-1), B = K.numel() / (n * n);
-  const at::Tensor pref = pref_vector(pref_in, n, "config_weights");
+  const std::vector<double> pref = pref_vector(pref_in, n, 1.0, "config_weights");
   at::Tensor out = at::empty(K.sizes().slice(0, K.dim() - 1), K.options());
   const double eps = dtype_eps(K_in);
   at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
-      config_one(K.data_ptr<double>() + b * n * n, pref.data_ptr<double>(), n, eps,
+      config_one(K.data_ptr<double>() + b * n * n, pref.data(), n, eps,
                  out.data_ptr<double>() + b * n);
   });
   return out.to(K_in.scalar_type());
@@ -505,12 +512,97 @@ std::tuple<at::Tensor, at::Tensor> gradvac_sweep_cpu(const at::Tensor& K_in,
   return {out.to(K_in.scalar_type()), phi.to(phi_in.scalar_type())};
 }
 
+// w * min(1, max_norm / sqrt(w^T K w)) per block (Nash-MTL's clip of |w @ G|).
+at::Tensor clip_update_norm_cpu(const at::Tensor& w_in, const at::Tensor& K_in,
+                                double max_norm) {
+  const at::Tensor K = as_blocks(K_in, "clip_update_norm");
+  const int64_t n = K.size(-1), B = K.numel() / (n * n);
+  TORCH_CHECK(w_in.numel() == B * n && w_in.size(-1) == n,
+              "clip_update_norm: w must have shape (..., ", n, "), got ", w_in.sizes());
+  at::Tensor w = w_in.to(at::kDouble).contiguous().clone();
+  double* pw = w.data_ptr<double>();
+  const double* pk = K.data_ptr<double>();
+  for (int64_t b = 0; b < B; ++b) {
+    double sq = 0.0;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j) sq += pw[b * n + i] * pk[b * n * n + i * n + j] * pw[b * n + j];
+    const double norm = std::sqrt(std::max(sq, 0.0));
+    if (norm > max_norm)
+      for (int64_t i = 0; i < n; ++i) pw[b * n + i] *= max_norm / norm;
+  }
+  return w.to(w_in.scalar_type());
+}
+
+// One GradNorm step per block (see gradnorm_update_reference): (new w, L(0), has L(0)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gradnorm_update_cpu(
+    const at::Tensor& K_in, const at::Tensor& w_in, const std::optional<at::Tensor>& losses_in,
+    const at::Tensor& initial_in, const at::Tensor& has_initial_in, double alpha, double lr) {
+  const at::Tensor K = as_blocks(K_in, "gradnorm_update");
+  const int64_t n = K.size(-1), B = K.numel() / (n * n);
+  TORCH_CHECK(w_in.numel() == B * n && initial_in.numel() == B * n &&
+                  has_initial_in.numel() == B,
+              "gradnorm_update: state shapes do not match the Gram's ", K_in.sizes());
+  at::Tensor w = w_in.to(at::kDouble).contiguous().clone();
+  at::Tensor initial = initial_in.to(at::kDouble).contiguous().clone();
+  at::Tensor has = has_initial_in.to(at::kBool).contiguous().clone();
+  at::Tensor losses;
+  if (losses_in.has_value())
+    losses = losses_in->to(at::kDouble).expand(w_in.sizes()).contiguous();
+  double* pw = w.data_ptr<double>();
+  double* pinit = initial.data_ptr<double>();
+  bool* phas = has.data_ptr<bool>();
+  const double* pk = K.data_ptr<double>();
+  std::vector<double> norms(n), target(n);
+  for (int64_t b = 0; b < B; ++b) {
+    double* wb = pw + b * n;
+    double mean_weighted = 0.0, mean_norm = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      norms[i] = std::sqrt(std::max(pk[b * n * n + i * n + i], 0.0));
+      mean_weighted += wb[i] * norms[i];
+      mean_norm += norms[i];
+    }
+    mean_weighted /= static_cast<double>(n);
+    mean_norm /= static_cast<double>(n);
+    std::fill(target.begin(), target.end(), mean_weighted);
+    if (losses.defined()) {
+      const double* lb = losses.data_ptr<double>() + b * n;
+      double* ib = pinit + b * n;
+      if (!phas[b]) std::copy(lb, lb + n, ib);
+      phas[b] = true;
+      double mean_ratio = 0.0;
+      for (int64_t i = 0; i < n; ++i) {
+        target[i] = ib[i] != 0 ? lb[i] / ib[i] : 1.0;  // ratio, then target below
+        mean_ratio += target[i];
+      }
+      mean_ratio /= static_cast<double>(n);
+      for (int64_t i = 0; i < n; ++i) {
+        const double rel = mean_ratio > 0 ? std::max(target[i] / mean_ratio, 0.0) : 1.0;
+        target[i] = mean_weighted * std::pow(rel, alpha);
+      }
+    }
+    const double denom = mean_norm > 0 ? mean_norm : 1.0;
+    double total = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      const double diff = wb[i] * norms[i] - target[i];
+      const double sign = static_cast<double>((diff > 0) - (diff < 0));
+      wb[i] = std::max(wb[i] - lr * norms[i] * sign / denom, 0.0);
+      total += wb[i];
+    }
+    for (int64_t i = 0; i < n; ++i)
+      wb[i] = total > 0 ? wb[i] * (static_cast<double>(n) / total) : 1.0;
+  }
+  return {w.to(w_in.scalar_type()), initial.to(initial_in.scalar_type()), has};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mtlfast, m) {
   m.def("power_fixed_point(Tensor K, float alpha, int iters) -> Tensor");
-  m.def("aligned_mtl_weights(Tensor K, Tensor pref, int scale_mode) -> Tensor");
-  m.def("config_weights(Tensor K, Tensor pref) -> Tensor");
+  m.def("aligned_mtl_weights(Tensor K, Tensor? pref, int scale_mode) -> Tensor");
+  m.def("config_weights(Tensor K, Tensor? pref) -> Tensor");
+  m.def("clip_update_norm(Tensor w, Tensor K, float max_norm) -> Tensor");
+  m.def("gradnorm_update(Tensor K, Tensor w, Tensor? losses, Tensor initial, Tensor has_initial,"
+        " float alpha, float lr) -> (Tensor, Tensor, Tensor)");
   m.def("gradvac_sweep(Tensor K, Tensor phi_hat, Tensor orders, float beta, float eps)"
         " -> (Tensor, Tensor)");
 }
@@ -520,6 +612,8 @@ TORCH_LIBRARY_IMPL(mtlfast, CPU, m) {
   m.impl("aligned_mtl_weights", &aligned_mtl_weights_cpu);
   m.impl("config_weights", &config_weights_cpu);
   m.impl("gradvac_sweep", &gradvac_sweep_cpu);
+  m.impl("clip_update_norm", &clip_update_norm_cpu);
+  m.impl("gradnorm_update", &gradnorm_update_cpu);
 }
 
 }  // namespace mtlfast

@@ -133,3 +133,42 @@ def test_kernels_reject_bad_shapes():
                         0.5, 1e-8)
     with pytest.raises(ValueError, match="alpha must be > 0"):
         S.power_fixed_point(torch.eye(3), 0.0, 5)
+
+
+@needs_ext
+@pytest.mark.parametrize("T", [1, 3, 32])
+def test_default_pref_kernels_match_reference(T):
+    K = _gram(T, batch=(2,), seed=T)
+    for mode in S.SCALE_MODES:
+        got = torch.ops.mtlfast.aligned_mtl_weights(K, None, S.SCALE_MODES.index(mode))
+        assert rel_err(got, S.aligned_mtl_weights_reference(K, None, mode)) < 1e-9
+    assert rel_err(torch.ops.mtlfast.config_weights(K, None),
+                   S.config_weights_reference(K, None)) < 1e-9
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_clip_update_norm_kernel_matches_reference(dtype):
+    K = _gram(5, batch=(3,), dtype=dtype)
+    w = torch.rand(3, 5, dtype=dtype).add(0.1)
+    norms = (w * (K @ w[..., None])[..., 0]).sum(-1).sqrt()
+    max_norm = float(norms[1])  # block 0 or 2 clipped or not, block 1 at the boundary
+    got = torch.ops.mtlfast.clip_update_norm(w, K, max_norm)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, S.clip_update_norm_reference(w, K, max_norm))
+
+
+@needs_ext
+@pytest.mark.parametrize("T", [1, 4, 32])
+@pytest.mark.parametrize("with_losses", [True, False])
+def test_gradnorm_update_kernel_matches_reference(T, with_losses):
+    K = _gram(T, batch=(2,), seed=T)
+    w = torch.rand(2, T, dtype=torch.float64).add(0.5)
+    initial = torch.rand(2, T, dtype=torch.float64).add(0.5)
+    has = torch.tensor([[True], [False]])
+    losses = torch.rand(T, dtype=torch.float64).add(0.5) if with_losses else None
+    got = torch.ops.mtlfast.gradnorm_update(K, w, losses, initial, has, 1.5, 0.1)
+    ref = S.gradnorm_update_reference(K, w, losses, initial, has, 1.5, 0.1)
+    for a, b in zip(got, ref, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
