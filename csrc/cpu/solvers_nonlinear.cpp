@@ -390,7 +390,7 @@ void config_one(const double* K0, const double* pref, int64_t n, double eps, dou
   for (int64_t i = 0; i < n; ++i) w[i] = cKc > 0 ? c[i] * sum_Kc / cKc : 0.0;
 }
 
-void gradvac_one(const double* K0, double* phi, const int64_t* orders, int64_t n, double beta,
+void gradvac_one(const double* K0, double* phi, const int64_t* perms, int64_t n, double beta,
                  double eps, double* w) {
   std::vector<double> K(static_cast<size_t>(n * n)), cK(n), C(n);
   for (int64_t i = 0; i < n; ++i)
@@ -401,7 +401,8 @@ void gradvac_one(const double* K0, double* phi, const int64_t* orders, int64_t n
     C[i] = 1.0;
     std::copy(&K[i * n], &K[i * n] + n, cK.begin());
     for (int64_t s = 0; s < n - 1; ++s) {
-      const int64_t j = orders[i * (n - 1) + s];
+      const int64_t p = perms[i * (n - 1) + s];
+      const int64_t j = p + (p >= i);  // p-th task other than i
       double sq = 0.0;
       for (int64_t k = 0; k < n; ++k) sq += cK[k] * C[k];
       const double norm_i = std::sqrt(std::max(sq, 0.0));
@@ -488,20 +489,20 @@ at::Tensor config_weights_cpu(const at::Tensor& K_in,
 
 std::tuple<at::Tensor, at::Tensor> gradvac_sweep_cpu(const at::Tensor& K_in,
                                                      const at::Tensor& phi_in,
-                                                     const at::Tensor& orders_in, double beta,
+                                                     const at::Tensor& perms_in, double beta,
                                                      double eps) {
   const at::Tensor K = as_blocks(K_in, "gradvac_sweep");
   const int64_t n = K.size(-1), B = K.numel() / (n * n);
   TORCH_CHECK(phi_in.sizes() == K_in.sizes(), "gradvac_sweep: phi_hat must have the Gram's shape ",
               K_in.sizes(), ", got ", phi_in.sizes());
-  TORCH_CHECK(orders_in.dim() == 2 && orders_in.size(0) == n && orders_in.size(1) == n - 1,
-              "gradvac_sweep: orders must have shape (", n, ", ", n - 1, "), got ",
-              orders_in.sizes());
-  const at::Tensor orders = orders_in.to(at::kLong).contiguous();
-  const int64_t* ord = orders.data_ptr<int64_t>();
+  TORCH_CHECK(perms_in.dim() == 2 && perms_in.size(0) == n && perms_in.size(1) == n - 1,
+              "gradvac_sweep: perms must have shape (", n, ", ", n - 1, "), got ",
+              perms_in.sizes());
+  const at::Tensor perms = perms_in.to(at::kLong).contiguous();
+  const int64_t* ord = perms.data_ptr<int64_t>();
   for (int64_t i = 0; i < n * (n - 1); ++i)
-    TORCH_CHECK(ord[i] >= 0 && ord[i] < n && ord[i] != i / (n - 1),
-                "gradvac_sweep: orders[i] must list tasks j != i");
+    TORCH_CHECK(ord[i] >= 0 && ord[i] < n - 1, "gradvac_sweep: perms must hold positions 0..",
+                n - 2);
   at::Tensor phi = phi_in.to(at::kDouble).contiguous().clone();
   at::Tensor out = at::empty(K.sizes().slice(0, K.dim() - 1), K.options());
   at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
@@ -603,7 +604,7 @@ TORCH_LIBRARY_FRAGMENT(mtlfast, m) {
   m.def("clip_update_norm(Tensor w, Tensor K, float max_norm) -> Tensor");
   m.def("gradnorm_update(Tensor K, Tensor w, Tensor? losses, Tensor initial, Tensor has_initial,"
         " float alpha, float lr) -> (Tensor, Tensor, Tensor)");
-  m.def("gradvac_sweep(Tensor K, Tensor phi_hat, Tensor orders, float beta, float eps)"
+  m.def("gradvac_sweep(Tensor K, Tensor phi_hat, Tensor perms, float beta, float eps)"
         " -> (Tensor, Tensor)");
 }
 

@@ -11,7 +11,7 @@ compute in float64 and return the Gram's dtype; the references compute in float6
   ``f(w) = 1/2 w^T K w - sum_i h(w_i)`` with ``h' = w^(-1/alpha)``, by damped Newton.
 - ``aligned_mtl_weights(K, pref, scale_mode)``: ``w = sqrt(s) V diag(1/sqrt(lambda)) V^T pref``.
 - ``config_weights(K, pref)``: ConFIG's pseudo-inverse direction and projection length.
-- ``gradvac_sweep(K, phi_hat, orders, beta, eps)``: GradVac's pairwise vaccine corrections.
+- ``gradvac_sweep(K, phi_hat, perms, beta, eps)``: GradVac's pairwise vaccine corrections.
 - ``clip_update_norm(w, K, max_norm)``: Nash-MTL's clip of ``|w @ G| = sqrt(w^T K w)``.
 - ``gradnorm_update(K, w, losses, initial, has_initial, alpha, lr)``: one GradNorm step.
 """
@@ -214,7 +214,7 @@ def config_weights(K: torch.Tensor, pref: torch.Tensor | None = None) -> torch.T
 
 
 def gradvac_sweep_reference(
-    K: torch.Tensor, phi_hat: torch.Tensor, orders: torch.Tensor, beta: float, eps: float
+    K: torch.Tensor, phi_hat: torch.Tensor, perms: torch.Tensor, beta: float, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The spec of :func:`gradvac_sweep`: all tasks i at once, T - 1 sequential pair steps."""
     out_dtype = K.dtype
@@ -222,7 +222,8 @@ def gradvac_sweep_reference(
     phi = phi_hat.to(K.dtype).clone()
     T = K.shape[-1]
     batch = K.shape[:-2]
-    orders = orders.to(K.device)
+    perms = perms.to(K.device)
+    orders = perms + (perms >= torch.arange(T, device=K.device)[:, None])  # tasks j != i
     C = torch.eye(T, dtype=K.dtype, device=K.device).expand(*batch, T, T).clone()
     cK = K.clone()  # row i: (g_i^PC . g_k)_k = C[i] @ K
     sq_norm = K.diagonal(dim1=-2, dim2=-1).clamp_min(0)
@@ -245,24 +246,26 @@ def gradvac_sweep_reference(
 
 
 def gradvac_sweep(
-    K: torch.Tensor, phi_hat: torch.Tensor, orders: torch.Tensor, beta: float, eps: float
+    K: torch.Tensor, phi_hat: torch.Tensor, perms: torch.Tensor, beta: float, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GradVac (Wang et al. 2021) on each ``(T, T)`` block: ``(w, new phi_hat)``.
 
-    For each task i, visiting the others j in ``orders[i]`` (``(T, T-1)``, shared by all
-    blocks): ``cos = g_i^PC . g_j / (|g_i^PC| |g_j| + eps)``; when ``cos < phi_hat[i, j]``,
+    For each task i, visiting the others j in the order ``perms[i]`` (``(T, T-1)``, shared by
+    all blocks; ``perms[i]`` permutes positions in the list ``[j for j in range(T) if j != i]``,
+    i.e. ``j = p + (p >= i)``, as torchjd's ``randperm``):
+    ``cos = g_i^PC . g_j / (|g_i^PC| |g_j| + eps)``; when ``cos < phi_hat[i, j]``,
     ``g_i^PC += |g_i^PC| (phi_hat sqrt(1-cos^2) - cos sqrt(1-phi_hat^2)) /
     (|g_j| sqrt(1-phi_hat^2) + eps) g_j``; always ``phi_hat[i,j] <- (1-beta) phi_hat + beta cos``.
     ``w = sum_i c_i`` where ``g_i^PC = c_i @ G``.
     """
     T = K.shape[-1]
-    if orders.shape != (T, T - 1):
-        raise ValueError(f"gradvac_sweep: orders must have shape ({T}, {T - 1}), "
-                         f"got {tuple(orders.shape)}")
+    if perms.shape != (T, T - 1):
+        raise ValueError(f"gradvac_sweep: perms must have shape ({T}, {T - 1}), "
+                         f"got {tuple(perms.shape)}")
     if _use_kernel(K):
-        return torch.ops.mtlfast.gradvac_sweep(K, phi_hat, orders.to(torch.int64),
+        return torch.ops.mtlfast.gradvac_sweep(K, phi_hat, perms.to(torch.int64),
                                                float(beta), float(eps))
-    return gradvac_sweep_reference(K, phi_hat, orders, beta, eps)
+    return gradvac_sweep_reference(K, phi_hat, perms, beta, eps)
 
 
 def clip_update_norm_reference(w: torch.Tensor, K: torch.Tensor, max_norm: float) -> torch.Tensor:
