@@ -116,3 +116,31 @@ def test_rejects_bad_hyperparameters():
         GradVac(eps=-1.0)
     with pytest.raises(ValueError, match="granularity"):
         GradVac(granularity="layer")
+
+
+@pytest.mark.parametrize("mode", ["jacobian", "gramian"])
+def test_layerwise_contract_with_the_engine(mode):
+    """mtlfast.backward hands a layer-wise GradVac one Gram per shared parameter tensor and
+    combines row l of its weights with the per-task gradients of parameter l."""
+    import mtlfast
+
+    gen = torch.Generator().manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    x = torch.randn(16, 5, generator=gen)
+
+    def losses():
+        z = trunk(x)
+        return torch.stack([(z[:, t] - 0.3 * t).pow(2).mean() + z.sum(1).mean() for t in range(3)])
+
+    params = list(trunk.parameters())
+    L = losses()
+    grads = [torch.autograd.grad(L[t], params, retain_graph=True) for t in range(3)]
+    per_param = [torch.stack([grads[t][l].flatten() for t in range(3)]).double()
+                 for l in range(len(params))]
+    w = GradVac(granularity="parameter", seed=4).weights(torch.stack([g @ g.T for g in per_param]))
+    method = GradVac(granularity="parameter", seed=4)
+    mtlfast.backward(losses(), trunk, method, mode=mode)
+    for l, p in enumerate(params):
+        expected = w[l] @ per_param[l]
+        torch.testing.assert_close(p.grad.flatten().double(), expected, rtol=1e-4, atol=1e-6)
+    assert method.phi_hat.shape == (len(params), 3, 3)
