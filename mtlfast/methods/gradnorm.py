@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.solvers_nonlinear import gradnorm_update
 from ._stateful import StatefulGramMethod
 
 __all__ = ["GradNorm"]
@@ -18,7 +19,8 @@ class GradNorm(StatefulGramMethod):
     constant), ``r_i = (L_i / L_i(0)) / mean_j(L_j / L_j(0))``:
 
     ``w_i <- w_i - lr |g_i| sign(w_i |g_i| - target_i) / mean_j |g_j|``, then
-    ``w <- T max(w, 0) / sum(max(w, 0))`` (the paper's renormalization to sum T).
+    ``w <- T max(w, 0) / sum(max(w, 0))`` (the paper's renormalization to sum T), see
+    :func:`mtlfast.ops.solvers_nonlinear.gradnorm_update`.
 
     The division by the mean gradient norm makes ``lr`` scale-free (the paper feeds the raw
     gradient to the network's optimizer). ``|g_i| = sqrt(K_ii)`` comes from the Gram the
@@ -56,25 +58,12 @@ class GradNorm(StatefulGramMethod):
                              f"{tuple(self.task_weights.shape)}; got a Gram of shape "
                              f"{tuple(gram.shape)}")
         w = self.task_weights.to(gram.dtype)
-        norms = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
-        weighted = w * norms
-        target = weighted.mean(-1, keepdim=True)
-        if losses is not None:
-            losses = losses.to(gram.dtype).expand(shape)
-            initial = torch.where(self.has_initial, self.initial_losses.to(gram.dtype), losses)
-            self.initial_losses = self._keep_if_skipped(initial, self.initial_losses)
-            self.has_initial = self._keep_if_skipped(
-                torch.ones_like(self.has_initial), self.has_initial)
-            ratio = torch.where(initial != 0, losses / initial, 1.0)
-            mean_ratio = ratio.mean(-1, keepdim=True)
-            rel = torch.where(mean_ratio > 0, ratio / mean_ratio, 1.0).clamp_min(0)
-            target = target * rel.pow(self.alpha)
-        mean_norm = norms.mean(-1, keepdim=True)
-        step = norms * torch.sign(weighted - target) / torch.where(mean_norm > 0, mean_norm, 1.0)
-        new = (w - self.lr * step).clamp_min(0)
-        total = new.sum(-1, keepdim=True)
-        new = torch.where(total > 0, new * (shape[-1] / total), 1.0)
+        new, initial, has_initial = gradnorm_update(
+            gram, w, losses, self.initial_losses.to(gram.dtype), self.has_initial,
+            self.alpha, self.lr)
         self.task_weights = self._keep_if_skipped(new, self.task_weights)
+        self.initial_losses = self._keep_if_skipped(initial, self.initial_losses)
+        self.has_initial = self._keep_if_skipped(has_initial, self.has_initial)
         return w
 
     def extra_repr(self) -> str:

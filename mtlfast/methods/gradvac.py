@@ -74,10 +74,9 @@ class GradVac(StatefulGramMethod):
         self.generator.set_state(state["generator"])
 
     def draw_orders(self, num_tasks: int) -> torch.Tensor:
-        """Next visiting orders ``(T, T-1)`` (CPU int64): row i lists the tasks j != i."""
-        keys = torch.rand(num_tasks, num_tasks - 1, generator=self.generator)
-        idx = keys.argsort(-1)
-        return idx + (idx >= torch.arange(num_tasks)[:, None])
+        """Next visiting orders ``(T, T-1)`` (CPU int64): row i is a random permutation of the
+        positions in ``[j for j in range(T) if j != i]`` (task ``j = p + (p >= i)``)."""
+        return torch.rand(num_tasks, num_tasks - 1, generator=self.generator).argsort(-1)
 
     def _weights(self, gram: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         if self.phi_hat is None:

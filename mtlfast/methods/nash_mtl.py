@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..ops.solvers_nonlinear import power_fixed_point
+from ..ops.solvers_nonlinear import clip_update_norm, power_fixed_point
 from ._stateful import StatefulGramMethod
 
 __all__ = ["NashMTL"]
@@ -66,15 +66,15 @@ class NashMTL(StatefulGramMethod):
     def _weights(self, gram: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         if self.cached_alpha is None or self._calls % self.update_weights_every == 0:
             alpha = power_fixed_point(gram, 1.0, self.optim_niter)
-            previous = (torch.ones_like(alpha) if self.cached_alpha is None
-                        else self.cached_alpha.to(alpha))
-            self.cached_alpha = self._keep_if_skipped(alpha, previous)
+            if self._step_ok is not None:  # skip mode: a skipped step keeps the old cache
+                previous = (torch.ones_like(alpha) if self.cached_alpha is None
+                            else self.cached_alpha.to(alpha))
+                alpha = self._keep_if_skipped(alpha, previous)
+            self.cached_alpha = alpha
         self._calls += 1
         alpha = self.cached_alpha.to(gram.dtype)
         if self.max_norm > 0:
-            norm = (alpha * (gram @ alpha[..., None])[..., 0]).sum(-1, keepdim=True)
-            norm = norm.clamp_min(0).sqrt()
-            alpha = alpha * torch.where(norm > self.max_norm, self.max_norm / norm, 1.0)
+            alpha = clip_update_norm(alpha, gram, self.max_norm)
         return alpha
 
     def extra_repr(self) -> str:

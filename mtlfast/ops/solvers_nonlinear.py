@@ -11,7 +11,9 @@ compute in float64 and return the Gram's dtype; the references compute in float6
   ``f(w) = 1/2 w^T K w - sum_i h(w_i)`` with ``h' = w^(-1/alpha)``, by damped Newton.
 - ``aligned_mtl_weights(K, pref, scale_mode)``: ``w = sqrt(s) V diag(1/sqrt(lambda)) V^T pref``.
 - ``config_weights(K, pref)``: ConFIG's pseudo-inverse direction and projection length.
-- ``gradvac_sweep(K, phi_hat, orders, beta, eps)``: GradVac's pairwise vaccine corrections.
+- ``gradvac_sweep(K, phi_hat, perms, beta, eps)``: GradVac's pairwise vaccine corrections.
+- ``clip_update_norm(w, K, max_norm)``: Nash-MTL's clip of ``|w @ G| = sqrt(w^T K w)``.
+- ``gradnorm_update(K, w, losses, initial, has_initial, alpha, lr)``: one GradNorm step.
 """
 
 from __future__ import annotations
@@ -24,9 +26,13 @@ __all__ = [
     "SCALE_MODES",
     "aligned_mtl_weights",
     "aligned_mtl_weights_reference",
+    "clip_update_norm",
+    "clip_update_norm_reference",
     "config_weights",
     "config_weights_reference",
     "gradvac_sweep",
+    "gradnorm_update",
+    "gradnorm_update_reference",
     "gradvac_sweep_reference",
     "power_fixed_point",
     "power_fixed_point_reference",
@@ -172,8 +178,7 @@ def aligned_mtl_weights(
     if scale_mode not in SCALE_MODES:
         raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
     if _use_kernel(K):
-        return torch.ops.mtlfast.aligned_mtl_weights(
-            K, _pref(pref, K, 1.0 / K.shape[-1]), SCALE_MODES.index(scale_mode))
+        return torch.ops.mtlfast.aligned_mtl_weights(K, pref, SCALE_MODES.index(scale_mode))
     return aligned_mtl_weights_reference(K, pref, scale_mode)
 
 
@@ -204,12 +209,12 @@ def config_weights(K: torch.Tensor, pref: torch.Tensor | None = None) -> torch.T
     ``C^+`` drops eigenvalues at most ``lambda_max T eps``; zero rows get weight 0.
     """
     if _use_kernel(K):
-        return torch.ops.mtlfast.config_weights(K, _pref(pref, K, 1.0))
+        return torch.ops.mtlfast.config_weights(K, pref)
     return config_weights_reference(K, pref)
 
 
 def gradvac_sweep_reference(
-    K: torch.Tensor, phi_hat: torch.Tensor, orders: torch.Tensor, beta: float, eps: float
+    K: torch.Tensor, phi_hat: torch.Tensor, perms: torch.Tensor, beta: float, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The spec of :func:`gradvac_sweep`: all tasks i at once, T - 1 sequential pair steps."""
     out_dtype = K.dtype
@@ -217,7 +222,8 @@ def gradvac_sweep_reference(
     phi = phi_hat.to(K.dtype).clone()
     T = K.shape[-1]
     batch = K.shape[:-2]
-    orders = orders.to(K.device)
+    perms = perms.to(K.device)
+    orders = perms + (perms >= torch.arange(T, device=K.device)[:, None])  # tasks j != i
     C = torch.eye(T, dtype=K.dtype, device=K.device).expand(*batch, T, T).clone()
     cK = K.clone()  # row i: (g_i^PC . g_k)_k = C[i] @ K
     sq_norm = K.diagonal(dim1=-2, dim2=-1).clamp_min(0)
@@ -240,21 +246,78 @@ def gradvac_sweep_reference(
 
 
 def gradvac_sweep(
-    K: torch.Tensor, phi_hat: torch.Tensor, orders: torch.Tensor, beta: float, eps: float
+    K: torch.Tensor, phi_hat: torch.Tensor, perms: torch.Tensor, beta: float, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GradVac (Wang et al. 2021) on each ``(T, T)`` block: ``(w, new phi_hat)``.
 
-    For each task i, visiting the others j in ``orders[i]`` (``(T, T-1)``, shared by all
-    blocks): ``cos = g_i^PC . g_j / (|g_i^PC| |g_j| + eps)``; when ``cos < phi_hat[i, j]``,
+    For each task i, visiting the others j in the order ``perms[i]`` (``(T, T-1)``, shared by
+    all blocks; ``perms[i]`` permutes positions in the list ``[j for j in range(T) if j != i]``,
+    i.e. ``j = p + (p >= i)``, as torchjd's ``randperm``):
+    ``cos = g_i^PC . g_j / (|g_i^PC| |g_j| + eps)``; when ``cos < phi_hat[i, j]``,
     ``g_i^PC += |g_i^PC| (phi_hat sqrt(1-cos^2) - cos sqrt(1-phi_hat^2)) /
     (|g_j| sqrt(1-phi_hat^2) + eps) g_j``; always ``phi_hat[i,j] <- (1-beta) phi_hat + beta cos``.
     ``w = sum_i c_i`` where ``g_i^PC = c_i @ G``.
     """
     T = K.shape[-1]
-    if orders.shape != (T, T - 1):
-        raise ValueError(f"gradvac_sweep: orders must have shape ({T}, {T - 1}), "
-                         f"got {tuple(orders.shape)}")
+    if perms.shape != (T, T - 1):
+        raise ValueError(f"gradvac_sweep: perms must have shape ({T}, {T - 1}), "
+                         f"got {tuple(perms.shape)}")
     if _use_kernel(K):
-        return torch.ops.mtlfast.gradvac_sweep(K, phi_hat, orders.to(torch.int64),
+        return torch.ops.mtlfast.gradvac_sweep(K, phi_hat, perms.to(torch.int64),
                                                float(beta), float(eps))
-    return gradvac_sweep_reference(K, phi_hat, orders, beta, eps)
+    return gradvac_sweep_reference(K, phi_hat, perms, beta, eps)
+
+
+def clip_update_norm_reference(w: torch.Tensor, K: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The spec of :func:`clip_update_norm`."""
+    norm = (w * (K @ w[..., None])[..., 0]).sum(-1, keepdim=True).clamp_min(0).sqrt()
+    return w * torch.where(norm > max_norm, max_norm / norm, 1.0)
+
+
+def clip_update_norm(w: torch.Tensor, K: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """``w * min(1, max_norm / |w @ G|)`` with ``|w @ G| = sqrt(w^T K w)``, per block."""
+    if _use_kernel(K):
+        return torch.ops.mtlfast.clip_update_norm(w, K, float(max_norm))
+    return clip_update_norm_reference(w, K, max_norm)
+
+
+def gradnorm_update_reference(
+    K: torch.Tensor, w: torch.Tensor, losses: torch.Tensor | None, initial: torch.Tensor,
+    has_initial: torch.Tensor, alpha: float, lr: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The spec of :func:`gradnorm_update` (no host read)."""
+    norms = K.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    weighted = w * norms
+    target = weighted.mean(-1, keepdim=True)
+    if losses is not None:
+        losses = losses.to(w.dtype).expand(w.shape)
+        initial = torch.where(has_initial, initial, losses)
+        has_initial = torch.ones_like(has_initial)
+        ratio = torch.where(initial != 0, losses / initial, 1.0)
+        mean_ratio = ratio.mean(-1, keepdim=True)
+        rel = torch.where(mean_ratio > 0, ratio / mean_ratio, 1.0).clamp_min(0)
+        target = target * rel.pow(alpha)
+    mean_norm = norms.mean(-1, keepdim=True)
+    step = norms * torch.sign(weighted - target) / torch.where(mean_norm > 0, mean_norm, 1.0)
+    new = (w - lr * step).clamp_min(0)
+    total = new.sum(-1, keepdim=True)
+    new = torch.where(total > 0, new * (w.shape[-1] / total), 1.0)
+    return new, initial, has_initial
+
+
+def gradnorm_update(
+    K: torch.Tensor, w: torch.Tensor, losses: torch.Tensor | None, initial: torch.Tensor,
+    has_initial: torch.Tensor, alpha: float, lr: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One GradNorm step on task weights ``w`` (``(..., T)``): ``(new w, L(0), has L(0))``.
+
+    ``|g_i| = sqrt(K_ii)``; ``target_i = mean(w |g|) r_i^alpha`` with
+    ``r_i = (L_i / L_i(0)) / mean_j(L_j / L_j(0))`` (``r = 1`` without losses; ``L(0)`` is
+    taken from ``losses`` where ``has_initial`` is False); then
+    ``w_i <- max(w_i - lr |g_i| sign(w_i |g_i| - target_i) / mean|g|, 0)`` renormalized to
+    sum T (all ones if everything hit 0).
+    """
+    if _use_kernel(K):
+        return torch.ops.mtlfast.gradnorm_update(K, w, losses, initial, has_initial,
+                                                 float(alpha), float(lr))
+    return gradnorm_update_reference(K, w, losses, initial, has_initial, alpha, lr)

@@ -1,4 +1,8 @@
-"""Shared inputs of the per-method tests."""
+"""Shared inputs of the per-method tests.
+
+torchjd, scipy and cvxpy are test dependencies absent on the bare GPU machine: the tests using
+them import them with ``pytest.importorskip`` inside the test, so the rest still runs there.
+"""
 
 import torch
 

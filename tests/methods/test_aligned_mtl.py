@@ -54,7 +54,7 @@ def test_reference_on_meta(device):
 @pytest.mark.parametrize("mode", S.SCALE_MODES)
 @pytest.mark.parametrize("T", [3, 8])
 def test_matches_torchjd(mode, T):
-    from torchjd.aggregation import AlignedMTL as TorchJDAlignedMTL
+    TorchJDAlignedMTL = pytest.importorskip("torchjd.aggregation").AlignedMTL
 
     G = matrix(T, 50, seed=T)
     expected = TorchJDAlignedMTL(scale_mode=mode)(G)

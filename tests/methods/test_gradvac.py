@@ -8,13 +8,15 @@ from mtlfast.methods import GradVac
 from tests.methods._helpers import matrix
 
 
-def _explicit(G, phi, orders, beta, eps):
-    """The paper's loop on explicit gradients (float64), visiting tasks in ``orders``."""
+def _explicit(G, phi, perms, beta, eps):
+    """The paper's loop on explicit gradients (float64), task i visiting the others in the
+    order ``perms[i]`` of the list of tasks j != i."""
     phi = phi.clone()
     update = torch.zeros(G.shape[1], dtype=G.dtype)
     for i in range(G.shape[0]):
         g_pc = G[i].clone()
-        for j in orders[i].tolist():
+        others = [j for j in range(G.shape[0]) if j != i]
+        for j in [others[p] for p in perms[i].tolist()]:
             cos = float(g_pc @ G[j] / (g_pc.norm() * G[j].norm() + eps))
             target = float(phi[i, j])
             if cos < target:
@@ -61,10 +63,10 @@ def test_layerwise_is_one_gradvac_per_block():
         method.weights(torch.eye(T, dtype=torch.float64).expand(L + 1, T, T))
 
 
-def test_orders_are_permutations_of_the_other_tasks():
-    orders = GradVac(seed=0).draw_orders(6)
+def test_orders_are_permutations():
+    perms = GradVac(seed=0).draw_orders(6)
     for i in range(6):
-        assert sorted(orders[i].tolist()) == [j for j in range(6) if j != i]
+        assert sorted(perms[i].tolist()) == list(range(5))
     assert GradVac(seed=0).draw_orders(1).shape == (1, 0)
 
 
@@ -91,7 +93,7 @@ def test_skipped_step_keeps_targets():
 
 @pytest.mark.parametrize("T", [3, 6])
 def test_matches_torchjd_with_same_orders(T, monkeypatch):
-    from torchjd.aggregation import GradVac as TorchJDGradVac
+    TorchJDGradVac = pytest.importorskip("torchjd.aggregation").GradVac
 
     ours, twin = GradVac(beta=0.5, seed=2), GradVac(seed=2)
     theirs = TorchJDGradVac(beta=0.5)
@@ -99,7 +101,7 @@ def test_matches_torchjd_with_same_orders(T, monkeypatch):
         G = matrix(T, 25, seed=step) + matrix(1, 25, seed=40 + step)
         orders = twin.draw_orders(T)
         # torchjd shuffles the list of other tasks with torch.randperm, one call per task i.
-        perms = iter([orders[i] - (orders[i] > i).long() for i in range(T)])
+        perms = iter(list(orders))
         monkeypatch.setattr(torch, "randperm", lambda n, _perms=perms, **kw: next(_perms))
         expected = theirs(G)
         monkeypatch.undo()
@@ -114,3 +116,31 @@ def test_rejects_bad_hyperparameters():
         GradVac(eps=-1.0)
     with pytest.raises(ValueError, match="granularity"):
         GradVac(granularity="layer")
+
+
+@pytest.mark.parametrize("mode", ["jacobian", "gramian"])
+def test_layerwise_contract_with_the_engine(mode):
+    """mtlfast.backward hands a layer-wise GradVac one Gram per shared parameter tensor and
+    combines row l of its weights with the per-task gradients of parameter l."""
+    import mtlfast
+
+    gen = torch.Generator().manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    x = torch.randn(16, 5, generator=gen)
+
+    def losses():
+        z = trunk(x)
+        return torch.stack([(z[:, t] - 0.3 * t).pow(2).mean() + z.sum(1).mean() for t in range(3)])
+
+    params = list(trunk.parameters())
+    L = losses()
+    grads = [torch.autograd.grad(L[t], params, retain_graph=True) for t in range(3)]
+    per_param = [torch.stack([grads[t][l].flatten() for t in range(3)]).double()
+                 for l in range(len(params))]
+    w = GradVac(granularity="parameter", seed=4).weights(torch.stack([g @ g.T for g in per_param]))
+    method = GradVac(granularity="parameter", seed=4)
+    mtlfast.backward(losses(), trunk, method, mode=mode)
+    for l, p in enumerate(params):
+        expected = w[l] @ per_param[l]
+        torch.testing.assert_close(p.grad.flatten().double(), expected, rtol=1e-4, atol=1e-6)
+    assert method.phi_hat.shape == (len(params), 3, 3)

@@ -3,7 +3,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-from scipy.optimize import root
 
 from mtlfast.methods import NashMTL
 from mtlfast.ops import solvers_nonlinear as S
@@ -22,6 +21,7 @@ def test_solves_bargaining_equation(T, P):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_matches_scipy_root(seed):
+    root = pytest.importorskip("scipy.optimize").root
     G = matrix(6, 30, seed=seed)
     K = (G @ G.T).numpy()
     sol = root(lambda a: K @ a - 1 / a, np.full(6, 1 / np.sqrt(np.trace(K))), tol=1e-13)
@@ -96,7 +96,7 @@ def test_matches_torchjd(T, max_norm):
     agreement is to that tolerance, not to rounding."""
     pytest.importorskip("cvxpy")
     pytest.importorskip("ecos")
-    from torchjd.aggregation import NashMTL as TorchJDNashMTL
+    TorchJDNashMTL = pytest.importorskip("torchjd.aggregation").NashMTL
 
     G = matrix(T, 40, seed=T)
     expected = TorchJDNashMTL(n_tasks=T, max_norm=max_norm)(G)

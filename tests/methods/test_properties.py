@@ -148,3 +148,19 @@ def test_gram_free_methods_apply_the_nonfinite_policy_to_the_update(cls):
     with pytest.raises(ValueError, match="NaN or Inf"):
         cls()(G)
     assert torch.equal(cls(on_nonfinite="skip")(G), torch.zeros(50))
+
+
+@pytest.mark.parametrize("cls", GRAM_METHODS, ids=ids)
+def test_skipped_step_leaves_state_unchanged(cls):
+    """Under on_nonfinite="skip", a non-finite step changes no state tensor (EMA, cache...)."""
+    G = _matrix(4, 25, seed=1)
+    method = cls(on_nonfinite="skip")
+    method.weights(G @ G.T, _losses(4))
+    before = {k: v.clone() for k, v in method.state_dict().items() if isinstance(v, torch.Tensor)}
+    K = G @ G.T
+    K[0, 3] = float("inf")
+    method.weights(K, _losses(4))
+    after = {k: v for k, v in method.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert before.keys() == after.keys()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k
