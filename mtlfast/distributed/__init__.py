@@ -1,0 +1,10 @@
+"""Distributed training for ``mtlfast.backward``: DDP (exact or local) and FSDP2.
+
+Use it through ``mtlfast.backward(..., process_group=group)`` or
+``MTLBackward(..., process_group=group)``; run the model's forward under :func:`no_sync`.
+"""
+
+from .data_parallel import DataParallel, DistributedMode
+from .sync import no_sync
+
+__all__ = ["DataParallel", "DistributedMode", "no_sync"]
