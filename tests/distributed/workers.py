@@ -145,3 +145,61 @@ def mismatched_tasks(rank: int, world: int) -> str:
     except ValueError as err:
         return str(err)
     return "no error"
+
+
+def fsdp2_vs_ddp_exact(rank: int, world: int, names: list[str], steps: int = 3) -> dict:
+    """FSDP2 (trunk layers and root fully_shard-ed, heads sharded too) vs DDP exact."""
+    from torch.distributed.fsdp import fully_shard
+
+    from mtlfast.distributed import FSDPBackward
+
+    T = 3
+    out: dict = {}
+    for name in names:
+        torch.manual_seed(0)
+        net = Net(T).double()
+        sharded = copy.deepcopy(net)
+        fully_shard(sharded.trunk[0])
+        fully_shard(sharded.trunk[2])
+        fully_shard(sharded)
+        torch.manual_seed(7)
+        method = make_method(name)
+        ddp = DistributedDataParallel(net)
+        engine = MTLBackward(net.trunk.parameters(), copy.deepcopy(method),
+                             process_group=dist.group.WORLD)
+        fsdp = FSDPBackward(sharded, sharded.trunk, method)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        opt_s = torch.optim.SGD(sharded.parameters(), lr=0.1, momentum=0.9)
+        grad_err, param_err, bytes_rs = [], [], 0
+        for step in range(steps):
+            opt.zero_grad()
+            opt_s.zero_grad()
+            x, y = global_batch(step, world, T)
+            xl, yl = local_part(x, rank), local_part(y, rank)
+            with no_sync(ddp):
+                L = losses_of(ddp, xl, yl)
+            engine.backward(L)
+            with no_sync(sharded):
+                Ls = losses_of(sharded, xl, yl)
+            fsdp.backward(Ls)
+            full = flat(p.grad.full_tensor() for p in sharded.parameters())
+            grad_err.append((full - flat(p.grad for p in net.parameters())).abs().max().item())
+            opt.step()
+            opt_s.step()
+            full = flat(p.full_tensor() for p in sharded.parameters())
+            param_err.append((full - flat(net.parameters())).abs().max().item())
+        bytes_rs = fsdp.dp.bytes_reduced
+        out[name] = {"grad_err": grad_err, "param_err": param_err, "bytes": bytes_rs}
+    return out
+
+
+def suite(rank: int, world: int) -> dict:
+    """Every check in one pair of processes (spawning costs more than the checks here)."""
+    return {
+        "exact": exact_vs_single(rank, world, ["Mean", "PCGrad", "UPGrad", "MGDA", "NashMTL",
+                                               "RLW"]),
+        "accumulation": exact_vs_single(rank, world, ["UPGrad", "PCGrad"], 2, 2),
+        "local": local_vs_by_hand(rank, world),
+        "fsdp2": fsdp2_vs_ddp_exact(rank, world, ["UPGrad", "PCGrad", "RLW"]),
+        "mismatch": mismatched_tasks(rank, world),  # last: it leaves nothing pending
+    }
