@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import methods, ops
-from .distributed import DataParallel, DistributedMode
+from .distributed import DataParallel, DistributedMode, reject_sharded
 from .engine import (
     Batching,
     SharedParams,
@@ -167,6 +167,7 @@ class MTLBackward(nn.Module):
         self.on_nonfinite = on_nonfinite
         self.jacobian_budget = jacobian_budget
         self._shared = SharedParams(as_shared(shared))
+        reject_sharded(self._shared.params)
         if jacobian_dtype is None:
             jacobian_dtype = (torch.float64 if self._shared.grad_dtype == torch.float64
                               else torch.float32)
@@ -480,7 +481,8 @@ def backward(
     weights (UPGrad by default, Quinton & Rey 2024) from ``K = G G^T``. See ``MTLBackward`` for
     the options; the last engine built here is reused while ``shared`` and the options stay
     the same (a new ``method`` object just replaces the old one), so its (T, P) buffer is
-    allocated once.
+    allocated once. With ``process_group`` (DDP; forward under ``mtlfast.distributed.no_sync``)
+    the step is the global batch's (``distributed_mode="exact"``) or per-rank (``"local"``).
     """
     params = as_shared(shared)
     method = _default_method() if method is None else method

@@ -7,6 +7,6 @@ Use it through ``mtlfast.backward(..., process_group=group)`` or
 
 from .data_parallel import DataParallel, DistributedMode
 from .fsdp import FSDPBackward
-from .sync import no_sync
+from .sync import no_sync, reject_sharded
 
-__all__ = ["DataParallel", "DistributedMode", "FSDPBackward", "no_sync"]
+__all__ = ["DataParallel", "DistributedMode", "FSDPBackward", "no_sync", "reject_sharded"]

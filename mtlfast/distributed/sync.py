@@ -5,10 +5,19 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["no_sync"]
+__all__ = ["no_sync", "reject_sharded"]
+
+
+def reject_sharded(params: list[torch.Tensor]) -> None:
+    """TypeError for sharded (DTensor) parameters: FSDP2 models go through FSDPBackward."""
+    if any(isinstance(p, DTensor) for p in params):
+        raise TypeError("shared: these parameters are sharded DTensors (fully_shard / FSDP2); "
+                        "use mtlfast.distributed.FSDPBackward(model, shared, method) instead")
 
 
 @contextlib.contextmanager

@@ -64,3 +64,7 @@ def test_mismatched_number_of_tasks_raises_on_every_rank(runs):
     for r in runs:
         msg = r["mismatch"]
         assert "rank 0: T (tasks)=3" in msg and "rank 1: T (tasks)=2" in msg, msg
+
+
+def test_sharded_parameters_are_pointed_to_fsdp_backward(runs):
+    assert "FSDPBackward" in runs[0]["fsdp2"]["dtensor_error"]

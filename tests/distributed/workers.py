@@ -168,6 +168,11 @@ def fsdp2_vs_ddp_exact(rank: int, world: int, names: list[str], steps: int = 3) 
         engine = MTLBackward(net.trunk.parameters(), copy.deepcopy(method),
                              process_group=dist.group.WORLD)
         fsdp = FSDPBackward(sharded, sharded.trunk, method)
+        try:
+            MTLBackward(sharded.trunk.parameters(), method)
+            out["dtensor_error"] = "no error"
+        except TypeError as err:
+            out["dtensor_error"] = str(err)
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
         opt_s = torch.optim.SGD(sharded.parameters(), lr=0.1, momentum=0.9)
         grad_err, param_err, bytes_rs = [], [], 0
