@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from .. import _ext
 
@@ -67,8 +68,8 @@ def apply_activation(pre: torch.Tensor, activation: str) -> torch.Tensor:
 def activation_grad(grad: torch.Tensor, pre: torch.Tensor | None, out: torch.Tensor,
                     activation: str) -> torch.Tensor:
     """``grad * act'(pre)``; relu uses the output (``out > 0``), gelu/silu the pre-activation."""
-    if activation == "relu":
-        return grad * (out > 0).to(grad.dtype)
+    if activation == "relu":  # the fused native kernel relu's own backward uses
+        return torch.ops.aten.threshold_backward(grad, out, 0)
     if activation == "gelu":
         cdf = 0.5 * (1.0 + torch.erf(pre * (1.0 / math.sqrt(2.0))))
         pdf = torch.exp(-0.5 * pre * pre) * (1.0 / math.sqrt(2.0 * math.pi))
@@ -234,10 +235,7 @@ def _dense(in_widths, per_task) -> bool:
     return len(in_widths) == 1 and not per_task
 
 
-@torch.library.custom_op("mtlfast::grouped_linear", mutates_args=())
-def _grouped_linear_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
-                       in_widths: list[int], out_widths: list[int], per_task: bool,
-                       activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_impl(x, w, bias, in_widths, out_widths, per_task, activation):
     store_pre = activation in _NEEDS_PRE
     if _backend(x) == "triton" and not _dense(in_widths, per_task):
         from ..kernels.triton import grouped_linear_triton
@@ -256,6 +254,44 @@ def _grouped_linear_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | No
         x.new_empty(0)
 
 
+def _input_grad_impl(gy, w, in_widths, out_widths, per_task):
+    if _backend(gy) == "triton" and not _dense(in_widths, per_task):
+        from ..kernels.triton import grouped_input_grad_triton
+
+        cdt = _interpreter_dtype(gy)
+        return grouped_input_grad_triton(gy.to(cdt), w.to(cdt), tuple(in_widths),
+                                         tuple(out_widths), per_task).to(gy.dtype)
+    return _input_grad_torch(gy, w, in_widths, out_widths, per_task).contiguous()
+
+
+def _weight_grad_impl(gy, x, in_widths, out_widths, per_task):
+    if _backend(gy) == "triton" and not _dense(in_widths, per_task):
+        from ..kernels.triton import grouped_weight_grad_triton
+
+        cdt = _interpreter_dtype(gy)
+        return grouped_weight_grad_triton(gy.to(cdt), x.to(cdt), tuple(in_widths),
+                                          tuple(out_widths), per_task).to(gy.dtype)
+    return _weight_grad_torch(gy, x, in_widths, out_widths, per_task).contiguous()
+
+
+def _eager(*tensors) -> bool:
+    """True for plain eager calls, which skip the custom-op layer: on an H200 its Python
+    dispatch cost several times the kernels' GPU time (benchmarks/RESULTS.md, heads). Under
+    torch.compile, torch.func transforms (wrapped tensors) and fake tensors the custom ops run,
+    with their fake kernels and vmap rules."""
+    if torch.compiler.is_compiling():
+        return False
+    return not any(t is not None and (torch._C._functorch.is_functorch_wrapped_tensor(t)
+                                      or is_fake(t)) for t in tensors)
+
+
+@torch.library.custom_op("mtlfast::grouped_linear", mutates_args=())
+def _grouped_linear_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                       in_widths: list[int], out_widths: list[int], per_task: bool,
+                       activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_impl(x, w, bias, in_widths, out_widths, per_task, activation)
+
+
 @_grouped_linear_op.register_fake
 def _(x, w, bias, in_widths, out_widths, per_task, activation):
     y = x.new_empty(x.shape[-2], sum(out_widths))
@@ -265,13 +301,7 @@ def _(x, w, bias, in_widths, out_widths, per_task, activation):
 @torch.library.custom_op("mtlfast::grouped_linear_input_grad", mutates_args=())
 def _input_grad_op(gy: torch.Tensor, w: torch.Tensor, in_widths: list[int],
                    out_widths: list[int], per_task: bool) -> torch.Tensor:
-    if _backend(gy) == "triton" and not _dense(in_widths, per_task):
-        from ..kernels.triton import grouped_input_grad_triton
-
-        cdt = _interpreter_dtype(gy)
-        return grouped_input_grad_triton(gy.to(cdt), w.to(cdt), tuple(in_widths),
-                                         tuple(out_widths), per_task).to(gy.dtype)
-    return _input_grad_torch(gy, w, in_widths, out_widths, per_task).contiguous()
+    return _input_grad_impl(gy, w, in_widths, out_widths, per_task)
 
 
 @_input_grad_op.register_fake
@@ -285,13 +315,7 @@ def _(gy, w, in_widths, out_widths, per_task):
 @torch.library.custom_op("mtlfast::grouped_linear_weight_grad", mutates_args=())
 def _weight_grad_op(gy: torch.Tensor, x: torch.Tensor, in_widths: list[int],
                     out_widths: list[int], per_task: bool) -> torch.Tensor:
-    if _backend(gy) == "triton" and not _dense(in_widths, per_task):
-        from ..kernels.triton import grouped_weight_grad_triton
-
-        cdt = _interpreter_dtype(gy)
-        return grouped_weight_grad_triton(gy.to(cdt), x.to(cdt), tuple(in_widths),
-                                          tuple(out_widths), per_task).to(gy.dtype)
-    return _weight_grad_torch(gy, x, in_widths, out_widths, per_task).contiguous()
+    return _weight_grad_impl(gy, x, in_widths, out_widths, per_task)
 
 
 @_weight_grad_op.register_fake
@@ -318,10 +342,13 @@ def _backward(ctx, gy, _gpre):
     # torch.func.grad their inputs may still track gradients of an outer level.
     with torch.no_grad():
         g = activation_grad(gy, pre, y, activation)
+        eager = _eager(g, w, x)
         if ctx.needs_input_grad[0]:
-            gx = _input_grad_op(g, w, in_widths, out_widths, per_task)
+            input_grad = _input_grad_impl if eager else _input_grad_op
+            gx = input_grad(g, w, in_widths, out_widths, per_task)
         if ctx.needs_input_grad[1]:
-            gw = _weight_grad_op(g, x, in_widths, out_widths, per_task)
+            weight_grad = _weight_grad_impl if eager else _weight_grad_op
+            gw = weight_grad(g, x, in_widths, out_widths, per_task)
         if has_bias and ctx.needs_input_grad[2]:
             gb = g.sum(0)
     return gx, gw, gb, None, None, None, None
@@ -339,7 +366,8 @@ class _GroupedLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(x, w, bias, in_widths, out_widths, per_task, activation):
-        return _grouped_linear_op(x, w, bias, in_widths, out_widths, per_task, activation)
+        forward = _forward_impl if _eager(x, w, bias) else _grouped_linear_op
+        return forward(x, w, bias, in_widths, out_widths, per_task, activation)
 
     setup_context = staticmethod(_setup_context)
     backward = staticmethod(_backward)
@@ -428,7 +456,8 @@ def grouped_linear_input_grad(gy: torch.Tensor, w: torch.Tensor, in_widths: Sequ
     if gy.dtype != w.dtype or gy.device != w.device:
         raise TypeError("grouped_linear_input_grad: gy and w must share dtype and device, got "
                         f"{gy.dtype}/{gy.device} and {w.dtype}/{w.device}")
-    return _input_grad_op(gy, w, list(in_widths), list(out_widths), per_task)
+    input_grad = _input_grad_impl if _eager(gy, w) else _input_grad_op
+    return input_grad(gy, w, list(in_widths), list(out_widths), per_task)
 
 
 def grouped_linear_weight_grad(gy: torch.Tensor, x: torch.Tensor, in_widths: Sequence[int],
@@ -438,4 +467,5 @@ def grouped_linear_weight_grad(gy: torch.Tensor, x: torch.Tensor, in_widths: Seq
     if gy.dim() != 2 or gy.shape[1] != sum(out_widths):
         raise ValueError(f"grouped_linear_weight_grad: gy must be (M, {sum(out_widths)}), "
                          f"got {tuple(gy.shape)}")
-    return _weight_grad_op(gy, x, list(in_widths), list(out_widths), per_task)
+    weight_grad = _weight_grad_impl if _eager(gy, x) else _weight_grad_op
+    return weight_grad(gy, x, list(in_widths), list(out_widths), per_task)

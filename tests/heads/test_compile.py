@@ -71,3 +71,20 @@ def test_vmap_over_inputs_and_params():
         ref_g = torch.autograd.grad(loss(params, zs[0, i]), list(params.values()))
         for g, r in zip(grads.values(), ref_g, strict=True):
             assert rel_err(g[i], r) < 1e-5
+
+
+@pytest.mark.parametrize("per_task", [False, True])
+def test_custom_ops_pass_opcheck(per_task):
+    """Schema, fake kernels and the registered autograd formula of the three custom ops."""
+    ins, outs = ((6, 6, 6) if per_task else (5, 2, 7)), (1, 4, 3)
+    x = torch.randn(3, 9, 6) if per_task else torch.randn(9, 14)
+    w = torch.randn(sum(n * k for n, k in zip(outs, ins, strict=True)), requires_grad=True)
+    b = torch.randn(sum(outs), requires_grad=True)
+    x.requires_grad_(True)
+    ops = torch.ops.mtlfast
+    torch.library.opcheck(ops.grouped_linear, (x, w, b, list(ins), list(outs), per_task, "silu"))
+    gy = torch.randn(9, sum(outs))
+    torch.library.opcheck(ops.grouped_linear_input_grad, (gy, w.detach(), list(ins), list(outs),
+                                                          per_task))
+    torch.library.opcheck(ops.grouped_linear_weight_grad, (gy, x.detach(), list(ins),
+                                                           list(outs), per_task))

@@ -1,0 +1,35 @@
+"""Issue 6: on CUDA, every Gram method's weights(K) makes no host synchronization (with the
+"skip" non-finite policy, the one that promises never to read the device)."""
+
+import inspect
+
+import pytest
+import torch
+
+from mtlfast import methods
+
+GRAM_METHODS = sorted(
+    (c for c in vars(methods).values()
+     if inspect.isclass(c) and issubclass(c, methods.GramMethod) and c is not methods.GramMethod),
+    key=lambda c: c.__name__,
+)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cls", GRAM_METHODS, ids=lambda c: c.__name__)
+def test_gram_method_weights_without_host_sync(cls):
+    try:
+        method = cls(on_nonfinite="skip").cuda()
+    except TypeError as exc:
+        pytest.skip(f"{cls.__name__} needs constructor arguments: {exc}")
+    A = torch.randn(8, 40, device="cuda")
+    K = A @ A.T
+    method.weights(K)  # first call may build state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        w = method.weights(K)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert w.device.type == "cuda" and w.shape[-1] == 8
+    assert torch.isfinite(w).all()
