@@ -239,7 +239,8 @@ class MTLBackward(nn.Module):
         if self._dist is not None:
             self._dist.check_config(num_tasks=num_tasks, size=self._shared.size,
                                     heads=sum(p.numel() for p in scan.others),
-                                    method=self.method, mode=mode, device=self._shared.device)
+                                    method=self.method, device=self._shared.device,
+                                    mode=f"{mode}, on_nonfinite={self.on_nonfinite}")
             self._dist.sync_method(self.method)
         step = _Step(self, lv.values, scan.others, feats, scaler, retain_graph)
         if mode == "losses":

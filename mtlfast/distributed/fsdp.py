@@ -10,6 +10,9 @@ every rank, and each rank writes ``w @ G[:, shard_r]`` into its sharded ``.grad`
 gradient is ever gathered. Head parameters get the mean of their ordinary gradients
 (reduce-scattered when they are ``fully_shard``-ed too, all-reduced when replicated).
 Loss-based methods run the same path with the single cotangent ``w`` (one backward).
+
+Non-finite policy: ``ValueError`` on every rank (the check reads the all-reduced Gram and
+losses, identical everywhere) before anything is written; there is no ``"skip"`` mode here.
 """
 
 from __future__ import annotations
