@@ -16,6 +16,10 @@ reads the device: the whole step's contribution is zeroed with ``torch.where`` a
 ``.grad`` holds the *scaled* update (NaN on overflow), so ``scaler.step(opt)`` unscales, detects
 the overflow and skips, and ``scaler.update()`` backs the scale off, exactly as with
 ``scaler.scale(loss).backward()``; the method always sees unscaled gradients.
+
+Distributed (``process_group=``, see ``mtlfast.distributed``): ``distributed_mode="exact"``
+all-reduces the (T, P) Jacobian once and runs the method on the global Gram, equal to one process
+on the global batch (jacobian mode only); ``"local"`` projects per rank and averages the update.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 from torch import nn
 
 from . import methods, ops
+from .distributed import DataParallel, DistributedMode, reject_sharded
 from .engine import (
     Batching,
     SharedParams,
@@ -119,6 +124,10 @@ class MTLBackward(nn.Module):
             parameters; bfloat16 halves its memory).
         jacobian_budget: bytes a (T, P) Jacobian may take before mode="auto" picks gramian.
         on_nonfinite: ``"raise"`` or ``"skip"`` (see module doc).
+        process_group: a ``torch.distributed`` group the model is data-parallel over (DDP; run
+            its forward under ``mtlfast.distributed.no_sync``); None: one process.
+        distributed_mode: ``"exact"`` (all-reduce G, the global batch's step) or ``"local"``
+            (per-rank projection, averaged update; ordinary DDP volume).
     """
 
     def __init__(
@@ -131,6 +140,8 @@ class MTLBackward(nn.Module):
         jacobian_dtype: torch.dtype | None = None,
         jacobian_budget: int = DEFAULT_JACOBIAN_BUDGET,
         on_nonfinite: Literal["raise", "skip"] = "raise",
+        process_group: object = None,
+        distributed_mode: DistributedMode = "exact",
     ) -> None:
         super().__init__()
         method = _default_method() if method is None else method
@@ -156,10 +167,13 @@ class MTLBackward(nn.Module):
         self.on_nonfinite = on_nonfinite
         self.jacobian_budget = jacobian_budget
         self._shared = SharedParams(as_shared(shared))
+        reject_sharded(self._shared.params)
         if jacobian_dtype is None:
             jacobian_dtype = (torch.float64 if self._shared.grad_dtype == torch.float64
                               else torch.float32)
         self.jacobian_dtype = jacobian_dtype
+        self._dist = (None if process_group is None
+                      else DataParallel(process_group, distributed_mode))
         self._heads = Batching("task heads (losses -> features)")
         self._trunk = Batching("shared parameters")
 
@@ -192,6 +206,12 @@ class MTLBackward(nn.Module):
                 raise ValueError(f"mode='features': {name} is layer-wise (granularity="
                                  "'parameter'); the feature Gram has no layers")
             return "features"
+        if self._dist is not None and self._dist.exact:
+            if mode not in ("auto", "jacobian"):  # K of the global batch needs G itself
+                raise ValueError(f"mode={mode!r} cannot run with process_group in distributed_mode"
+                                 "='exact' (it all-reduces the (T, P) Jacobian): use mode="
+                                 "'jacobian' or distributed_mode='local'")
+            return "jacobian"
         if mode == "auto":
             need = num_tasks * self._shared.size * self.jacobian_dtype.itemsize
             return "jacobian" if need <= self.jacobian_budget else "gramian"
@@ -216,6 +236,12 @@ class MTLBackward(nn.Module):
             raise ValueError(f"losses are on {lv.values.device}, shared parameters on "
                              f"{self._shared.device}")
         scan = scan_graph(lv, self._shared.params, feats)
+        if self._dist is not None:
+            self._dist.check_config(num_tasks=num_tasks, size=self._shared.size,
+                                    heads=sum(p.numel() for p in scan.others),
+                                    method=self.method, device=self._shared.device,
+                                    mode=f"{mode}, on_nonfinite={self.on_nonfinite}")
+            self._dist.sync_method(self.method)
         step = _Step(self, lv.values, scan.others, feats, scaler, retain_graph)
         if mode == "losses":
             return step.run_losses()
@@ -230,7 +256,7 @@ class _Step:
                  retain_graph: bool) -> None:
         self.engine, self.others, self.feats = engine, others, feats
         self.retain_graph = retain_graph
-        self.shared = engine._shared
+        self.shared, self.dist = engine._shared, engine._dist
         self.losses = L.detach()
         self.skip = engine.on_nonfinite == "skip" or scaler is not None
         self.scaler = scaler
@@ -243,6 +269,8 @@ class _Step:
     # -- the non-finite policy -------------------------------------------------------------------
 
     def check(self, ok: torch.Tensor, what: Callable[[], str]) -> None:
+        if not self.skip and self.dist is not None:
+            ok = self.dist.agree(ok)  # raise on every rank or none (no rank left in a collective)
         if not self.skip and not bool(ok):
             raise ValueError(
                 f"mtlfast.backward: {what()} contain NaN or Inf; nothing was written to .grad "
@@ -271,6 +299,8 @@ class _Step:
 
     def run_losses(self) -> StepInfo:
         method = self.engine.method
+        if self.dist is not None:  # the global batch's losses drive the weights on every rank
+            self.losses = self.dist.average_with_losses(self.losses, [], [])[0]
         ok = torch.isfinite(self.losses).all()
         self.check(ok, lambda: "the losses")
         safe = torch.where(ok, self.losses, 1.0) if self.skip else self.losses
@@ -282,6 +312,8 @@ class _Step:
         leaves = self.shared.params + self.others
         grads = list(torch.autograd.grad(self.L, leaves, grad_outputs=w_eff.to(self.L.dtype),
                                          retain_graph=self.retain_graph, allow_unused=True))
+        if self.dist is not None:  # one all-reduce, the volume of ordinary DDP
+            grads = self.dist.average(leaves, grads)
         own_grads = list(torch.autograd.grad(total, own, allow_unused=True)) if own else []
         if self.scale is not None:
             own_grads = [None if g is None else g * self.scale for g in own_grads]
@@ -316,6 +348,9 @@ class _Step:
         if mode == "jacobian":
             G = jacobian(self.shared, outputs, cots, batching=e._trunk, dtype=e.jacobian_dtype,
                          chunk_size=e.chunk_size, retain_graph=self.retain_graph)
+            if self.dist is not None and self.dist.exact:  # G, L, heads of the global batch
+                self.losses, head_grads = self.dist.reduce_jacobian(G, self.losses, self.others,
+                                                                    head_grads)
             if e.method.needs == "jacobian":
                 return self._whole_jacobian(G, head_grads)
             K = self._grams(G) if e._layerwise() else ops.gram(G)
@@ -330,10 +365,17 @@ class _Step:
         self.check(ok, lambda: self.describe(head_grads, K))
         w = self._weights(K, ok)
         w_eff = w * self.marker(ok) if self.skip else w
-        if mode == "jacobian":
+        local = self.dist is not None and not self.dist.exact
+        if mode == "jacobian" and not local:
             self._write_combined(G, w_eff, ok)
         else:
-            if mode == "gramian" and e._layerwise():
+            if mode == "jacobian":  # local: the update goes through the all-reduce below
+                update = torch.empty(self.shared.size, dtype=self.shared.work_dtype,
+                                     device=G.device)
+                self._combine(G, w_eff, update, False)
+                grads = [update[self.shared.slice(i)].view(p.shape)
+                         for i, p in enumerate(self.shared.params)]
+            elif mode == "gramian" and e._layerwise():
                 grads = layerwise_update(self.shared, outputs, cots, w_eff, batching=e._trunk,
                                          chunk_size=e.chunk_size, retain_graph=self.retain_graph)
             else:
@@ -342,7 +384,13 @@ class _Step:
             # The weighted pass may overflow where K did not (features mode sees dL/dZ only).
             ok = ok & _finite(grads=grads)
             self.check(ok, lambda: "the gradients of the shared parameters")
-            self.shared.add_list(self.mask(grads, ok))
+            grads = self.mask(grads, ok)
+            if local:  # ordinary DDP volume: the rank's combined update and heads, averaged
+                n = len(grads)
+                both = self.dist.average(self.shared.params + self.others,
+                                         grads + self.mask(head_grads, ok))
+                grads, head_grads = list(both[:n]), list(both[n:])
+            self.shared.add_list(grads)
         add_to_grads(self.others, self.mask(head_grads, ok))
         reported = torch.where(ok, w, 0.0) if self.skip and self.scaler is None else w
         return StepInfo(reported, K, self.losses, ~ok, mode)
@@ -360,27 +408,29 @@ class _Step:
         return self.engine.method.weights(safe_K, safe_L)
 
     def _write_combined(self, G: torch.Tensor, w: torch.Tensor, ok: torch.Tensor) -> None:
-        shared, layerwise = self.shared, self.engine._layerwise()
+        shared = self.shared
         zero_nonfinite = self.skip and self.scaler is None  # G may hold NaN: 0 * NaN = NaN
 
         def write(out: torch.Tensor, accumulate: bool) -> None:
             if zero_nonfinite:
                 update = torch.empty(shared.size, dtype=out.dtype, device=out.device)
-                _combine_into(update, False)
+                self._combine(G, w, update, False)
                 update = torch.where(ok, update, 0.0)
                 out.add_(update) if accumulate else out.copy_(update)
             else:
-                _combine_into(out, accumulate)
-
-        def _combine_into(out: torch.Tensor, accumulate: bool) -> None:
-            if not layerwise:
-                ops.combine(w.to(G.dtype), G, out, accumulate=accumulate)
-                return
-            for i in range(len(shared.params)):
-                sl = shared.slice(i)
-                ops.combine(w[i].to(G.dtype), G[:, sl], out[sl], accumulate=accumulate)
+                self._combine(G, w, out, accumulate)
 
         shared.add_flat(write)
+
+    def _combine(self, G: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
+                 accumulate: bool) -> None:
+        """``out (+)= w @ G`` (layer-wise methods: per parameter with its own weights)."""
+        if not self.engine._layerwise():
+            ops.combine(w.to(G.dtype), G, out, accumulate=accumulate)
+            return
+        for i in range(len(self.shared.params)):
+            sl = self.shared.slice(i)
+            ops.combine(w[i].to(G.dtype), G[:, sl], out[sl], accumulate=accumulate)
 
     def _whole_jacobian(self, G: torch.Tensor, head_grads: list[torch.Tensor | None]) -> StepInfo:
         if self.scale is not None:
@@ -394,6 +444,10 @@ class _Step:
             update = torch.where(ok, update, 0.0) if self.scaler is None else update
         if self.scale is not None:
             update = update * self.scale * self.marker(ok)
+        if self.dist is not None and not self.dist.exact:  # average the rank's update
+            both = self.dist.average([update] + self.others,
+                                     [update] + self.mask(head_grads, ok))
+            update, head_grads = both[0], list(both[1:])
 
         def write(out: torch.Tensor, accumulate: bool) -> None:
             out.add_(update.to(out.dtype)) if accumulate else out.copy_(update)
@@ -419,6 +473,8 @@ def backward(
     jacobian_dtype: torch.dtype | None = None,
     jacobian_budget: int = DEFAULT_JACOBIAN_BUDGET,
     on_nonfinite: Literal["raise", "skip"] = "raise",
+    process_group: object = None,
+    distributed_mode: DistributedMode = "exact",
 ) -> StepInfo:
     """Multi-task ``loss.backward()``: ``.grad`` of ``shared`` += ``w @ G``, heads += their grads.
 
@@ -426,17 +482,20 @@ def backward(
     weights (UPGrad by default, Quinton & Rey 2024) from ``K = G G^T``. See ``MTLBackward`` for
     the options; the last engine built here is reused while ``shared`` and the options stay
     the same (a new ``method`` object just replaces the old one), so its (T, P) buffer is
-    allocated once.
+    allocated once. With ``process_group`` (DDP; forward under ``mtlfast.distributed.no_sync``)
+    the step is the global batch's (``distributed_mode="exact"``) or per-rank (``"local"``).
     """
     params = as_shared(shared)
     method = _default_method() if method is None else method
-    config = (mode, chunk_size, jacobian_dtype, jacobian_budget, on_nonfinite)
+    config = (mode, chunk_size, jacobian_dtype, jacobian_budget, on_nonfinite, process_group,
+              distributed_mode)
     engine = _CACHE[0] if _CACHE else None
     if engine is None or engine._config != config or not engine._shared.same_as(params):
         _CACHE.clear()  # drop the old engine (and its buffers) before building the new one
         engine = MTLBackward(params, method, mode=mode, chunk_size=chunk_size,
                              jacobian_dtype=jacobian_dtype, jacobian_budget=jacobian_budget,
-                             on_nonfinite=on_nonfinite)
+                             on_nonfinite=on_nonfinite, process_group=process_group,
+                             distributed_mode=distributed_mode)
         engine._config = config
         _CACHE.append(engine)
     elif engine.method is not method:

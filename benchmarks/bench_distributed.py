@@ -1,0 +1,176 @@
+"""Bytes communicated per step and CPU/gloo step time of the distributed ways to train MTL.
+
+Variants (2 processes, gloo, one thread each; a trunk of P shared parameters, T linear heads of
+H parameters in all, float32):
+
+- ``ls``: linear scalarization, ``sum(L).backward()`` under plain DDP (P + H floats);
+- ``naive``: T re-armed DDP forward+backward passes, one per task, then the method on the
+  all-reduced per-task gradients (what a manual-optimization loop does): T (P + H) floats;
+- ``exact``: ``mtlfast.backward(..., process_group=)``: T P + T + H floats (+ an 80-byte check);
+- ``local``: ``distributed_mode="local"``: P + H (+ T + check) floats;
+- ``fsdp2``: ``FSDPBackward`` on a ``fully_shard``-ed model: reduce-scatter of T P, the T x T
+  Gram and T losses; FSDP2's own parameter all-gathers counted separately.
+
+Bytes are the full-size payloads of the collectives per rank per step (all-reduce and
+reduce-scatter: the input; all-gather: the gathered output), counted by wrapping the
+``torch.distributed`` functions the code calls; DDP's reducer calls C++ collectives directly,
+so its buckets go through the stock ``allreduce_hook`` comm hook (which calls
+``dist.all_reduce``). A ring moves about ``2 (W-1)/W`` (all-reduce) or ``(W-1)/W``
+(reduce-scatter, all-gather) times these bytes per rank.
+Run: ``python benchmarks/bench_distributed.py [--steps 10]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mtlfast  # noqa: E402
+from mtlfast.distributed import FSDPBackward, no_sync  # noqa: E402
+
+COUNTED = ("all_reduce", "reduce_scatter_tensor", "all_gather_single", "broadcast")
+COUNTS: dict[str, int] = defaultdict(int)
+
+
+def _count(name: str, fn):
+    def wrapped(*args, **kwargs):
+        t = args[0] if name not in ("reduce_scatter_tensor",) else args[1]
+        if isinstance(t, list):
+            t = t[0]
+        COUNTS[name] += t.numel() * t.element_size()
+        return fn(*args, **kwargs)
+    return wrapped
+
+
+class Net(nn.Module):
+    def __init__(self, T: int, width: int) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width),
+                                   nn.ReLU())
+        self.heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(T))
+
+    def forward(self, x):
+        z = self.trunk(x)
+        return [h(z).squeeze(-1) for h in self.heads]
+
+
+def _losses(model, x, y):
+    return torch.stack([((o - y[:, t]) ** 2).mean() for t, o in enumerate(model(x))])
+
+
+def _variant(name, rank, T, width, batch, steps):
+    torch.manual_seed(0)
+    net = Net(T, width)
+    g = torch.Generator().manual_seed(rank)
+    x, y = torch.randn(batch, 64, generator=g), torch.randn(batch, T, generator=g)
+    method = mtlfast.methods.UPGrad()
+    if name == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+        for layer in (net.trunk[0], net.trunk[2]):
+            fully_shard(layer)
+        fully_shard(net)
+        model, engine = net, FSDPBackward(net, net.trunk, method)
+    else:
+        model = DistributedDataParallel(net)
+        model.register_comm_hook(None, allreduce_hook)  # DDP's reduction via dist.all_reduce
+        if name in ("exact", "local"):
+            engine = mtlfast.MTLBackward(net.trunk.parameters(), method,
+                                         process_group=dist.group.WORLD, distributed_mode=name)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    shared = list(net.trunk.parameters())
+
+    def step():
+        opt.zero_grad()
+        if name == "ls":
+            _losses(model, x, y).sum().backward()
+        elif name == "naive":
+            rows = []
+            for t in range(T):  # a fresh DDP forward per task re-arms the reducer
+                opt.zero_grad()
+                _losses(model, x, y)[t].backward()
+                rows.append(torch.cat([p.grad.reshape(-1) for p in shared]))
+            G = torch.stack(rows)
+            update = method(G)
+            offset = 0
+            for p in shared:
+                p.grad.copy_(update[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+        else:
+            with no_sync(model):
+                L = _losses(model, x, y)
+            engine.backward(L)
+        opt.step()
+
+    step()  # warm-up (DDP's first-iteration setup, lazy buffers)
+    dist.barrier()
+    COUNTS.clear()
+    times = []
+    for _ in range(steps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {k: v / steps for k, v in COUNTS.items()}, statistics.median(times)
+
+
+def _worker(rank, world, folder, T, width, batch, steps):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rdzv", rank=rank,
+                            world_size=world)
+    for name in COUNTED:
+        setattr(dist, name, _count(name, getattr(dist, name)))
+    out = {v: _variant(v, rank, T, width, batch, steps)
+           for v in ("ls", "naive", "exact", "local", "fsdp2")}
+    if rank == 0:
+        torch.save(out, os.path.join(folder, "out.pt"))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", type=int, default=4)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=32, help="per rank")
+    ap.add_argument("--steps", type=int, default=10)
+    a = ap.parse_args()
+    P = 64 * a.width + a.width + a.width * a.width + a.width
+    H = a.tasks * (a.width + 1)
+    with tempfile.TemporaryDirectory() as folder:
+        mp.start_processes(_worker, args=(2, folder, a.tasks, a.width, a.batch, a.steps),
+                           nprocs=2, start_method="spawn")
+        out = torch.load(os.path.join(folder, "out.pt"))
+    T = a.tasks
+    # (+ 80 bytes: the per-step configuration check; local: + 8 bytes of finiteness flags;
+    # fsdp2: the heads' dim-0 shards are padded to W rows, here 2 H)
+    formulas = {"ls": ("P + H", P + H), "naive": ("T (P + H)", T * (P + H)),
+                "exact": ("T P + T + H", T * P + T + H), "local": ("P + H", P + H),
+                "fsdp2": ("T P + T^2 + T + 2 H", T * P + T * T + T + 2 * H)}
+    print(f"T={T}, P={P}, H={H}, world=2, per-rank batch {a.batch}, float32, {a.steps} steps")
+    print("| variant | gradient bytes/step/rank | formula | formula bytes | FSDP2 param "
+          "all-gather bytes | median step ms |")
+    print("|---|---|---|---|---|---|")
+    for v, (counts, t) in out.items():
+        gathers = counts.pop("all_gather_single", 0)
+        grad_bytes = sum(counts.values())
+        f, n = formulas[v]
+        print(f"| {v} | {grad_bytes:,.0f} | {f} | {4 * n:,} | {gathers:,.0f} | {1e3 * t:.1f} |")
+    print("(raw counts by collective:", {v: dict(c) for v, (c, _) in out.items()}, ")")
+
+
+if __name__ == "__main__":
+    main()

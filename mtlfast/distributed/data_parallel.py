@@ -1,0 +1,165 @@
+"""Data parallelism (DDP) for ``mtlfast.backward``: exact or local, over ``torch.distributed``.
+
+Each rank holds the same parameters and its own slice of the global batch; a loss is the mean
+over the local slice, so the global loss is the mean of the ranks' losses and, linearly, the
+global per-task gradients are the mean of the ranks' ``(T, P)`` Jacobians:
+``G = (1/W) sum_r G_r``. Hence:
+
+- ``"exact"``: ONE all-reduce of the flat ``(T, P)`` buffer (asynchronous, beside a small
+  all-reduce of the losses and the heads' gradients), then the method runs on the global Gram
+  ``K = G G^T`` identically on every rank: the step equals one process on the global batch.
+  The sum of per-rank Grams is NOT the global Gram (cross terms ``G_r G_s^T`` are missing),
+  which is why the Jacobian itself travels: ``T * P`` floats per step.
+- ``"local"``: each rank runs the method on its own ``G_r``, then the combined update
+  ``w_r @ G_r`` (P floats, plus the heads) is averaged: the volume of ordinary DDP, and a
+  documented approximation (``mean_r w_r @ G_r`` is not ``w @ G``).
+
+The model's forward must run under ``no_sync()`` (see :func:`mtlfast.distributed.no_sync`):
+the engine differentiates with ``torch.autograd.grad``, which never fires DDP's reducer, and an
+armed reducer would fail the next forward. Every collective here is issued in the same order on
+every rank, and each step starts with a small all-reduce of the configuration (T, P, the number
+of head parameters, the method), so a mismatched rank raises ``ValueError`` on every rank
+instead of hanging in a collective of the wrong size.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["DataParallel", "DistributedMode"]
+
+DistributedMode = Literal["exact", "local"]
+_MODES = ("exact", "local")
+
+
+def _crc(text: str) -> int:
+    # zlib.crc32 is the same in every process (str hash() is salted per process).
+    return zlib.crc32(text.encode())
+
+
+class DataParallel:
+    """The collectives of one data-parallel ``MTLBackward`` (one per engine, reused per step).
+
+    Args:
+        group: the process group the model is replicated over.
+        mode: ``"exact"`` or ``"local"`` (see module doc).
+        timeout: how long the per-step configuration check waits for the other ranks before
+            raising (None: the group's own timeout).
+    """
+
+    def __init__(self, group: dist.ProcessGroup, mode: DistributedMode = "exact",
+                 timeout: timedelta | None = None) -> None:
+        if not isinstance(group, dist.ProcessGroup):
+            raise TypeError("process_group must be a torch.distributed.ProcessGroup (e.g. "
+                            f"torch.distributed.group.WORLD), got {type(group).__name__}")
+        if mode not in _MODES:
+            raise ValueError(f"distributed_mode must be one of {_MODES}, got {mode!r}")
+        if timeout is not None and not isinstance(timeout, timedelta):
+            raise TypeError(f"timeout must be a datetime.timedelta or None, got {timeout!r}")
+        self.group, self.mode, self.timeout = group, mode, timeout
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self._synced_method: nn.Module | None = None
+        #: bytes this engine sent into collectives (all-reduce payloads), for benchmarks.
+        self.bytes_reduced = 0
+
+    @property
+    def exact(self) -> bool:
+        return self.mode == "exact"
+
+    # -- configuration -----------------------------------------------------------------------
+
+    def check_config(self, *, num_tasks: int, size: int, heads: int, method: nn.Module,
+                     mode: str, device: torch.device) -> None:
+        """Raise ``ValueError`` on every rank when the ranks disagree on the step's shape."""
+        fields = {"T (tasks)": num_tasks, "P (shared parameters)": size,
+                  "head parameters": heads, "method": _crc(type(method).__name__),
+                  "mode": _crc(f"{mode}/{self.mode}")}
+        sig = torch.tensor(list(fields.values()), dtype=torch.int64, device=device)
+        both = torch.cat([sig, -sig])
+        work = dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        if self.timeout is None:
+            work.wait()
+        elif not work.wait(self.timeout):
+            raise RuntimeError(f"mtlfast.backward: the ranks did not all reach the step within "
+                               f"{self.timeout} (a rank skipped mtlfast.backward?)")
+        high, neg_low = both.tolist()[: len(sig)], both.tolist()[len(sig):]
+        if all(h == -n for h, n in zip(high, neg_low, strict=True)):
+            return
+        mine = {"T (tasks)": num_tasks, "P (shared parameters)": size, "head parameters": heads,
+                "method": type(method).__name__, "mode": f"{mode}/{self.mode}"}
+        everyone: list[dict | None] = [None] * self.world
+        dist.all_gather_object(everyone, mine, group=self.group)
+        bad = [k for k in mine if len({str(c[k]) for c in everyone}) > 1]  # type: ignore[index]
+        per_rank = "; ".join(f"rank {r}: " + ", ".join(f"{k}={c[k]}" for k in bad)  # type: ignore[index]
+                             for r, c in enumerate(everyone))
+        raise ValueError(f"mtlfast.backward: the ranks of the process group disagree on "
+                         f"{', '.join(bad)} ({per_rank}); every rank must run the same tasks, "
+                         "shared parameters and method")
+
+    def sync_method(self, method: nn.Module) -> None:
+        """Broadcast a randomized or stateful method's state (its generator) from rank 0 once,
+        so every rank draws the same weights from the same global Gram (exact mode)."""
+        if not self.exact or self._synced_method is method:
+            return
+        self._synced_method = method
+        if getattr(method, "deterministic", True):
+            return
+        box = [method.state_dict() if self.rank == 0 else None]
+        src = dist.get_global_rank(self.group, 0)
+        dist.broadcast_object_list(box, src=src, group=self.group)
+        if self.rank != 0:
+            method.load_state_dict(box[0])
+
+    # -- reductions --------------------------------------------------------------------------
+
+    def _start(self, flat: torch.Tensor) -> dist.Work:
+        self.bytes_reduced += flat.numel() * flat.element_size()
+        return dist.all_reduce(flat, group=self.group, async_op=True)
+
+    def reduce_jacobian(self, G: torch.Tensor, losses: torch.Tensor, params: Sequence[torch.Tensor],
+                        grads: Sequence[torch.Tensor | None],
+                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``G <- mean_r G_r`` in place; the global losses and the averaged ``grads``."""
+        work = self._start(G)
+        losses, grads = self.average_with_losses(losses, params, grads)
+        work.wait()
+        G.div_(self.world)
+        return losses, grads
+
+    def average_with_losses(self, losses: torch.Tensor, params: Sequence[torch.Tensor],
+                            grads: Sequence[torch.Tensor | None],
+                            ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Mean over ranks of the losses and of ``grads`` (None: zeros), in ONE all-reduce."""
+        parts = [losses.detach().reshape(-1)] + [
+            (torch.zeros_like(p) if g is None else g).reshape(-1)
+            for p, g in zip(params, grads, strict=True)]
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in parts) else torch.float32
+        flat = torch.cat([t.to(dtype) for t in parts])
+        self._start(flat).wait()
+        flat.div_(self.world)
+        out = list(flat.split([t.numel() for t in parts]))
+        mean_losses = out[0].to(losses.dtype)
+        return mean_losses, [o.view(p.shape).to(p.dtype if g is None else g.dtype)
+                             for o, p, g in zip(out[1:], params, grads, strict=True)]
+
+    def average(self, params: Sequence[torch.Tensor],
+                grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+        """Mean over ranks of per-parameter gradients (None: zeros), in ONE all-reduce."""
+        empty = torch.empty(0, dtype=torch.float32, device=params[0].device)
+        return self.average_with_losses(empty, params, grads)[1]
+
+    def agree(self, ok: torch.Tensor) -> torch.Tensor:
+        """The AND of a finiteness flag over ranks (local mode: raise on all ranks or none)."""
+        if self.exact:
+            return ok  # already computed from reduced values, identical on every rank
+        flag = ok.to(torch.int32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return flag[0].bool()

@@ -1,0 +1,210 @@
+"""Worker functions for the 2-process tests (importable by spawned processes)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from mtlfast import MTLBackward, methods
+from mtlfast.distributed import no_sync
+
+DIM_IN, HIDDEN, DIM_Z, LOCAL_BATCH = 6, 8, 5, 4
+
+
+class Net(nn.Module):
+    def __init__(self, num_tasks: int) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(DIM_IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, DIM_Z))
+        self.heads = nn.ModuleList(nn.Linear(DIM_Z, 1) for _ in range(num_tasks))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        z = self.trunk(x)
+        return [h(z).squeeze(-1) for h in self.heads]
+
+
+def losses_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    return [((out - y[:, t]) ** 2).mean() for t, out in enumerate(model(x))]
+
+
+def global_batch(step: int, world: int, num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(world * LOCAL_BATCH, DIM_IN, generator=g, dtype=torch.float64)
+    y = torch.randn(world * LOCAL_BATCH, num_tasks, generator=g, dtype=torch.float64)
+    return x, y
+
+
+def local_part(t: torch.Tensor, rank: int) -> torch.Tensor:
+    return t[rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH]
+
+
+def make_method(name: str) -> methods.Method:
+    return {"Mean": methods.Mean, "PCGrad": methods.PCGrad, "UPGrad": methods.UPGrad,
+            "MGDA": methods.MGDA, "NashMTL": methods.NashMTL, "RLW": methods.RLW,
+            "DWA": methods.DWA}[name]()
+
+
+def flat(tensors) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def gather(t: torch.Tensor, world: int) -> list[torch.Tensor]:
+    out = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(out, t.contiguous())
+    return out
+
+
+def exact_vs_single(rank: int, world: int, names: list[str], steps: int = 3,
+                    micro_batches: int = 1) -> dict:
+    """DDP exact vs one process on the global batch: max |param diff| per method and step,
+    max spread of parameters and weights across ranks."""
+    T = 3
+    out: dict = {}
+    for name in names:
+        torch.manual_seed(0)
+        net = Net(T).double()
+        ref_net = copy.deepcopy(net)
+        torch.manual_seed(100 + rank)  # a differently seeded method on each rank
+        method = make_method(name)
+        ref_method = copy.deepcopy(method)  # rank 0's copy is the reference: rank 0 broadcasts
+        ddp = DistributedDataParallel(net)
+        engine = MTLBackward(net.trunk.parameters(), method, process_group=dist.group.WORLD)
+        ref = MTLBackward(ref_net.trunk.parameters(), ref_method)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        ref_opt = torch.optim.SGD(ref_net.parameters(), lr=0.1, momentum=0.9)
+        diffs, spread, weights_spread = [], [], []
+        for step in range(steps):
+            opt.zero_grad()
+            ref_opt.zero_grad()
+            for k in range(micro_batches):
+                x, y = global_batch(step * micro_batches + k, world, T)
+                with no_sync(ddp):
+                    L = losses_of(ddp, local_part(x, rank), local_part(y, rank))
+                info = engine.backward(L)
+                if rank == 0:
+                    ref.backward(losses_of(ref_net, x, y))
+                if info.weights is not None:
+                    weights_spread.append(max((w - info.weights).abs().max().item()
+                                              for w in gather(info.weights, world)))
+            opt.step()
+            if rank == 0:
+                ref_opt.step()
+                diffs.append((flat(net.parameters()) - flat(ref_net.parameters())).abs().max()
+                             .item())
+            p = flat(net.parameters())
+            spread.append(max((q - p).abs().max().item() for q in gather(p, world)))
+        out[name] = {"diffs": diffs, "spread": spread, "weights_spread": weights_spread,
+                     "moved": (flat(net.parameters()) - flat(ref_net.parameters())).abs().max()
+                     .item() if rank == 0 else None}
+    return out
+
+
+def local_vs_by_hand(rank: int, world: int) -> dict:
+    """DDP local: .grad == mean over ranks of the single-process step on each rank's batch."""
+    T = 3
+    torch.manual_seed(0)
+    net = Net(T).double()
+    by_hand = copy.deepcopy(net)
+    ddp = DistributedDataParallel(net)
+    engine = MTLBackward(net.trunk.parameters(), methods.UPGrad(),
+                         process_group=dist.group.WORLD, distributed_mode="local")
+    x, y = global_batch(0, world, T)
+    with no_sync(ddp):
+        L = losses_of(ddp, local_part(x, rank), local_part(y, rank))
+    info = engine.backward(L)
+    MTLBackward(by_hand.trunk.parameters(), methods.UPGrad()).backward(
+        losses_of(by_hand, local_part(x, rank), local_part(y, rank)))
+    mine = flat(p.grad for p in by_hand.parameters())
+    mean = torch.stack(gather(mine, world)).mean(0)
+    got = flat(p.grad for p in net.parameters())
+    # the exact step differs: local is an approximation, and the test must be able to tell
+    exact_net = copy.deepcopy(by_hand)
+    for p in exact_net.parameters():
+        p.grad = None
+    xs, ys = x, y
+    MTLBackward(exact_net.trunk.parameters(), methods.UPGrad()).backward(
+        losses_of(exact_net, xs, ys))
+    exact = flat(p.grad for p in exact_net.parameters())
+    weights = gather(info.weights, world)
+    return {"err": (got - mean).abs().max().item(), "vs_exact": (got - exact).abs().max().item(),
+            "weights_differ": (weights[0] - weights[1]).abs().max().item()}
+
+
+def mismatched_tasks(rank: int, world: int) -> str:
+    """Rank 0 trains 3 tasks, rank 1 trains 2: both must raise, neither may hang."""
+    T = 3 if rank == 0 else 2
+    torch.manual_seed(0)
+    net = Net(T).double()
+    engine = MTLBackward(net.trunk.parameters(), methods.UPGrad(), process_group=dist.group.WORLD)
+    x, y = global_batch(0, world, T)
+    try:
+        engine.backward(losses_of(net, local_part(x, rank), local_part(y, rank)))
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+def fsdp2_vs_ddp_exact(rank: int, world: int, names: list[str], steps: int = 3) -> dict:
+    """FSDP2 (trunk layers and root fully_shard-ed, heads sharded too) vs DDP exact."""
+    from torch.distributed.fsdp import fully_shard
+
+    from mtlfast.distributed import FSDPBackward
+
+    T = 3
+    out: dict = {}
+    for name in names:
+        torch.manual_seed(0)
+        net = Net(T).double()
+        sharded = copy.deepcopy(net)
+        fully_shard(sharded.trunk[0])
+        fully_shard(sharded.trunk[2])
+        fully_shard(sharded)
+        torch.manual_seed(7)
+        method = make_method(name)
+        ddp = DistributedDataParallel(net)
+        engine = MTLBackward(net.trunk.parameters(), copy.deepcopy(method),
+                             process_group=dist.group.WORLD)
+        fsdp = FSDPBackward(sharded, sharded.trunk, method)
+        try:
+            MTLBackward(sharded.trunk.parameters(), method)
+            out["dtensor_error"] = "no error"
+        except TypeError as err:
+            out["dtensor_error"] = str(err)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        opt_s = torch.optim.SGD(sharded.parameters(), lr=0.1, momentum=0.9)
+        grad_err, param_err, bytes_rs = [], [], 0
+        for step in range(steps):
+            opt.zero_grad()
+            opt_s.zero_grad()
+            x, y = global_batch(step, world, T)
+            xl, yl = local_part(x, rank), local_part(y, rank)
+            with no_sync(ddp):
+                L = losses_of(ddp, xl, yl)
+            engine.backward(L)
+            with no_sync(sharded):
+                Ls = losses_of(sharded, xl, yl)
+            fsdp.backward(Ls)
+            full = flat(p.grad.full_tensor() for p in sharded.parameters())
+            grad_err.append((full - flat(p.grad for p in net.parameters())).abs().max().item())
+            opt.step()
+            opt_s.step()
+            full = flat(p.full_tensor() for p in sharded.parameters())
+            param_err.append((full - flat(net.parameters())).abs().max().item())
+        bytes_rs = fsdp.dp.bytes_reduced
+        out[name] = {"grad_err": grad_err, "param_err": param_err, "bytes": bytes_rs}
+    return out
+
+
+def suite(rank: int, world: int) -> dict:
+    """Every check in one pair of processes (spawning costs more than the checks here)."""
+    return {
+        "exact": exact_vs_single(rank, world, ["Mean", "PCGrad", "UPGrad", "MGDA", "NashMTL",
+                                               "RLW"]),
+        "accumulation": exact_vs_single(rank, world, ["UPGrad", "PCGrad"], 2, 2),
+        "local": local_vs_by_hand(rank, world),
+        "fsdp2": fsdp2_vs_ddp_exact(rank, world, ["UPGrad", "PCGrad", "RLW"]),
+        "mismatch": mismatched_tasks(rank, world),  # last: it leaves nothing pending
+    }
