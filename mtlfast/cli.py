@@ -20,6 +20,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args)
+    return 0
+
+
 def _not_built(name: str):
     def run(args: argparse.Namespace) -> int:
         print(f"mtlfast {name}: not built yet in this version", file=sys.stderr)
@@ -34,7 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="what this installation built and can run")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=_cmd_info)
-    sub.add_parser("demo", help="multi-task training demo").set_defaults(func=_not_built("demo"))
+    from .demo import add_arguments as add_demo_arguments
+
+    p = sub.add_parser("demo", help="multi-task training demo on real bundled data")
+    add_demo_arguments(p)
+    p.set_defaults(func=_cmd_demo)
     sub.add_parser("bench", help="throughput benchmarks").set_defaults(func=_not_built("bench"))
     return parser
 
