@@ -1,0 +1,206 @@
+// CPU versions of mtlfast/ops/solvers.py (the torch reference is the spec; the algorithm and
+// its step budget are the same, step by step). Every problem of a batch runs the active-set
+// method on its own small dense system and stops as soon as it has converged, which is what
+// makes a T = 32 solve cost microseconds instead of a fixed budget of batched torch calls.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace mtlfast {
+namespace {
+
+// Solves M y = r in place (M n x n row-major, r length n) by Gaussian elimination with partial
+// pivoting. Returns false for a zero pivot or a non-finite result.
+bool lu_solve(std::vector<double>& M, std::vector<double>& r, int n) {
+  for (int c = 0; c < n; ++c) {
+    int p = c;
+    double best = std::abs(M[c * n + c]);
+    for (int i = c + 1; i < n; ++i) {
+      const double v = std::abs(M[i * n + c]);
+      if (v > best) best = v, p = i;
+    }
+    if (!(best > 0.0)) return false;
+    if (p != c) {
+      for (int k = 0; k < n; ++k) std::swap(M[c * n + k], M[p * n + k]);
+      std::swap(r[c], r[p]);
+    }
+    const double inv = 1.0 / M[c * n + c];
+    for (int i = c + 1; i < n; ++i) {
+      const double f = M[i * n + c] * inv;
+      if (f == 0.0) continue;
+      for (int k = c + 1; k < n; ++k) M[i * n + k] -= f * M[c * n + k];
+      r[i] -= f * r[c];
+    }
+  }
+  for (int c = n - 1; c >= 0; --c) {
+    double s = r[c];
+    for (int k = c + 1; k < n; ++k) s -= M[c * n + k] * r[k];
+    r[c] = s / M[c * n + c];
+    if (!std::isfinite(r[c])) return false;
+  }
+  return true;
+}
+
+// One problem: min 1/2 x^T A x + b^T x, x >= 0 (and sum x = 1 when simplex). See
+// nnqp_reference in mtlfast/ops/solvers.py for the steps 0-4 this follows.
+void nnqp_one(const double* A, const double* b, int T, bool simplex, int64_t steps, double tol,
+              double* x) {
+  std::vector<char> S(T, 0);
+  std::vector<double> z(T), grad(T), M, r;
+  std::vector<int> idx;
+  idx.reserve(T);
+  for (int i = 0; i < T; ++i) x[i] = 0.0;
+  if (simplex) {
+    int j0 = 0;
+    double best = std::numeric_limits<double>::infinity();
+    for (int j = 0; j < T; ++j) {
+      const double v = 0.5 * A[j * T + j] + b[j];
+      if (v < best) best = v, j0 = j;
+    }
+    S[j0] = 1;
+    x[j0] = 1.0;
+  }
+  for (int64_t step = 0; step < steps; ++step) {
+    // Step 1: the equality-constrained solve on the support.
+    idx.clear();
+    for (int i = 0; i < T; ++i)
+      if (S[i]) idx.push_back(i);
+    const int k = static_cast<int>(idx.size());
+    const int n = simplex ? k + 1 : k;
+    M.assign(static_cast<size_t>(n) * n, 0.0);
+    r.assign(n, 0.0);
+    for (int a = 0; a < k; ++a) {
+      for (int c = 0; c < k; ++c) M[a * n + c] = A[idx[a] * T + idx[c]];
+      r[a] = -b[idx[a]];
+    }
+    if (simplex) {
+      for (int a = 0; a < k; ++a) M[a * n + k] = M[k * n + a] = 1.0;
+      r[k] = 1.0;
+    }
+    if (n > 0 && !lu_solve(M, r, n)) return;  // step 4: freeze
+    std::fill(z.begin(), z.end(), 0.0);
+    bool feasible = true;
+    for (int a = 0; a < k; ++a) {
+      z[idx[a]] = r[a];
+      feasible = feasible && r[a] > 0.0;
+    }
+    if (feasible) {
+      // Step 2: accept z; add the most violated multiplier or stop.
+      for (int i = 0; i < T; ++i) x[i] = z[i];
+      double lam = 0.0;
+      for (int i = 0; i < T; ++i) {
+        double g = b[i];
+        for (int a = 0; a < k; ++a) g += A[i * T + idx[a]] * z[idx[a]];
+        grad[i] = g;
+        lam += z[i] * g;
+      }
+      if (!simplex) lam = 0.0;
+      int j = -1;
+      double mu_max = -std::numeric_limits<double>::infinity();
+      for (int i = 0; i < T; ++i) {
+        if (S[i]) continue;
+        const double mu = lam - grad[i];
+        if (mu > mu_max) mu_max = mu, j = i;
+      }
+      if (!(mu_max > tol)) return;
+      S[j] = 1;
+    } else {
+      // Step 3: move towards z until the first support index reaches zero; drop it.
+      double alpha = std::numeric_limits<double>::infinity();
+      int kb = -1;
+      for (int a = 0; a < k; ++a) {
+        const int i = idx[a];
+        if (z[i] > 0.0) continue;
+        const double ratio = x[i] / std::max(x[i] - z[i], std::numeric_limits<double>::min());
+        if (ratio < alpha) alpha = ratio, kb = i;
+      }
+      alpha = std::min(std::max(alpha, 0.0), 1.0);
+      for (int a = 0; a < k; ++a) {
+        const int i = idx[a];
+        x[i] = std::max(x[i] + alpha * (z[i] - x[i]), 0.0);
+      }
+      x[kb] = 0.0;
+      for (int a = 0; a < k; ++a) S[idx[a]] = x[idx[a]] > 0.0;
+    }
+  }
+}
+
+at::Tensor nnqp_cpu(const at::Tensor& A_in, const at::Tensor& b_in, bool simplex, int64_t steps,
+                    double tol) {
+  TORCH_CHECK(A_in.dim() >= 2 && A_in.size(-1) == A_in.size(-2),
+              "nnqp: A must have shape (..., T, T), got ", A_in.sizes());
+  TORCH_CHECK(b_in.dim() == A_in.dim() && b_in.size(-1) == A_in.size(-1),
+              "nnqp: b must have shape (..., m, T) matching A, got ", b_in.sizes());
+  TORCH_CHECK(A_in.scalar_type() == at::kDouble && b_in.scalar_type() == at::kDouble,
+              "nnqp: A and b must be float64");
+  const at::Tensor A = A_in.contiguous();
+  const at::Tensor b = b_in.contiguous();
+  const int T = static_cast<int>(A.size(-1));
+  const int64_t m = b.size(-2);
+  const int64_t nA = A.numel() / (static_cast<int64_t>(T) * T);
+  TORCH_CHECK(b.numel() == nA * m * T, "nnqp: batch shapes of A and b differ");
+  at::Tensor x = at::empty_like(b);
+  const double* pA = A.data_ptr<double>();
+  const double* pb = b.data_ptr<double>();
+  double* px = x.data_ptr<double>();
+  at::parallel_for(0, nA * m, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p)
+      nnqp_one(pA + (p / m) * T * T, pb + p * T, T, simplex, steps, tol, px + p * T);
+  });
+  return x;
+}
+
+// PCGrad's recursion on the Gram for every task i: row i of the result holds the
+// coefficients of g_i^PC in terms of the rows of G. Same steps as pcgrad_weights_reference.
+at::Tensor pcgrad_cpu(const at::Tensor& K_in, const at::Tensor& orders_in) {
+  TORCH_CHECK(K_in.dim() >= 2 && K_in.size(-1) == K_in.size(-2),
+              "pcgrad: K must have shape (..., T, T), got ", K_in.sizes());
+  TORCH_CHECK(K_in.scalar_type() == at::kDouble, "pcgrad: K must be float64");
+  TORCH_CHECK(orders_in.sizes() == K_in.sizes() && orders_in.scalar_type() == at::kLong,
+              "pcgrad: orders must be int64 with K's shape");
+  const at::Tensor K = K_in.contiguous();
+  const at::Tensor orders = orders_in.contiguous();
+  const int64_t T = K.size(-1);
+  const int64_t nB = K.numel() / (T * T);
+  at::Tensor C = at::zeros_like(K);
+  const double* pK = K.data_ptr<double>();
+  const int64_t* po = orders.data_ptr<int64_t>();
+  double* pC = C.data_ptr<double>();
+  for (int64_t i = 0; i < orders.numel(); ++i)
+    TORCH_CHECK(po[i] >= 0 && po[i] < T, "pcgrad: orders entries must lie in [0, T)");
+  at::parallel_for(0, nB * T, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t bi = p / T, i = p % T;
+      const double* Kb = pK + bi * T * T;
+      const int64_t* order = po + p * T;
+      double* c = pC + p * T;
+      c[i] = 1.0;
+      for (int64_t s = 0; s < T; ++s) {
+        const int64_t j = order[s];
+        if (j == i) continue;
+        double ip = 0.0;
+        for (int64_t l = 0; l < T; ++l) ip += Kb[j * T + l] * c[l];
+        const double kjj = Kb[j * T + j];
+        if (ip < 0.0 && kjj > 0.0) c[j] -= ip / kjj;
+      }
+    }
+  });
+  return C;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mtlfast, m) {
+  m.def("nnqp(Tensor A, Tensor b, bool simplex, int steps, float tol) -> Tensor");
+  m.def("pcgrad(Tensor K, Tensor orders) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(mtlfast, CPU, m) {
+  m.impl("nnqp", &nnqp_cpu);
+  m.impl("pcgrad", &pcgrad_cpu);
+}
+
+}  // namespace mtlfast

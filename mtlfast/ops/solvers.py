@@ -1,0 +1,220 @@
+"""Small dense solvers on batches of T x T Gram matrices, exact and free of host syncs.
+
+Two problems cover the QP-based methods (MGDA, CAGrad, UPGrad, DualProj):
+
+- ``nnqp(A, b, simplex=False)``: ``argmin_{x >= 0} 1/2 x^T A x + b^T x`` (non-negative QP;
+  UPGrad and DualProj after the substitution ``v = u + x``),
+- ``nnqp(A, b, simplex=True)``: the same over the probability simplex ``x >= 0, sum x = 1``
+  (MGDA's min-norm point, CAGrad's inner problem),
+
+for ``A`` symmetric positive semi-definite (``b`` in the range of ``A`` when not ``simplex``, so
+the problem is bounded). ``pcgrad_weights(K, orders)`` runs PCGrad's projection recursion on
+the Gram matrix.
+
+Every function has a torch reference (``*_reference``: the spec, any device, batched, fixed
+iteration counts and masked updates, so it never reads the device) and one dispatch function
+that uses the C++ kernels (``torch.ops.mtlfast.*``, csrc/cpu/solvers.cpp) for CPU tensors when
+the extension is built. CUDA kernels must reproduce the reference algorithm step by step.
+
+The QP algorithm is the Lawson-Hanson active-set method (Lawson & Hanson, *Solving Least
+Squares Problems*, 1974, ch. 23) written on the Gram matrix, extended to the simplex by a
+bordered KKT system. It is exact: once the active set is right, the last step solves the KKT
+system of the true optimum, so the answer is the optimum to rounding error, not to a solver
+tolerance. Each step changes the active set by one index, so ``steps(T)`` bounds the work.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+
+__all__ = [
+    "DUAL_TOL",
+    "NNQP_EXTRA_STEPS",
+    "NNQP_STEPS_PER_TASK",
+    "nnqp",
+    "nnqp_reference",
+    "nnqp_steps",
+    "normalize_gram",
+    "pcgrad_weights",
+    "pcgrad_weights_reference",
+]
+
+#: Active-set steps per task: one to add each index of the support plus room for drops.
+NNQP_STEPS_PER_TASK = 3
+#: Extra active-set steps on top of ``NNQP_STEPS_PER_TASK * T`` (small T needs a few drops).
+NNQP_EXTRA_STEPS = 10
+#: An index joins the active set only when its multiplier exceeds this (A scaled to max diag 1).
+DUAL_TOL = 1e-12
+
+
+def _kernel(name: str, t: torch.Tensor) -> bool:
+    """True when the C++ kernel ``torch.ops.mtlfast.<name>`` should serve the CPU tensor t."""
+    return t.device.type == "cpu" and _ext.has_cpu_kernels() and hasattr(torch.ops.mtlfast, name)
+
+
+def nnqp_steps(num_tasks: int) -> int:
+    """The fixed number of active-set steps for T tasks: ``3 T + 10``."""
+    return NNQP_STEPS_PER_TASK * num_tasks + NNQP_EXTRA_STEPS
+
+
+def normalize_gram(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(K / s, s)`` in float64 with ``s`` the largest diagonal entry (1 for an all-zero K).
+
+    The QP solutions are invariant to this scale; solving at unit scale makes the tolerances
+    absolute and keeps Grams with entries from 1e-12 to 1e12 in range.
+    """
+    K = gram.to(torch.float64)
+    K = (K + K.transpose(-1, -2)) / 2
+    s = K.diagonal(dim1=-2, dim2=-1).amax(-1)
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return K / s[..., None, None], s
+
+
+def _check_qp(A: torch.Tensor, b: torch.Tensor) -> None:
+    if not isinstance(A, torch.Tensor) or not isinstance(b, torch.Tensor):
+        raise TypeError("nnqp: A and b must be tensors")
+    if A.dim() < 2 or A.shape[-1] != A.shape[-2] or A.shape[-1] == 0:
+        raise ValueError(f"nnqp: A must have shape (..., T, T) with T > 0, got {tuple(A.shape)}")
+    if b.dim() < 2 or b.shape[-1] != A.shape[-1] or b.shape[:-2] != A.shape[:-2]:
+        raise ValueError(
+            f"nnqp: b must have shape (..., m, T) matching A {tuple(A.shape)}, got {tuple(b.shape)}"
+        )
+    if A.dtype != torch.float64 or b.dtype != torch.float64:
+        raise TypeError(f"nnqp: A and b must be float64, got {A.dtype} and {b.dtype}")
+
+
+def nnqp_reference(
+    A: torch.Tensor, b: torch.Tensor, simplex: bool = False, steps: int | None = None
+) -> torch.Tensor:
+    """Solve ``min 1/2 x^T A x + b^T x`` s.t. ``x >= 0`` (and ``sum x = 1`` if ``simplex``).
+
+    ``A``: ``(..., T, T)`` float64 PSD (scaled to max diagonal ~1, see ``normalize_gram``);
+    ``b``: ``(..., m, T)``, m problems per ``A``. Returns ``x`` ``(..., m, T)``.
+
+    The algorithm (Lawson-Hanson active set on the Gram), run for exactly ``steps`` steps
+    (default ``nnqp_steps(T)``) with every update masked once a problem has converged:
+
+    0. Start: non-negative case ``x = 0, S = {}``; simplex case ``x = e_j, S = {j}`` with
+       ``j = argmin_j 1/2 A_jj + b_j`` (the best vertex).
+    1. Solve the equality-constrained problem on the support ``S``: ``A_SS z_S = -b_S``
+       (simplex: the bordered KKT system ``[A_SS 1; 1^T 0] [z_S; nu] = [-b_S; 1]``),
+       ``z = 0`` off ``S``. The system is assembled at full size with identity rows off ``S``.
+    2. If ``z_S > 0`` (feasible): ``x = z``. Multipliers ``mu = lam - (A x + b)`` with
+       ``lam = 0`` (simplex: ``lam = x . (A x + b)``, the common gradient on ``S``). If
+       ``max_{j not in S} mu_j > DUAL_TOL``, add that ``j`` to ``S``; otherwise ``x`` satisfies
+       the KKT conditions and the problem is done.
+    3. Else (some ``z_i <= 0``): move ``x += alpha (z - x)`` with the largest ``alpha`` that
+       keeps ``x >= 0``, ``alpha = min_{i in S, z_i <= 0} x_i / (x_i - z_i)``; drop the index
+       that reaches 0 (and any other at exactly 0) from ``S``.
+    4. A non-finite solve (a singular system, which the theory excludes) freezes the problem.
+    """
+    _check_qp(A, b)
+    T = A.shape[-1]
+    steps = nnqp_steps(T) if steps is None else steps
+    A = A.unsqueeze(-3).expand(*b.shape[:-1], T, T)
+    dev, dt = A.device, A.dtype
+    eye = torch.eye(T, dtype=dt, device=dev)
+    diag_A = A.diagonal(dim1=-2, dim2=-1)
+    if simplex:
+        j0 = (0.5 * diag_A + b).argmin(-1, keepdim=True)
+        S = torch.zeros_like(b, dtype=torch.bool).scatter_(-1, j0, True)
+    else:
+        S = torch.zeros_like(b, dtype=torch.bool)
+    x = S.to(dt)
+    done = torch.zeros(b.shape[:-1], dtype=torch.bool, device=dev)
+    for _ in range(steps):
+        SS = S.unsqueeze(-1) & S.unsqueeze(-2)
+        M = torch.where(SS, A, eye)
+        rhs = torch.where(S, -b, 0.0)
+        if simplex:
+            s_col = S.to(dt).unsqueeze(-1)
+            top = torch.cat([M, s_col], -1)
+            bottom = torch.cat([s_col.transpose(-1, -2), torch.zeros_like(s_col[..., :1, :])], -1)
+            sol = torch.linalg.solve_ex(
+                torch.cat([top, bottom], -2), torch.cat([rhs, torch.ones_like(rhs[..., :1])], -1)
+            )[0]
+            z = sol[..., :T]
+        else:
+            z = torch.linalg.solve_ex(M, rhs)[0]
+        z = torch.where(S, z, 0.0)
+        finite = torch.isfinite(z).all(-1)
+        feasible = torch.where(S, z > 0, True).all(-1)
+        # Step 2: accept z, look for the most violated multiplier outside S.
+        grad = (A @ z.unsqueeze(-1)).squeeze(-1) + b
+        lam = (z * grad).sum(-1, keepdim=True) if simplex else torch.zeros_like(grad[..., :1])
+        mu = torch.where(S, -torch.inf, lam - grad)
+        mu_max, j = mu.max(-1, keepdim=True)
+        add = mu_max.squeeze(-1) > DUAL_TOL
+        S_add = S | (torch.zeros_like(S).scatter_(-1, j, True) & add.unsqueeze(-1))
+        # Step 3: move towards z until the first index of S hits zero, drop it.
+        blocking = S & (z <= 0)
+        ratio = torch.where(blocking, x / (x - z).clamp_min(torch.finfo(dt).tiny), torch.inf)
+        alpha, k = ratio.min(-1, keepdim=True)
+        alpha = alpha.clamp(0.0, 1.0)
+        x_move = (x + alpha * (z - x)).clamp_min(0.0)
+        x_move = x_move.scatter(-1, k, 0.0)
+        S_drop = S & (x_move > 0)
+        x_next = torch.where(feasible.unsqueeze(-1), z, x_move)
+        S_next = torch.where(feasible.unsqueeze(-1), S_add, S_drop)
+        update = ~done & finite
+        x = torch.where(update.unsqueeze(-1), x_next, x)
+        S = torch.where(update.unsqueeze(-1), S_next, S)
+        done = done | ~finite | (feasible & ~add)
+    return x
+
+
+def nnqp(
+    A: torch.Tensor, b: torch.Tensor, simplex: bool = False, steps: int | None = None
+) -> torch.Tensor:
+    """``nnqp_reference``'s problem, by the C++ kernel on CPU (it stops each problem as soon as
+    it has converged, within the same step budget), else by the torch reference."""
+    _check_qp(A, b)
+    steps = nnqp_steps(A.shape[-1]) if steps is None else steps
+    if _kernel("nnqp", A):
+        return torch.ops.mtlfast.nnqp(A, b, simplex, steps, DUAL_TOL)
+    return nnqp_reference(A, b, simplex, steps)
+
+
+def _check_pcgrad(K: torch.Tensor, orders: torch.Tensor) -> None:
+    if K.dim() < 2 or K.shape[-1] != K.shape[-2]:
+        raise ValueError(f"pcgrad_weights: K must have shape (..., T, T), got {tuple(K.shape)}")
+    if orders.shape != K.shape or orders.dtype != torch.int64:
+        raise ValueError(
+            f"pcgrad_weights: orders must be int64 of shape {tuple(K.shape)}, "
+            f"got {orders.dtype} {tuple(orders.shape)}"
+        )
+
+
+def pcgrad_weights_reference(K: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
+    """PCGrad (Yu et al., 2020, Algorithm 1) on the Gram: the coefficients ``C`` ``(..., T, T)``
+    with ``g_i^PC = sum_j C_ij g_j``; the update is ``sum_i g_i^PC = C.sum(-2) @ G``.
+
+    ``orders[..., i, :]`` is a permutation of the T tasks: task i is projected against
+    ``g_j`` for ``j`` in that order, skipping ``j = i``. Step ``s`` (exactly T steps), for every
+    i at once: ``j = orders[i, s]``, ``p = g_i^PC . g_j = (C K)_ij``; when ``p < 0`` and
+    ``K_jj > 0``: ``C_ij -= p / K_jj`` (``g_i^PC -= p / |g_j|^2 g_j``).
+    """
+    _check_pcgrad(K, orders)
+    T = K.shape[-1]
+    C = torch.eye(T, dtype=K.dtype, device=K.device).expand_as(K).clone()
+    diag = K.diagonal(dim1=-2, dim2=-1)
+    own = torch.arange(T, device=K.device)
+    for s in range(T):
+        j = orders[..., :, s]
+        K_j = K.gather(-2, j.unsqueeze(-1).expand_as(K))
+        p = (K_j * C).sum(-1)
+        k_jj = diag.gather(-1, j)
+        project = (p < 0) & (k_jj > 0) & (j != own)
+        coef = torch.where(project, p / torch.where(project, k_jj, 1.0), 0.0)
+        C = C.scatter_add(-1, j.unsqueeze(-1), -coef.unsqueeze(-1))
+    return C
+
+
+def pcgrad_weights(K: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
+    """``pcgrad_weights_reference(K, orders)`` by the C++ kernel on CPU when built."""
+    _check_pcgrad(K, orders)
+    if _kernel("pcgrad", K):
+        return torch.ops.mtlfast.pcgrad(K, orders)
+    return pcgrad_weights_reference(K, orders)
