@@ -2,16 +2,18 @@
 
 Runs the same model (a small trunk + :class:`mtlfast.FusedHeads`) from the same seed with
 (1) ``mtlfast.backward`` and a gradient method, (2) linear scalarization (``sum(L).backward()``)
-and, with ``--compare``, (3) the same method the slow way (:mod:`mtlfast.baselines`: a per-task
-backward loop). It reports each task's held-out metric, Delta_m% against single-task models
-(:func:`mtlfast.metrics.delta_m`), steps per second and the speedup over the slow way, and
-writes ``results.json``, ``curves.png`` and ``table.png`` to ``--out``.
+and, with ``--compare``, (3) the same method the slow way: the heads as a Python loop of
+``nn.Linear`` and the per-task backward loop of :mod:`mtlfast.baselines` (LibMTL's pattern),
+from the same initial weights. It reports each task's held-out metric, Delta_m% against
+single-task models (:func:`mtlfast.metrics.delta_m`), steps per second and the speedup over
+the slow way, and writes ``results.json``, ``curves.png`` and ``table.png`` to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import pathlib
 import time
@@ -77,10 +79,25 @@ def make_trunk(data: datasets.MTLData) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def make_heads(tasks: list[datasets.Task]) -> nn.Module:
-    from . import FusedHeads
+class LoopHeads(nn.Module):
+    """The usual way: one ``nn.Linear`` per task, called in a Python loop."""
 
-    return FusedHeads(FEATURES, tasks={t.name: t.out_features for t in tasks})
+    def __init__(self, heads: nn.ModuleDict) -> None:
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: head(z) for name, head in self.heads.items()}
+
+
+def make_heads(tasks: list[datasets.Task], fused: bool = True) -> nn.Module:
+    """Linear heads, fused (:func:`mtlfast.fuse_heads`) or looped; same initial weights."""
+    heads = nn.ModuleDict({t.name: nn.Linear(FEATURES, t.out_features) for t in tasks})
+    if not fused:
+        return LoopHeads(heads)
+    from . import fuse_heads
+
+    return fuse_heads(heads)
 
 
 def task_losses(
@@ -113,14 +130,20 @@ def evaluate(model: MTLModel, data: datasets.MTLData, split: datasets.Split,
     return result
 
 
-def resolve_method(name: str) -> methods_module.Method:
-    """A method of :mod:`mtlfast.methods` by case-insensitive class name, default settings."""
+def resolve_method(name: str, num_tasks: int) -> methods_module.Method:
+    """A method of :mod:`mtlfast.methods` by case-insensitive class name, paper defaults.
+
+    ``num_tasks`` is passed to methods whose constructor needs T (UW's log-variances).
+    """
     classes = {n.lower(): getattr(methods_module, n) for n in methods_module.__all__}
     abstract = {"method", "grammethod", "jacobianmethod", "lossmethod"}
     known = sorted(k for k in classes if k not in abstract)
     if name.lower() not in known:
         raise ValueError(f"method must be one of {known}, got {name!r}")
-    return classes[name.lower()]()
+    cls = classes[name.lower()]
+    if "num_tasks" in inspect.signature(cls).parameters:
+        return cls(num_tasks=num_tasks)
+    return cls()
 
 
 # One backward step: (losses by task, shared features z, model) -> None. The only place
@@ -181,6 +204,7 @@ def train(
     device: str = "cpu",
     progress: bool = True,
     method: methods_module.Method | None = None,
+    fused_heads: bool = True,
 ) -> RunResult:
     """Train a fresh model (seeded by ``seed``) with ``backward_step``; time the steps only.
 
@@ -192,8 +216,10 @@ def train(
                  else None)
     tasks = list(tasks or data.tasks)
     torch.manual_seed(seed)
-    model = MTLModel(make_trunk(data), make_heads(tasks)).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model = MTLModel(make_trunk(data), make_heads(tasks, fused_heads)).to(device)
+    # Methods with learnable parameters (UW's log-variances) train with the model.
+    extra = list(method.parameters()) if method is not None else []
+    optimizer = torch.optim.Adam(list(model.parameters()) + extra, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     steps_per_epoch = -(-len(data.train) // batch_size)
     bar = _progress(epochs * steps_per_epoch, name, progress)
@@ -247,21 +273,22 @@ _RECIPE_VERSION = 1
 
 def single_task_baselines(data: datasets.MTLData, size: str, *, epochs: int, batch_size: int,
                           lr: float, seed: int, device: str, progress: bool,
-                          fresh: bool = False) -> dict[str, float]:
+                          fresh: bool = False, fused_heads: bool = True) -> dict[str, float]:
     """Each task's test metric when trained alone (same trunk and recipe), cached on disk.
 
     The cache key is every input of the runs (data set, size, recipe, seed, device); cached
     numbers were produced by this function, never typed in. ``fresh`` recomputes them.
     """
     key = json.dumps([_RECIPE_VERSION, data.name, size, epochs, batch_size, lr, seed, device,
-                      torch.__version__])
+                      fused_heads, torch.__version__])
     path = datasets.cache_dir() / f"single_task_{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
     if path.exists() and not fresh:
         return json.loads(path.read_text())["test"]
     test: dict[str, float] = {}
     for task in data.tasks:
         run = train(data, f"single-task {task.name}", ls_step, tasks=[task], epochs=epochs,
-                    batch_size=batch_size, lr=lr, seed=seed, device=device, progress=progress)
+                    batch_size=batch_size, lr=lr, seed=seed, device=device, progress=progress,
+                    fused_heads=fused_heads)
         test.update(run.test)
     path.write_text(json.dumps({"key": key, "test": test}, indent=1))
     return test
@@ -274,7 +301,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     batch_size = args.batch_size or batch_size
     lr = args.lr or lr
     method_name = args.method
-    resolve_method(method_name)  # fail fast on a bad name, before loading data
+    resolve_method(method_name, 1)  # fail fast on a bad name, before loading data
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
@@ -285,14 +312,14 @@ def run_demo(args: argparse.Namespace) -> dict:
           f"device {args.device}, seed {args.seed}")
     common = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=args.seed,
                   device=args.device, progress=progress)
-    method = resolve_method(method_name)
+    method = resolve_method(method_name, len(data.tasks))
     runs = [train(data, f"mtlfast {type(method).__name__}", engine_step(method), method=method,
                   **common),
             train(data, "linear scalarization", ls_step, **common)]
     if args.compare:
-        slow = resolve_method(method_name)
+        slow = resolve_method(method_name, len(data.tasks))
         runs.append(train(data, f"slow {type(slow).__name__}", slow_step(slow), method=slow,
-                          **common))
+                          fused_heads=False, **common))
     baseline = single_task_baselines(data, args.size, fresh=args.fresh_baselines, **common)
     summary = _summary(data, runs, baseline, vars(args) | dict(epochs=epochs,
                        batch_size=batch_size, lr=lr))

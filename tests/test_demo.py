@@ -86,8 +86,15 @@ def test_format_table_delta_m_row():
     assert "-35.00" in table and "12.5" in table and "speedup" not in table
 
 
+def test_resolve_method_names():
+    assert type(demo.resolve_method("upgrad", 3)).__name__ == "UPGrad"
+    assert type(demo.resolve_method("PCGrad", 3)).__name__ == "PCGrad"
+    uw = demo.resolve_method("uw", 3)
+    assert sum(p.numel() for p in uw.parameters()) == 3
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="method must be one of"):
-        demo.resolve_method("nosuch")
+        demo.resolve_method("nosuch", 2)
     with pytest.raises(SystemExit):
         main(["demo", "--data", "cifar"])
