@@ -128,7 +128,8 @@ class LossStepMethod(LossMethod):
     ``loss_weights(losses)`` and ``forward(losses)`` run the same step (advance the state
     once) and differ in what they return: the detached weights ``w`` (T,) such that the
     gradient of the total is ``sum_t w_t grad L_t``, or the differentiable scalar total the
-    engine back-propagates. Call one of them once per step.
+    engine back-propagates. Call one of them once per step; ``last_weights`` then holds the
+    step's weights (for logging, e.g. the engine's StepInfo) without running another step.
 
     Non-finite policy: "raise" reads the device once to raise ``ValueError``; "skip" replaces
     invalid losses by 1 before computing (no NaN reaches the method's state or gradients),
@@ -146,14 +147,19 @@ class LossStepMethod(LossMethod):
         """(total, weights) for valid ``losses``; ``ok`` (skip mode) masks state updates."""
         raise NotImplementedError
 
+    last_weights: torch.Tensor | None = None
+
     def _run(self, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.bind_tasks(check_loss_vector(self, losses))
         self._raise_if_invalid(losses)
         if self.on_nonfinite == "raise":
-            return self._step(losses, None)
-        ok = self._valid(losses)
-        total, weights = self._step(torch.where(ok, losses, 1.0), ok)
-        return torch.where(ok, total, 0), torch.where(ok, weights, 0)
+            total, weights = self._step(losses, None)
+        else:
+            ok = self._valid(losses)
+            total, weights = self._step(torch.where(ok, losses, 1.0), ok)
+            total, weights = torch.where(ok, total, 0), torch.where(ok, weights, 0)
+        self.last_weights = weights.detach()
+        return total, weights
 
     def loss_weights(self, losses: torch.Tensor) -> torch.Tensor:
         """One step; the weights ``w`` (T,), detached."""

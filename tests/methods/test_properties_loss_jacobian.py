@@ -88,6 +88,7 @@ def test_loss_finite_and_weights_are_the_gradient(name, case, T):
     twin = copy.deepcopy(method)
     for k, ((total, dL), L) in enumerate(zip(_loss_run(method, seq), seq, strict=True)):
         w = twin.loss_weights(L)
+        assert torch.equal(twin.last_weights, w)
         assert torch.isfinite(total) and torch.isfinite(dL).all(), (total, dL)
         torch.testing.assert_close(dL, w.to(dL.dtype), rtol=1e-9, atol=0)
         if isinstance(twin, M.FAMO) and twin.post_step_losses == "extra_forward":
