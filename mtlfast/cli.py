@@ -20,12 +20,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_built(name: str):
-    def run(args: argparse.Namespace) -> int:
-        print(f"mtlfast {name}: not built yet in this version", file=sys.stderr)
-        return 2
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
 
-    return run
+    run_demo(args)
+    return 0
 
 
 def _bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="what this installation built and can run")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=_cmd_info)
-    sub.add_parser("demo", help="multi-task training demo").set_defaults(func=_not_built("demo"))
+    from .demo import add_arguments as add_demo_arguments
+
+    p = sub.add_parser("demo", help="multi-task training demo on real bundled data")
+    add_demo_arguments(p)
+    p.set_defaults(func=_cmd_demo)
     p = sub.add_parser("bench", help="throughput benchmarks against torchjd and the usual loops")
     p.set_defaults(func=_cmd_bench)
     _bench_arguments(p)
