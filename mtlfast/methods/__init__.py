@@ -2,14 +2,18 @@
 
 from .base import GramMethod, JacobianMethod, LossMethod, Method
 from .basic import Mean, Sum
+from .cagrad import CAGrad
 from .dualproj import DualProj
+from .imtl import IMTLG
 from .mgda import MGDA
 from .pcgrad import PCGrad
 from .upgrad import UPGrad
 
 __all__ = [
+    "CAGrad",
     "DualProj",
     "GramMethod",
+    "IMTLG",
     "JacobianMethod",
     "LossMethod",
     "MGDA",
