@@ -154,6 +154,91 @@ at::Tensor nnqp_cpu(const at::Tensor& A_in, const at::Tensor& b_in, bool simplex
   return x;
 }
 
+double quad(const double* A, const double* u, const double* v, int T) {
+  double s = 0.0;
+  for (int i = 0; i < T; ++i) {
+    double t = 0.0;
+    for (int j = 0; j < T; ++j) t += A[i * T + j] * v[j];
+    s += u[i] * t;
+  }
+  return s;
+}
+
+// CAGrad's inner problem; the steps of cagrad_weights in mtlfast/ops/solvers.py. Stops early
+// once beta is a fixed point (the remaining steps would repeat it exactly).
+void cagrad_one(const double* A, const double* p, int T, double c, int64_t root_steps,
+                int64_t qp_steps, double tol, double* w) {
+  std::vector<double> a(T, 0.0), b(T), w0(T), w1(T), M, M2, r0, r1;
+  std::vector<int> idx;
+  double max_diag = 0.0;
+  for (int i = 0; i < T; ++i) {
+    for (int j = 0; j < T; ++j) a[i] += A[i * T + j] * p[j];
+    max_diag = std::max(max_diag, A[i * T + i]);
+  }
+  const double r = c * std::sqrt(std::max(quad(A, p, p, T), 0.0));
+  double lo = 0.0, hi = r > 0.0 ? std::sqrt(max_diag) / r : 1.0, beta = hi / 2;
+  for (int64_t it = 0; it < root_steps; ++it) {
+    for (int i = 0; i < T; ++i) b[i] = beta * a[i];
+    nnqp_one(A, b.data(), T, true, qp_steps, tol, w);
+    const double phi = std::sqrt(std::max(quad(A, w, w, T), 0.0)) - r * beta;
+    if (phi >= 0.0) lo = beta;
+    if (phi <= 0.0) hi = beta;
+    idx.clear();
+    for (int i = 0; i < T; ++i)
+      if (w[i] > 0.0) idx.push_back(i);
+    const int k = static_cast<int>(idx.size()), n = k + 1;
+    M.assign(static_cast<size_t>(n) * n, 0.0);
+    for (int x = 0; x < k; ++x) {
+      for (int y = 0; y < k; ++y) M[x * n + y] = A[idx[x] * T + idx[y]];
+      M[x * n + k] = M[k * n + x] = 1.0;
+    }
+    M2 = M;
+    r0.assign(n, 0.0);
+    r1.assign(n, 0.0);
+    r0[k] = 1.0;
+    for (int x = 0; x < k; ++x) r1[x] = -a[idx[x]];
+    double next = (lo + hi) / 2;
+    if (lu_solve(M, r0, n) && lu_solve(M2, r1, n)) {
+      std::fill(w0.begin(), w0.end(), 0.0);
+      std::fill(w1.begin(), w1.end(), 0.0);
+      for (int x = 0; x < k; ++x) w0[idx[x]] = r0[x], w1[idx[x]] = r1[x];
+      const double qa = quad(A, w1.data(), w1.data(), T) - r * r;
+      const double qb = quad(A, w0.data(), w1.data(), T);
+      const double qc = quad(A, w0.data(), w0.data(), T);
+      const double disc = qb * qb - qa * qc;
+      const double root = qc / (-qb + std::sqrt(std::max(disc, 0.0)));
+      if (std::isfinite(root) && disc >= 0.0 && root >= lo && root <= hi) next = root;
+    }
+    if (next == beta) return;  // a fixed point: w is already the QP solution at beta
+    beta = next;
+  }
+  for (int i = 0; i < T; ++i) b[i] = beta * a[i];
+  nnqp_one(A, b.data(), T, true, qp_steps, tol, w);
+}
+
+at::Tensor cagrad_cpu(const at::Tensor& A_in, const at::Tensor& p_in, double c,
+                      int64_t root_steps, int64_t qp_steps, double tol) {
+  TORCH_CHECK(A_in.dim() >= 2 && A_in.size(-1) == A_in.size(-2),
+              "cagrad: A must have shape (..., T, T), got ", A_in.sizes());
+  TORCH_CHECK(p_in.dim() == A_in.dim() - 1 && p_in.size(-1) == A_in.size(-1),
+              "cagrad: p must have shape (..., T) matching A, got ", p_in.sizes());
+  TORCH_CHECK(A_in.scalar_type() == at::kDouble && p_in.scalar_type() == at::kDouble,
+              "cagrad: A and p must be float64");
+  const at::Tensor A = A_in.contiguous();
+  const at::Tensor p = p_in.contiguous();
+  const int T = static_cast<int>(A.size(-1));
+  const int64_t nB = p.numel() / T;
+  at::Tensor w = at::empty_like(p);
+  const double* pA = A.data_ptr<double>();
+  const double* pp = p.data_ptr<double>();
+  double* pw = w.data_ptr<double>();
+  at::parallel_for(0, nB, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q)
+      cagrad_one(pA + q * T * T, pp + q * T, T, c, root_steps, qp_steps, tol, pw + q * T);
+  });
+  return w;
+}
+
 // PCGrad's recursion on the Gram for every task i: row i of the result holds the
 // coefficients of g_i^PC in terms of the rows of G. Same steps as pcgrad_weights_reference.
 at::Tensor pcgrad_cpu(const at::Tensor& K_in, const at::Tensor& orders_in) {
@@ -197,10 +282,12 @@ at::Tensor pcgrad_cpu(const at::Tensor& K_in, const at::Tensor& orders_in) {
 TORCH_LIBRARY_FRAGMENT(mtlfast, m) {
   m.def("nnqp(Tensor A, Tensor b, bool simplex, int steps, float tol) -> Tensor");
   m.def("pcgrad(Tensor K, Tensor orders) -> Tensor");
+  m.def("cagrad(Tensor A, Tensor p, float c, int root_steps, int qp_steps, float tol) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(mtlfast, CPU, m) {
   m.impl("nnqp", &nnqp_cpu);
   m.impl("pcgrad", &pcgrad_cpu);
+  m.impl("cagrad", &cagrad_cpu);
 }
 
 }  // namespace mtlfast

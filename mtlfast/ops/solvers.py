@@ -35,6 +35,7 @@ __all__ = [
     "NNQP_EXTRA_STEPS",
     "NNQP_STEPS_PER_TASK",
     "cagrad_weights",
+    "cagrad_weights_reference",
     "nnqp",
     "nnqp_reference",
     "nnqp_steps",
@@ -250,6 +251,15 @@ def _quad(A: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def cagrad_weights(
     A: torch.Tensor, p: torch.Tensor, c: float, steps: int = CAGRAD_ROOT_STEPS
 ) -> torch.Tensor:
+    """``cagrad_weights_reference`` by the C++ kernel on CPU (it stops at the fixed point)."""
+    if _kernel("cagrad", A):
+        return torch.ops.mtlfast.cagrad(A, p, float(c), steps, nnqp_steps(A.shape[-1]), DUAL_TOL)
+    return cagrad_weights_reference(A, p, c, steps)
+
+
+def cagrad_weights_reference(
+    A: torch.Tensor, p: torch.Tensor, c: float, steps: int = CAGRAD_ROOT_STEPS
+) -> torch.Tensor:
     """CAGrad's inner problem (Liu et al., NeurIPS 2021, eq. 4, dual form), exactly:
     ``w = argmin_{w in simplex} g_w . g_0 + r |g_w|``, with ``g_0 = p @ G``, ``r = c |g_0|``,
     in Gram terms ``a^T w + r sqrt(w^T A w)``, ``a = A p``. ``A (..., T, T)`` float64 PSD
@@ -280,7 +290,7 @@ def cagrad_weights(
     hi = torch.where(live, max_norm / r_safe, 1.0)
     beta = hi / 2
     for _ in range(steps):
-        w = nnqp(A, (beta.unsqueeze(-1) * a).unsqueeze(-2), simplex=True).squeeze(-2)
+        w = nnqp_reference(A, (beta.unsqueeze(-1) * a).unsqueeze(-2), simplex=True).squeeze(-2)
         phi = _quad(A, w, w).clamp_min(0).sqrt() - r * beta
         lo = torch.where(phi >= 0, beta, lo)
         hi = torch.where(phi <= 0, beta, hi)
@@ -292,4 +302,4 @@ def cagrad_weights(
         root = qc / (-qb + disc.clamp_min(0).sqrt())
         ok = torch.isfinite(root) & (disc >= 0) & (root >= lo) & (root <= hi)
         beta = torch.where(ok, root, (lo + hi) / 2)
-    return nnqp(A, (beta.unsqueeze(-1) * a).unsqueeze(-2), simplex=True).squeeze(-2)
+    return nnqp_reference(A, (beta.unsqueeze(-1) * a).unsqueeze(-2), simplex=True).squeeze(-2)
