@@ -1,8 +1,10 @@
 """Build of mtlfast._C: the C++ CPU kernels always, the CUDA kernels when nvcc is found.
 
 Switches: MTLFAST_NO_EXT=1 builds no extension (pure-torch package);
-MTLFAST_NO_CUDA=1 skips the CUDA kernels. Build with `pip install --no-build-isolation .`
-so the extension compiles against the torch already installed.
+MTLFAST_NO_CUDA=1 skips the CUDA kernels; MTLFAST_CUDA_ARCHS="90" (space or semicolon
+separated) builds the CUDA kernels for those architectures only (default: 80 and 90).
+Build with `pip install --no-build-isolation .` so the extension compiles against the torch
+already installed.
 
 CUDA kernels are plain .cu files against cuda_runtime.h with C launchers. nvcc compiles
 each of them to an object for sm_80 and sm_90. When the installed torch has CUDA, the
@@ -15,11 +17,12 @@ import glob
 import os
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-CUDA_ARCHS = ("80", "90")
+CUDA_ARCHS = tuple(os.environ.get("MTLFAST_CUDA_ARCHS", "80 90").replace(";", " ").split())
 # torch's arch-flag helper raises IndexError on a CPU build with no GPU and no list set.
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
@@ -34,18 +37,19 @@ def _find_nvcc():
 
 
 def _nvcc_objects(nvcc, build_dir):
-    """Compile every csrc/cuda/*.cu to an object; a failure fails the build."""
+    """Compile every csrc/cuda/*.cu to an object, in parallel; a failure fails the build."""
     os.makedirs(build_dir, exist_ok=True)
-    objects = []
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]
+    cmds = []
     for src in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))):
         obj = os.path.join(build_dir, os.path.basename(src)[:-3] + ".o")
-        cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
-               "-lineinfo", *gencode]
+        cmds.append((obj, [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Xcompiler",
+                           "-fPIC", "-lineinfo", *gencode]))
+    for _, cmd in cmds:
         print(" ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
-        objects.append(obj)
-    return objects
+    with ThreadPoolExecutor(max_workers=max(1, min(len(cmds), os.cpu_count() or 1))) as pool:
+        list(pool.map(lambda c: subprocess.run(c[1], check=True), cmds))
+    return [obj for obj, _ in cmds]
 
 
 def _cuda_lib_dir(nvcc):

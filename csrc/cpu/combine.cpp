@@ -40,7 +40,7 @@ MTLFAST_CLONES void combine_block(const T* w, const T* G, int64_t ld, int64_t nT
 }
 
 void combine_cpu(const at::Tensor& w_in, const at::Tensor& G_in, at::Tensor& out,
-                 bool accumulate, double scale) {
+                 bool accumulate, double scale, const std::optional<at::Tensor>& scale_tensor) {
   TORCH_CHECK(G_in.dim() == 2, "combine: G must be 2-D (T, P), got ", G_in.dim(), " dims");
   TORCH_CHECK(w_in.dim() == 1 && w_in.size(0) == G_in.size(0),
               "combine: w must be 1-D of length T=", G_in.size(0), ", got ", w_in.sizes());
@@ -51,7 +51,14 @@ void combine_cpu(const at::Tensor& w_in, const at::Tensor& G_in, at::Tensor& out
   TORCH_CHECK(G_in.scalar_type() == at::kFloat || G_in.scalar_type() == at::kDouble,
               "combine (C++ CPU): float32/float64 only, got ", G_in.scalar_type());
   at::Tensor G = (G_in.stride(1) == 1) ? G_in : G_in.contiguous();
-  at::Tensor w = w_in.to(G.scalar_type()).contiguous();
+  TORCH_CHECK(!scale_tensor || scale_tensor->numel() == 1,
+              "combine: scale_tensor must hold one element, got ", scale_tensor->numel());
+  // A tensor scale folds into w (a CPU tensor: reading it costs no device sync).
+  at::Tensor w = scale_tensor ? (w_in.to(at::kDouble) * scale_tensor->to(at::kCPU, at::kDouble)
+                                                          .reshape({}))
+                                    .to(G.scalar_type())
+                                    .contiguous()
+                              : w_in.to(G.scalar_type()).contiguous();
   const int64_t nT = G.size(0), P = G.size(1);
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "combine_cpu", [&] {
     const scalar_t* wp = w.data_ptr<scalar_t>();
@@ -68,7 +75,9 @@ void combine_cpu(const at::Tensor& w_in, const at::Tensor& G_in, at::Tensor& out
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mtlfast, m) {
-  m.def("combine_(Tensor w, Tensor G, Tensor(a!) out, bool accumulate, float scale) -> ()");
+  m.def(
+      "combine_(Tensor w, Tensor G, Tensor(a!) out, bool accumulate, float scale, "
+      "Tensor? scale_tensor=None) -> ()");
 }
 TORCH_LIBRARY_IMPL(mtlfast, CPU, m) { m.impl("combine_", &combine_cpu); }
 

@@ -17,7 +17,10 @@ namespace {
 constexpr int kRI = 4;
 constexpr int kRJ = 3;
 
-template <typename T> constexpr int64_t chunk_cols() { return 512 * 4 / sizeof(T); }
+// 4 KiB of each row per chunk: all T rows of a chunk stay in L2 (T=32: 128 KiB) and the
+// per-chunk horizontal sums are amortized over 128 vector steps (measured: 256 columns is
+// 1.3x slower, 4096 no faster).
+template <typename T> constexpr int64_t chunk_cols() { return 4096 / sizeof(T); }
 
 template <typename T, int RI, int RJ>
 MTLFAST_INLINE void gram_tile(const T* G, int64_t ld, int64_t i0, int64_t j0, int64_t n,

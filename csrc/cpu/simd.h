@@ -31,11 +31,14 @@ template <typename T>
 MTLFAST_INLINE void vstore(T* p, typename Vec<T>::type v) {
   *reinterpret_cast<typename Vec<T>::type*>(p) = v;
 }
+// Pairwise tree over the lanes in T's precision: a few shuffles, not one conversion per lane.
 template <typename T>
 MTLFAST_INLINE double hsum(typename Vec<T>::type v) {
-  double s = 0.0;
-  for (int l = 0; l < Vec<T>::lanes; ++l) s += static_cast<double>(v[l]);
-  return s;
+  T a[Vec<T>::lanes];
+  for (int l = 0; l < Vec<T>::lanes; ++l) a[l] = v[l];
+  for (int w = Vec<T>::lanes / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) a[l] += a[l + w];
+  return static_cast<double>(a[0]);
 }
 
 }  // namespace mtlfast

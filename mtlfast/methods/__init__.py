@@ -1,17 +1,42 @@
-"""Multi-task gradient methods, one class per method (see base.py for the protocol)."""
+"""Multi-task gradient methods, one class per method (see base.py for the protocol).
 
+Gram-based (``needs == "gram"``), whole-matrix (``"jacobian"``) and loss-based (``"losses"``).
+"""
+
+from .aligned_mtl import AlignedMTL
 from .base import GramMethod, JacobianMethod, LossMethod, Method
 from .basic import Mean, Sum
 from .cagrad import CAGrad
+from .config import ConFIG
+from .dbmtl import DBMTL
 from .dualproj import DualProj
+from .fairgrad import FairGrad
+from .famo import FAMO
+from .graddrop import GradDrop
+from .gradnorm import GradNorm
+from .gradvac import GradVac
 from .imtl import IMTLG
+from .loss_weighting import DWA, GLS, RLW, UW
 from .mgda import MGDA
+from .moco import MoCo
+from .nash_mtl import NashMTL
 from .pcgrad import PCGrad
+from .stch import STCH
 from .upgrad import UPGrad
 
 __all__ = [
+    "AlignedMTL",
     "CAGrad",
+    "ConFIG",
+    "DBMTL",
+    "DWA",
     "DualProj",
+    "FAMO",
+    "FairGrad",
+    "GLS",
+    "GradDrop",
+    "GradNorm",
+    "GradVac",
     "GramMethod",
     "IMTLG",
     "JacobianMethod",
@@ -19,7 +44,12 @@ __all__ = [
     "MGDA",
     "Mean",
     "Method",
+    "MoCo",
+    "NashMTL",
     "PCGrad",
+    "RLW",
+    "STCH",
     "Sum",
     "UPGrad",
+    "UW",
 ]

@@ -9,7 +9,9 @@ from .. import _ext
 __all__ = ["combine", "combine_reference"]
 
 
-def _check(w: torch.Tensor, G: torch.Tensor, out: torch.Tensor | None) -> None:
+def _check(
+    w: torch.Tensor, G: torch.Tensor, out: torch.Tensor | None, scale: float | torch.Tensor
+) -> None:
     for name, t in (("w", w), ("G", G)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"combine: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -24,6 +26,14 @@ def _check(w: torch.Tensor, G: torch.Tensor, out: torch.Tensor | None) -> None:
             )
         if out.device != G.device:
             raise ValueError(f"combine: out is on {out.device}, G on {G.device}")
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or not scale.is_floating_point():
+            raise ValueError(
+                f"combine: a tensor scale must be one floating-point element, got "
+                f"{tuple(scale.shape)} {scale.dtype}"
+            )
+    elif not isinstance(scale, (int, float)):
+        raise TypeError(f"combine: scale must be a float or a tensor, got {type(scale).__name__}")
 
 
 def combine_reference(
@@ -32,12 +42,13 @@ def combine_reference(
     out: torch.Tensor | None = None,
     *,
     accumulate: bool = False,
-    scale: float = 1.0,
+    scale: float | torch.Tensor = 1.0,
 ) -> torch.Tensor:
-    """The spec: ``(scale * w) @ G`` in float32 (float64 for float64), cast to ``out``'s dtype."""
-    _check(w, G, out)
+    """The spec: ``(w @ G) * scale`` in float32 (float64 for float64), cast to ``out``'s dtype."""
+    _check(w, G, out, scale)
     acc = torch.float64 if G.dtype == torch.float64 else torch.float32
-    r = (w.to(acc) @ G.to(acc)) * scale
+    r = w.to(acc) @ G.to(acc)
+    r = r * (scale.to(r.device, acc).reshape(()) if isinstance(scale, torch.Tensor) else scale)
     if out is None:
         return r.to(G.dtype)
     if accumulate:
@@ -53,15 +64,16 @@ def combine(
     out: torch.Tensor | None = None,
     *,
     accumulate: bool = False,
-    scale: float = 1.0,
+    scale: float | torch.Tensor = 1.0,
 ) -> torch.Tensor:
     """``out = scale * (w @ G)`` (``out += ...`` with ``accumulate``) for G ``(T, P)``, w ``(T,)``.
 
     ``out`` (1-D, length P, G's dtype) is typically the flat ``.grad`` buffer of the shared
-    parameters. Returns ``out`` (a new tensor when ``out`` is None). The scale argument is a
-    Python float; pass a tensor scale through ``w`` to stay free of host syncs.
+    parameters. Returns ``out`` (a new tensor when ``out`` is None). ``scale`` is a Python
+    float or a one-element tensor (e.g. Nash-MTL's clip factor or GradScaler's inverse scale);
+    a CUDA tensor scale is read by the kernel on the device, so no host sync happens.
     """
-    _check(w, G, out)
+    _check(w, G, out, scale)
     kernel = (G.device.type == "cpu" and _ext.has_cpu_kernels()) or (
         G.device.type == "cuda" and _ext.has_cuda_kernels()
     )
@@ -75,5 +87,8 @@ def combine(
     if out is None:
         out = torch.empty(G.shape[1], dtype=G.dtype, device=G.device)
         accumulate = False
-    torch.ops.mtlfast.combine_(w.detach(), G.detach(), out, accumulate, float(scale))
+    if isinstance(scale, torch.Tensor):
+        torch.ops.mtlfast.combine_(w.detach(), G.detach(), out, accumulate, 1.0, scale.detach())
+    else:
+        torch.ops.mtlfast.combine_(w.detach(), G.detach(), out, accumulate, float(scale))
     return out

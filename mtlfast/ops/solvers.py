@@ -220,10 +220,14 @@ def pcgrad_weights_reference(K: torch.Tensor, orders: torch.Tensor) -> torch.Ten
 
 
 def pcgrad_weights(K: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
-    """``pcgrad_weights_reference(K, orders)`` by the C++ kernel on CPU when built."""
+    """``pcgrad_weights_reference(K, orders)`` by the C++ kernel on CPU, the CUDA kernel on CUDA
+    (float64, T <= 64), else the reference."""
     _check_pcgrad(K, orders)
     if _kernel("pcgrad", K):
         return torch.ops.mtlfast.pcgrad(K, orders)
+    if (K.device.type == "cuda" and _ext.has_cuda_kernels() and K.dtype == torch.float64
+            and 0 < K.shape[-1] <= 64 and orders.device == K.device):
+        return torch.ops.mtlfast.pcgrad(K, orders)  # csrc/cuda/solvers.cu, one block/problem
     return pcgrad_weights_reference(K, orders)
 
 

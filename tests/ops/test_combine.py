@@ -59,3 +59,23 @@ def test_bad_input_rejected():
         combine(torch.ones(3), G, torch.zeros(9))
     with pytest.raises(TypeError, match="combine: G"):
         combine(torch.ones(3), [[1.0]])
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tensor_scale_equals_float_scale(device, dtype):
+    G = torch.randn(7, 1003, device=device, dtype=dtype)
+    w = torch.randn(7, device=device, dtype=dtype)
+    base = torch.randn(1003, device=device, dtype=dtype)
+    for accumulate in (False, True):
+        a, b = base.clone(), base.clone()
+        combine(w, G, a, accumulate=accumulate, scale=0.3)
+        combine(w, G, b, accumulate=accumulate, scale=torch.tensor(0.3, device=device, dtype=dtype))
+        tol = 1e-6 if dtype == torch.float32 else 1e-13
+        assert rel_err(b, a) < tol
+    ref = combine_reference(w, G, scale=torch.tensor([0.3], dtype=dtype))
+    assert rel_err(ref, combine_reference(w, G, scale=0.3)) < 1e-6
+    with pytest.raises(ValueError, match="combine: a tensor scale"):
+        combine(w, G, scale=torch.ones(2, device=device))
+    with pytest.raises(TypeError, match="combine: scale"):
+        combine(w, G, scale="2")

@@ -1,0 +1,1 @@
+"""Reference implementations of the patterns mtlfast replaces, for side-by-side benchmarks."""

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# ONE command for a bare GPU machine (no network), run from the repository root:
+#
+#     bash benchmarks/gpu_check.sh            # report in $OUT, or ./gpu-report/ when unset
+#
+# 1. builds mtlfast._C in place for this GPU's architecture and checks it has CUDA kernels,
+# 2. runs the CUDA tests (pytest -m cuda) and every Triton test file on the GPU (JUnit XML),
+# 3. runs benchmarks/gpu_bench.py (copy bandwidth, gram/combine vs torch and the floor,
+#    gram_multi, graddrop, batched solvers when present),
+# 4. writes gpu_report.json + gpu_report.md (environment, step exit codes, test summaries,
+#    pass/fail table, benchmark table) to the output folder.
+# Every step has its own time limit inside a total budget (MTLFAST_GPU_BUDGET seconds,
+# default 420); a failing step is recorded and the next one still runs. Nothing here changes a
+# GPU setting. Exit status: 0 when every check passed, 1 otherwise.
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu-report}"
+mkdir -p "$OUT"
+: > "$OUT/steps.tsv"
+BUDGET="${MTLFAST_GPU_BUDGET:-420}"
+START=$(date +%s)
+PY="${PYTHON:-python}"
+
+# step NAME LIMIT_SECONDS CMD... : runs CMD with the smaller of LIMIT and the budget left.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((BUDGET - ($(date +%s) - START)))
+  if [ "$left" -lt 20 ]; then
+    echo "== $name: skipped, total budget spent"
+    printf '%s\t%s\t%s\n' "$name" 125 0 >> "$OUT/steps.tsv"
+    return 125
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $name (limit ${limit}s)"
+  local t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$(($(date +%s) - t0))" >> "$OUT/steps.tsv"
+  tail -n 5 "$OUT/$name.log"
+  echo "== $name: rc=$rc ($(($(date +%s) - t0)) s)"
+  return $rc
+}
+
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d ' .')
+export MTLFAST_CUDA_ARCHS="${MTLFAST_CUDA_ARCHS:-${CAP:-90}}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+
+# Test-only packages the bare GPU image lacks (torchjd, quadprog, qpsolvers for the
+# cross-check tests) travel as wheels in benchmarks/wheels: installed without network.
+if ls benchmarks/wheels/*.whl > /dev/null 2>&1; then
+  step test_wheels 60 "$PY" -m pip install --no-index --no-deps --quiet benchmarks/wheels/*.whl
+fi
+step build 240 "$PY" setup.py build_ext --inplace
+step cuda_kernels_present 60 "$PY" -c "
+from mtlfast import _ext
+import json, sys
+info = _ext.info()
+print(json.dumps(info, indent=1, default=str))
+sys.exit(0 if info['cuda_kernels'] and info['cuda_available'] else 'FAIL: mtlfast._C has no CUDA kernels or no GPU is visible')
+" || echo "!!!!! FAIL: the extension has no CUDA kernels; CUDA tests will skip and benchmarks run torch only"
+
+step pytest_cuda 150 "$PY" -m pytest tests -m cuda -q -rfE -p no:cacheprovider \
+  --junitxml="$OUT/pytest_cuda.xml"
+
+TRITON_TESTS=$(grep -rl --include='test_*.py' -i 'triton' tests 2>/dev/null | sort | tr '\n' ' ')
+if [ -n "$TRITON_TESTS" ]; then
+  # conftest.py sets TRITON_INTERPRET only without a GPU: here the kernels compile for the GPU.
+  step pytest_triton 120 "$PY" -m pytest $TRITON_TESTS -q -rfE -p no:cacheprovider \
+    --junitxml="$OUT/pytest_triton.xml"
+else
+  echo "== pytest_triton: no test file mentions Triton"
+fi
+
+step bench 170 "$PY" benchmarks/gpu_bench.py bench --out "$OUT" --budget 130
+"$PY" benchmarks/gpu_bench.py report --out "$OUT"
+RC=$?
+echo "== report: $OUT/gpu_report.md ($(($(date +%s) - START)) s in all)"
+exit $RC

@@ -1,0 +1,444 @@
+"""The training API: ``mtlfast.backward(losses, shared, method)`` in place of ``loss.backward()``.
+
+One call computes the per-task gradients of the shared parameters (batched), the method's
+weights from their Gram ``K = G G^T`` on the device, and writes the combined update ``w @ G``
+into the shared parameters' ``.grad``; every other parameter (the heads) gets its ordinary
+gradient of ``sum_t L_t``. Existing ``.grad`` is accumulated into, like ``loss.backward()``.
+Then ``optimizer.step()`` as usual.
+
+Modes: ``"jacobian"`` (G in one flat (T, P) buffer), ``"gramian"`` (K streamed per parameter, G
+never whole, then one weighted backward), ``"features"`` (K of dL/dZ only, MGDA-UB), ``"auto"``.
+
+Non-finite policy (``on_nonfinite``): ``"raise"`` (default) raises ``ValueError`` when a loss or
+a gradient is NaN/Inf, before anything is written (one host read per step); ``"skip"`` never
+reads the device: the whole step's contribution is zeroed with ``torch.where`` and
+``StepInfo.skipped`` says so. With a ``grad_scaler`` the scaler's own policy applies instead:
+``.grad`` holds the *scaled* update (NaN on overflow), so ``scaler.step(opt)`` unscales, detects
+the overflow and skips, and ``scaler.update()`` backs the scale off, exactly as with
+``scaler.scale(loss).backward()``; the method always sees unscaled gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from . import methods, ops
+from .engine import (
+    Batching,
+    SharedParams,
+    add_to_grads,
+    as_features,
+    as_losses,
+    as_shared,
+    feature_gram,
+    gramian,
+    jacobian,
+    layerwise_update,
+    per_task_grads,
+    scan_graph,
+    weighted_update,
+)
+from .methods import Method
+
+__all__ = ["MTLBackward", "Mode", "StepInfo", "backward"]
+
+Mode = Literal["auto", "jacobian", "gramian", "features"]
+_MODES = ("auto", "jacobian", "gramian", "features")
+
+#: Default budget for mode="auto": a (T, P) Jacobian up to this many bytes runs in jacobian mode.
+DEFAULT_JACOBIAN_BUDGET = 2 << 30
+
+
+@dataclass
+class StepInfo:
+    """What one step computed. All tensors stay on the device (reading them syncs)."""
+
+    #: (T,) combination weights (layer-wise methods: (L, T)); zeros for a skipped step; None
+    #: for whole-Jacobian methods (their update is not a weighted sum of the rows).
+    weights: torch.Tensor | None
+    #: (T, T) Gram of the per-task gradients (layer-wise: (L, T, T); features mode: of dL/dZ);
+    #: None for methods that never form it (loss-based, whole-Jacobian).
+    gram: torch.Tensor | None
+    #: (T,) the losses, detached.
+    losses: torch.Tensor
+    #: 0-d bool: True when the step was non-finite and zeroed (or left to the grad scaler).
+    skipped: torch.Tensor
+    #: The mode that ran: "jacobian", "gramian", "features" or "losses".
+    mode: str
+
+
+def _default_method() -> Method:
+    upgrad = getattr(methods, "UPGrad", None)
+    if upgrad is None:
+        raise ValueError(
+            "method is required: the default UPGrad is not available in this build "
+            "(pass e.g. method=mtlfast.methods.Mean())"
+        )
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = upgrad()
+    return _DEFAULT
+
+
+_DEFAULT: Method | None = None
+
+
+def _check_scaler(grad_scaler: object) -> torch.amp.GradScaler | None:
+    if grad_scaler is None:
+        return None
+    if not isinstance(grad_scaler, torch.amp.GradScaler):
+        raise TypeError(
+            f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
+        )
+    return grad_scaler if grad_scaler.is_enabled() else None
+
+
+def _finite(*tensors: torch.Tensor | None,
+            grads: Sequence[torch.Tensor | None] = ()) -> torch.Tensor:
+    oks = [torch.isfinite(t).all() for t in tensors if t is not None]
+    present = [g for g in grads if g is not None]
+    if present:
+        oks.append(torch.isfinite(torch.stack(torch._foreach_norm(present))).all())
+    return torch.stack(oks).all()
+
+
+class MTLBackward(nn.Module):
+    """``mtlfast.backward`` as an object: keeps the flat buffers, the method and its state.
+
+    Args:
+        shared: the shared parameters (an iterable, or the trunk ``nn.Module``).
+        method: a ``mtlfast.methods`` method (default ``UPGrad()``).
+        mode: ``"auto"`` | ``"jacobian"`` | ``"gramian"`` | ``"features"`` (see module doc).
+        chunk_size: at most this many tasks per batched backward (caps memory; None: all T).
+        jacobian_dtype: dtype of the (T, P) buffer (default float32, float64 for float64
+            parameters; bfloat16 halves its memory).
+        jacobian_budget: bytes a (T, P) Jacobian may take before mode="auto" picks gramian.
+        on_nonfinite: ``"raise"`` or ``"skip"`` (see module doc).
+    """
+
+    def __init__(
+        self,
+        shared: object,
+        method: Method | None = None,
+        *,
+        mode: Mode = "auto",
+        chunk_size: int | None = None,
+        jacobian_dtype: torch.dtype | None = None,
+        jacobian_budget: int = DEFAULT_JACOBIAN_BUDGET,
+        on_nonfinite: Literal["raise", "skip"] = "raise",
+    ) -> None:
+        super().__init__()
+        method = _default_method() if method is None else method
+        if not isinstance(method, Method):
+            raise TypeError(f"method must be a mtlfast.methods.Method, got {type(method).__name__}")
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        if jacobian_dtype is not None and not (
+            isinstance(jacobian_dtype, torch.dtype) and jacobian_dtype.is_floating_point
+        ):
+            raise TypeError(
+                f"jacobian_dtype must be a floating torch.dtype, got {jacobian_dtype!r}"
+            )
+        if not isinstance(jacobian_budget, int) or jacobian_budget < 0:
+            raise ValueError(f"jacobian_budget must be a non-negative int, got {jacobian_budget!r}")
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        self.method = method
+        self.mode = mode
+        self.chunk_size = chunk_size
+        self.on_nonfinite = on_nonfinite
+        self.jacobian_budget = jacobian_budget
+        self._shared = SharedParams(as_shared(shared))
+        if jacobian_dtype is None:
+            jacobian_dtype = (torch.float64 if self._shared.grad_dtype == torch.float64
+                              else torch.float32)
+        self.jacobian_dtype = jacobian_dtype
+        self._heads = Batching("task heads (losses -> features)")
+        self._trunk = Batching("shared parameters")
+
+    @property
+    def shared(self) -> list[torch.Tensor]:
+        return self._shared.params
+
+    def _layerwise(self) -> bool:
+        return getattr(self.method, "granularity", "matrix") == "parameter"
+
+    def resolve_mode(self, num_tasks: int, has_features: bool) -> str:
+        """The mode a step with T tasks runs in; ValueError for a combination that cannot run."""
+        name, needs, mode = type(self.method).__name__, self.method.needs, self.mode
+        if needs == "losses":
+            if mode != "auto":
+                raise ValueError(f"mode={mode!r}: {name} is loss-based (one weighted backward, "
+                                 "no per-task gradients); use mode='auto'")
+            return "losses"
+        if needs == "jacobian":
+            if mode not in ("auto", "jacobian"):
+                raise ValueError(f"mode={mode!r}: {name} needs the whole (T, P) Jacobian; "
+                                 "only mode='jacobian' (or 'auto') can run it")
+            return "jacobian"
+        if needs != "gram":
+            raise ValueError(f"{name}.needs must be 'gram', 'jacobian' or 'losses', got {needs!r}")
+        if mode == "features":
+            if not has_features:
+                raise ValueError("mode='features' needs features= (the shared representation Z)")
+            if self._layerwise():
+                raise ValueError(f"mode='features': {name} is layer-wise (granularity="
+                                 "'parameter'); the feature Gram has no layers")
+            return "features"
+        if mode == "auto":
+            need = num_tasks * self._shared.size * self.jacobian_dtype.itemsize
+            return "jacobian" if need <= self.jacobian_budget else "gramian"
+        return mode
+
+    def backward(
+        self,
+        losses: object,
+        features: object = None,
+        *,
+        retain_graph: bool = False,
+        grad_scaler: torch.amp.GradScaler | None = None,
+    ) -> StepInfo:
+        """Write the step's gradients into ``.grad`` (accumulating) and report what it computed."""
+        lv = as_losses(losses)
+        feats = as_features(features)
+        scaler = _check_scaler(grad_scaler)
+        num_tasks = len(lv.names)
+        mode = self.resolve_mode(num_tasks, feats is not None)
+        self.method.bind_tasks(num_tasks)
+        if lv.values.device != self._shared.device:
+            raise ValueError(f"losses are on {lv.values.device}, shared parameters on "
+                             f"{self._shared.device}")
+        scan = scan_graph(lv, self._shared.params, feats)
+        step = _Step(self, lv.values, scan.others, feats, scaler, retain_graph)
+        if mode == "losses":
+            return step.run_losses()
+        return step.run(mode, lv.names)
+
+
+class _Step:
+    """One call's worth of state: scaled losses, cotangents, the finite flag, the writes."""
+
+    def __init__(self, engine: MTLBackward, L: torch.Tensor, others: list[torch.Tensor],
+                 feats: tuple[torch.Tensor, ...] | None, scaler: torch.amp.GradScaler | None,
+                 retain_graph: bool) -> None:
+        self.engine, self.others, self.feats = engine, others, feats
+        self.retain_graph = retain_graph
+        self.shared = engine._shared
+        self.losses = L.detach()
+        self.skip = engine.on_nonfinite == "skip" or scaler is not None
+        self.scaler = scaler
+        if scaler is not None:
+            self.L = scaler.scale(L)  # initializes the scale on first use
+            self.scale = scaler._scale.reshape(()).to(torch.float32)
+        else:
+            self.L, self.scale = L, None
+
+    # -- the non-finite policy -------------------------------------------------------------------
+
+    def check(self, ok: torch.Tensor, what: Callable[[], str]) -> None:
+        if not self.skip and not bool(ok):
+            raise ValueError(
+                f"mtlfast.backward: {what()} contain NaN or Inf; nothing was written to .grad "
+                "(pass on_nonfinite='skip' to zero such steps without a host sync)"
+            )
+
+    def describe(self, grads: list[torch.Tensor | None], K: torch.Tensor | None) -> str:
+        if not bool(torch.isfinite(self.losses).all()):
+            bad = (~torch.isfinite(self.losses)).nonzero().flatten().tolist()
+            return f"the losses (tasks {bad})"
+        if K is not None and not bool(torch.isfinite(K).all()):
+            return "the per-task gradients of the shared parameters"
+        return "the gradients of the non-shared parameters"
+
+    def marker(self, ok: torch.Tensor) -> torch.Tensor:
+        """Multiplier of the update: 1 when finite; 0 (skip) or NaN (scaler: skip the step)."""
+        bad = float("nan") if self.scaler is not None else 0.0
+        return torch.where(ok, 1.0, bad)
+
+    def mask(self, grads: list[torch.Tensor | None], ok: torch.Tensor) -> list[torch.Tensor | None]:
+        if not self.skip or self.scaler is not None:
+            return grads  # under a scaler, non-finite values must reach .grad
+        return [None if g is None else torch.where(ok, g, 0.0) for g in grads]
+
+    # -- loss-based methods ----------------------------------------------------------------------
+
+    def run_losses(self) -> StepInfo:
+        method = self.engine.method
+        ok = torch.isfinite(self.losses).all()
+        self.check(ok, lambda: "the losses")
+        safe = torch.where(ok, self.losses, 1.0) if self.skip else self.losses
+        leaf = safe.clone().requires_grad_(True)
+        total = method(leaf)
+        own = [p for p in method.parameters() if p.requires_grad]
+        w = torch.autograd.grad(total, leaf, retain_graph=bool(own))[0]
+        w_eff = w * self.marker(ok) if self.skip else w
+        leaves = self.shared.params + self.others
+        grads = list(torch.autograd.grad(self.L, leaves, grad_outputs=w_eff.to(self.L.dtype),
+                                         retain_graph=self.retain_graph, allow_unused=True))
+        own_grads = list(torch.autograd.grad(total, own, allow_unused=True)) if own else []
+        if self.scale is not None:
+            own_grads = [None if g is None else g * self.scale for g in own_grads]
+        ok = ok & _finite(grads=grads + own_grads)
+        self.check(ok, lambda: "the gradients")
+        grads, own_grads = self.mask(grads, ok), self.mask(own_grads, ok)
+        n = len(self.shared.params)
+        self.shared.add_list(grads[:n])
+        add_to_grads(self.others, grads[n:])
+        add_to_grads(own, own_grads)
+        return StepInfo(torch.where(ok, w, 0.0) if self.skip else w, None, self.losses, ~ok,
+                        "losses")
+
+    # -- per-task gradient methods ---------------------------------------------------------------
+
+    def run(self, mode: str, names: list[str]) -> StepInfo:
+        e = self.engine
+        T = self.L.shape[0]
+        eye = torch.eye(T, dtype=self.L.dtype, device=self.L.device)
+        head_grads: list[torch.Tensor | None] = []
+        if self.others:
+            head_grads = list(torch.autograd.grad(self.L, self.others,
+                                                  grad_outputs=torch.ones_like(self.L),
+                                                  retain_graph=True, allow_unused=True))
+        if self.feats is not None:
+            outputs: list[torch.Tensor] = list(self.feats)
+            cots = per_task_grads([self.L], [eye], outputs, batching=e._heads)
+        else:
+            outputs, cots = [self.L], [eye]
+        if mode != "jacobian":
+            self.shared.release()
+        if mode == "jacobian":
+            G = jacobian(self.shared, outputs, cots, batching=e._trunk, dtype=e.jacobian_dtype,
+                         chunk_size=e.chunk_size, retain_graph=self.retain_graph)
+            if e.method.needs == "jacobian":
+                return self._whole_jacobian(G, head_grads)
+            K = self._grams(G) if e._layerwise() else ops.gram(G)
+        elif mode == "gramian":
+            K = gramian(self.shared, outputs, cots, batching=e._trunk, chunk_size=e.chunk_size,
+                        layerwise=e._layerwise())
+        else:  # features
+            K = feature_gram(cots)
+        if self.scale is not None:
+            K = K / (self.scale * self.scale)
+        ok = _finite(self.losses, K, grads=head_grads)
+        self.check(ok, lambda: self.describe(head_grads, K))
+        w = self._weights(K, ok)
+        w_eff = w * self.marker(ok) if self.skip else w
+        if mode == "jacobian":
+            self._write_combined(G, w_eff, ok)
+        else:
+            if mode == "gramian" and e._layerwise():
+                grads = layerwise_update(self.shared, outputs, cots, w_eff, batching=e._trunk,
+                                         chunk_size=e.chunk_size, retain_graph=self.retain_graph)
+            else:
+                grads = weighted_update(self.shared, outputs, cots, w_eff,
+                                        retain_graph=self.retain_graph)
+            # The weighted pass may overflow where K did not (features mode sees dL/dZ only).
+            ok = ok & _finite(grads=grads)
+            self.check(ok, lambda: "the gradients of the shared parameters")
+            self.shared.add_list(self.mask(grads, ok))
+        add_to_grads(self.others, self.mask(head_grads, ok))
+        reported = torch.where(ok, w, 0.0) if self.skip and self.scaler is None else w
+        return StepInfo(reported, K, self.losses, ~ok, mode)
+
+    def _grams(self, G: torch.Tensor) -> torch.Tensor:
+        return torch.stack([ops.gram(G[:, self.shared.slice(i)])
+                            for i in range(len(self.shared.params))])
+
+    def _weights(self, K: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+        if not self.skip:
+            return self.engine.method.weights(K, self.losses)
+        eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
+        safe_K = torch.where(ok, K, eye)
+        safe_L = torch.where(ok, self.losses, 1.0)
+        return self.engine.method.weights(safe_K, safe_L)
+
+    def _write_combined(self, G: torch.Tensor, w: torch.Tensor, ok: torch.Tensor) -> None:
+        shared, layerwise = self.shared, self.engine._layerwise()
+        zero_nonfinite = self.skip and self.scaler is None  # G may hold NaN: 0 * NaN = NaN
+
+        def write(out: torch.Tensor, accumulate: bool) -> None:
+            if zero_nonfinite:
+                update = torch.empty(shared.size, dtype=out.dtype, device=out.device)
+                _combine_into(update, False)
+                update = torch.where(ok, update, 0.0)
+                out.add_(update) if accumulate else out.copy_(update)
+            else:
+                _combine_into(out, accumulate)
+
+        def _combine_into(out: torch.Tensor, accumulate: bool) -> None:
+            if not layerwise:
+                ops.combine(w.to(G.dtype), G, out, accumulate=accumulate)
+                return
+            for i in range(len(shared.params)):
+                sl = shared.slice(i)
+                ops.combine(w[i].to(G.dtype), G[:, sl], out[sl], accumulate=accumulate)
+
+        shared.add_flat(write)
+
+    def _whole_jacobian(self, G: torch.Tensor, head_grads: list[torch.Tensor | None]) -> StepInfo:
+        if self.scale is not None:
+            G.mul_(1.0 / self.scale)
+        ok = _finite(self.losses, grads=head_grads)
+        self.check(ok, lambda: self.describe(head_grads, None))
+        update = self.engine.method.aggregate(G, self.losses)
+        ok = ok & torch.isfinite(update).all()
+        self.check(ok, lambda: "the per-task gradients or the aggregated update")
+        if self.skip:
+            update = torch.where(ok, update, 0.0) if self.scaler is None else update
+        if self.scale is not None:
+            update = update * self.scale * self.marker(ok)
+
+        def write(out: torch.Tensor, accumulate: bool) -> None:
+            out.add_(update.to(out.dtype)) if accumulate else out.copy_(update)
+
+        self.shared.add_flat(write)
+        add_to_grads(self.others, self.mask(head_grads, ok))
+        return StepInfo(None, None, self.losses, ~ok, "jacobian")
+
+
+_CACHE: list[MTLBackward] = []
+
+
+def backward(
+    losses: object,
+    shared: object,
+    method: Method | None = None,
+    features: object = None,
+    mode: Mode = "auto",
+    retain_graph: bool = False,
+    grad_scaler: torch.amp.GradScaler | None = None,
+    *,
+    chunk_size: int | None = None,
+    jacobian_dtype: torch.dtype | None = None,
+    jacobian_budget: int = DEFAULT_JACOBIAN_BUDGET,
+    on_nonfinite: Literal["raise", "skip"] = "raise",
+) -> StepInfo:
+    """Multi-task ``loss.backward()``: ``.grad`` of ``shared`` += ``w @ G``, heads += their grads.
+
+    ``G`` (T x P) holds the per-task gradients of the shared parameters, ``w`` the method's
+    weights (UPGrad by default, Quinton & Rey 2024) from ``K = G G^T``. See ``MTLBackward`` for
+    the options; the last engine built here is reused while ``shared`` and the options stay
+    the same (a new ``method`` object just replaces the old one), so its (T, P) buffer is
+    allocated once.
+    """
+    params = as_shared(shared)
+    method = _default_method() if method is None else method
+    config = (mode, chunk_size, jacobian_dtype, jacobian_budget, on_nonfinite)
+    engine = _CACHE[0] if _CACHE else None
+    if engine is None or engine._config != config or not engine._shared.same_as(params):
+        _CACHE.clear()  # drop the old engine (and its buffers) before building the new one
+        engine = MTLBackward(params, method, mode=mode, chunk_size=chunk_size,
+                             jacobian_dtype=jacobian_dtype, jacobian_budget=jacobian_budget,
+                             on_nonfinite=on_nonfinite)
+        engine._config = config
+        _CACHE.append(engine)
+    elif engine.method is not method:
+        engine.method = method  # buffers depend on the parameters only: keep them
+    return engine.backward(losses, features, retain_graph=retain_graph, grad_scaler=grad_scaler)

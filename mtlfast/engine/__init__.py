@@ -1,0 +1,25 @@
+"""The per-task gradient engine behind ``mtlfast.backward`` (see api.py for the public API)."""
+
+from .features import feature_gram
+from .flat import SharedParams, add_to_grads
+from .gramian import gramian, layerwise_update, weighted_update
+from .inputs import as_features, as_losses, as_shared, scan_graph
+from .jacobian import jacobian
+from .vjp import Batching, per_task_grads, per_task_vjp
+
+__all__ = [
+    "Batching",
+    "SharedParams",
+    "add_to_grads",
+    "as_features",
+    "as_losses",
+    "as_shared",
+    "feature_gram",
+    "gramian",
+    "jacobian",
+    "layerwise_update",
+    "per_task_grads",
+    "per_task_vjp",
+    "scan_graph",
+    "weighted_update",
+]

@@ -1,0 +1,309 @@
+"""FusedHeads: T task heads evaluated as one fused computation, forward and backward.
+
+Linear heads are one GEMM over the concatenated weights. MLP heads are one GEMM for all first
+layers (bias + activation fused in its epilogue), then one grouped block-diagonal GEMM for all
+second layers (see ``mtlfast.ops.grouped_linear``). Outputs are views into one buffer.
+
+Parameters (fused storage) and the unfused ``nn.ModuleDict`` keys they map to, task ``t`` with
+output rows ``o_t`` (``out_t`` wide), hidden rows ``h_t`` and packed block ``p_t``:
+
+=================  ===========================================================================
+fused parameter    unfused key (``state_dict`` uses these; ``named_parameters`` the fused ones)
+=================  ===========================================================================
+``weight[o_t]``    ``{t}.weight``           (Linear heads, ``(out_t, D)``)
+``bias[o_t]``      ``{t}.bias``
+``weight1[h_t]``   ``{t}.0.weight``         (MLP heads, ``(hidden_t, D)``)
+``bias1[h_t]``     ``{t}.0.bias``
+``weight2[p_t]``   ``{t}.{i}.weight``       (``(out_t, hidden_t)``, ``i`` = 2, or 3 with Dropout)
+``bias2[o_t]``     ``{t}.{i}.bias``
+=================  ===========================================================================
+
+so a checkpoint of the equivalent plain ``ModuleDict`` (``unfuse()`` builds it) loads into the
+fused model and the fused model's checkpoint loads into the plain one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.grouped_linear import activation_grad, grouped_linear, grouped_linear_input_grad
+from .spec import normalize_activation, resolve_tasks
+
+__all__ = ["FusedHeads"]
+
+_ACT_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+
+
+class FusedHeads(nn.Module):
+    """T task heads on shared features ``z``, computed as one fused op (forward and backward).
+
+    ``heads(z)`` returns ``{task: y_t}`` with ``y_t = W2_t act(W1_t z + b1_t) + b2_t`` (MLP
+    heads) or ``y_t = W_t z + b_t`` (Linear heads); the ``y_t`` are views of one ``(..., sum
+    out_t)`` buffer.
+
+    Args:
+        in_features: D, the width of ``z``.
+        tasks: ``{name: out_width or HeadSpec}`` (or a sequence of ``(name, ...)`` pairs).
+        hidden: None for Linear heads; an int (all tasks) or one int per task for MLP heads.
+        activation: ``"relu" | "gelu" | "silu" | None``, applied to the hidden layer of MLP
+            heads (fused into the GEMM epilogue); Linear heads output raw values.
+        dropout: dropout probability on the hidden layer of MLP heads (independent per task,
+            as in separate heads). Linear heads take no dropout (apply it to ``z``).
+        bias, device, dtype: as in ``nn.Linear``.
+
+    NaN/Inf policy: none is checked or masked; they propagate exactly as through the unfused
+    heads (a NaN in row ``i`` of ``z`` gives NaN in row ``i`` of every task's output only).
+    """
+
+    def __init__(self, in_features: int, tasks, hidden=None, activation: str | None = "relu",
+                 dropout: float = 0.0, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+            raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+        names, widths, hiddens = resolve_tasks(tasks, hidden)
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if hiddens is None and dropout > 0:
+            raise ValueError("dropout applies to the hidden layer of MLP heads; Linear heads "
+                             "have none (apply dropout to z before the heads)")
+        self.in_features = in_features
+        self.tasks: tuple[str, ...] = names
+        self.out_widths: tuple[int, ...] = widths
+        self.hidden_widths: tuple[int, ...] | None = hiddens
+        self.activation = normalize_activation(activation)
+        self.dropout = float(dropout)
+        # Index of the second Linear inside each unfused nn.Sequential (its state_dict keys).
+        self._second_index = 1 + (self.activation != "none") + (self.dropout > 0)
+        self._from_list = False  # unfuse() returns a ModuleList when fuse_heads got one
+        factory = {"device": device, "dtype": dtype}
+        N, D = sum(widths), in_features
+        if hiddens is None:
+            self.weight = nn.Parameter(torch.empty(N, D, **factory))
+            self.bias = nn.Parameter(torch.empty(N, **factory)) if bias else None
+        else:
+            H = sum(hiddens)
+            self.weight1 = nn.Parameter(torch.empty(H, D, **factory))
+            self.bias1 = nn.Parameter(torch.empty(H, **factory)) if bias else None
+            self.weight2 = nn.Parameter(
+                torch.empty(sum(n * h for n, h in zip(widths, hiddens, strict=True)), **factory))
+            self.bias2 = nn.Parameter(torch.empty(N, **factory)) if bias else None
+        self.reset_parameters()
+        self._register_load_state_dict_pre_hook(_load_pre_hook, with_module=True)
+        self._register_state_dict_hook(_state_dict_hook)
+
+    # ------------------------------------------------------------------ layout helpers
+    @property
+    def is_mlp(self) -> bool:
+        return self.hidden_widths is not None
+
+    def _param_blocks(self) -> dict[str, list[tuple[str, torch.Tensor]]]:
+        """fused parameter name -> [(unfused key suffix, view of this task's block)]."""
+        names, outs = self.tasks, self.out_widths
+        if not self.is_mlp:
+            plan = {"weight": list(zip(names, self.weight.split(list(outs)), strict=True))}
+            if self.bias is not None:
+                plan["bias"] = list(zip(names, self.bias.split(list(outs)), strict=True))
+            return {p: [(f"{t}.{p}", v) for t, v in rows] for p, rows in plan.items()}
+        hid, i2 = self.hidden_widths, self._second_index
+        sizes = [n * h for n, h in zip(outs, hid, strict=True)]
+        w2 = [b.view(n, h) for b, n, h in
+              zip(self.weight2.split(sizes), outs, hid, strict=True)]
+        w1 = self.weight1.split(hid)
+        plan = {"weight1": [(f"{t}.0.weight", v) for t, v in zip(names, w1, strict=True)],
+                "weight2": [(f"{t}.{i2}.weight", v) for t, v in zip(names, w2, strict=True)]}
+        if self.bias1 is not None:
+            b1, b2 = self.bias1.split(hid), self.bias2.split(list(outs))
+            plan["bias1"] = [(f"{t}.0.bias", v) for t, v in zip(names, b1, strict=True)]
+            plan["bias2"] = [(f"{t}.{i2}.bias", v) for t, v in zip(names, b2, strict=True)]
+        return plan
+
+    def _unfused_order(self, key: str) -> tuple[int, int, int]:
+        """Sort key of an unfused state_dict key: (task, layer index, weight before bias)."""
+        parts = key.split(".")
+        layer = int(parts[1]) if len(parts) == 3 else 0
+        return self.tasks.index(parts[0]), layer, parts[-1] == "bias"
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Each head initialised as its ``nn.Linear`` would be: uniform(+-1/sqrt(fan_in))."""
+        for fused, blocks in self._param_blocks().items():
+            for t, (_, block) in enumerate(blocks):
+                fan_in = self.hidden_widths[t] if fused in ("weight2", "bias2") \
+                    else self.in_features
+                block.uniform_(-1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in))
+
+    # ------------------------------------------------------------------ forward
+    def _prepare(self, z, per_task):
+        """Validate ``z``; return (x as (M, D) or (T, M, D), batch shape, per_task, dtype)."""
+        if isinstance(z, dict):
+            if set(z) != set(self.tasks):
+                raise ValueError(f"per-task input dict must have keys {list(self.tasks)}, got "
+                                 f"{list(z)}")
+            z = torch.stack([z[t] for t in self.tasks])
+            per_task = True
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"z must be a torch.Tensor or a dict of them, got {type(z).__name__}")
+        ref = self.weight if not self.is_mlp else self.weight1
+        if z.device != ref.device:
+            raise ValueError(f"z is on {z.device} but the heads' parameters are on {ref.device}")
+        if not z.is_floating_point():
+            raise TypeError(f"z must be floating point, got {z.dtype}")
+        dev = z.device.type
+        if torch.is_autocast_enabled(dev):
+            dtype = torch.get_autocast_dtype(dev)
+        elif z.dtype != ref.dtype:
+            raise TypeError(f"z has dtype {z.dtype} but the heads' parameters are {ref.dtype} "
+                            "(cast one of them, or run under torch.autocast)")
+        else:
+            dtype = ref.dtype
+        if z.dim() == 0 or z.shape[-1] != self.in_features:
+            raise ValueError(f"z must have last dimension in_features={self.in_features}, got "
+                             f"shape {tuple(z.shape)}")
+        if per_task:
+            if z.dim() < 3 or z.shape[0] != len(self.tasks):
+                raise ValueError(f"per-task z must be (T={len(self.tasks)}, ..., "
+                                 f"{self.in_features}), got {tuple(z.shape)}")
+            batch = z.shape[1:-1]
+            x = z.reshape(len(self.tasks), -1, self.in_features)
+        else:
+            batch = z.shape[:-1]
+            x = z.reshape(-1, self.in_features)
+        return x.to(dtype), batch, bool(per_task), dtype
+
+    def _first_layer_widths(self, per_task: bool):
+        T, D = len(self.tasks), self.in_features
+        outs = self.hidden_widths if self.is_mlp else self.out_widths
+        if per_task:
+            return [D] * T, list(outs)
+        return [D], [sum(outs)]
+
+    @staticmethod
+    def _cast(param, dtype):
+        return None if param is None else param.to(dtype)
+
+    def _hidden(self, x, per_task, dtype):
+        """Layer 1 of MLP heads: act(x W1^T + b1), (M, H), before dropout."""
+        ins, outs = self._first_layer_widths(per_task)
+        return grouped_linear(x, self.weight1.to(dtype).view(-1), self._cast(self.bias1, dtype),
+                              ins, outs, per_task=per_task, activation=self.activation)
+
+    def forward(self, z, per_task: bool | None = None) -> dict[str, torch.Tensor]:
+        """``z``: ``(..., D)`` shared features; or per-task features, a ``(T, ..., D)`` tensor
+        with ``per_task=True`` or a dict ``{task: (..., D)}``. Returns ``{task: (..., out_t)}``.
+        """
+        x, batch, per_task, dtype = self._prepare(z, per_task)
+        if self.is_mlp:
+            h = self._hidden(x, per_task, dtype)
+            h = F.dropout(h, self.dropout, self.training) if self.dropout > 0 else h
+            y = grouped_linear(h, self.weight2.to(dtype), self._cast(self.bias2, dtype),
+                               self.hidden_widths, self.out_widths)
+        elif not per_task:
+            # One dense GEMM with no epilogue to fuse: the native op (addmm / cuBLAS) is the
+            # fastest and adds no custom-op dispatch overhead.
+            y = F.linear(x, self.weight.to(dtype), self._cast(self.bias, dtype))
+        else:
+            ins, outs = self._first_layer_widths(per_task)
+            y = grouped_linear(x, self.weight.to(dtype).view(-1), self._cast(self.bias, dtype),
+                               ins, outs, per_task=per_task)
+        parts = y.view(*batch, y.shape[-1]).split(list(self.out_widths), dim=-1)
+        return dict(zip(self.tasks, parts, strict=True))
+
+    # ------------------------------------------------------------------ per-task Jacobian
+    @torch.no_grad()
+    def task_feature_grads(self, grad_outputs, z, per_task: bool | None = None) -> torch.Tensor:
+        """Per-task feature gradients ``J[t] = dL_t/dz`` as one ``(T, ..., D)`` tensor.
+
+        ``grad_outputs``: ``{task: dL_t/dy_t}`` (each ``(..., out_t)``) or the concatenated
+        ``(..., sum out_t)`` tensor; ``z``: the features the heads were called on (as in
+        ``forward``). For Linear heads ``J[t] = g_t W_t`` (one grouped GEMM); for MLP heads
+        ``J[t] = ((g_t W2_t) * act'(W1_t z + b1_t)) W1_t`` (layer 1 recomputed, two grouped
+        GEMMs). No loop over heads. With per-task inputs ``J[t] = dL_t/dz_t``.
+        Dropout masks are not kept, so MLP heads with dropout need ``eval()`` mode here.
+        """
+        x, batch, per_task, dtype = self._prepare(z, per_task)
+        if isinstance(grad_outputs, dict):
+            if set(grad_outputs) != set(self.tasks):
+                raise ValueError(f"grad_outputs must have keys {list(self.tasks)}, got "
+                                 f"{list(grad_outputs)}")
+            g = torch.cat([grad_outputs[t] for t in self.tasks], dim=-1)
+        else:
+            g = grad_outputs
+        if not isinstance(g, torch.Tensor) or g.shape[-1] != sum(self.out_widths) \
+                or g.shape[:-1] != batch:
+            raise ValueError(f"grad_outputs must be (*{tuple(batch)}, out_t) per task, got "
+                             f"{getattr(g, 'shape', type(g).__name__)}")
+        g = g.reshape(-1, g.shape[-1]).to(dtype)
+        T, D = len(self.tasks), self.in_features
+        if self.is_mlp:
+            if self.training and self.dropout > 0:
+                raise ValueError("task_feature_grads: dropout masks are not kept; call it in "
+                                 "eval() mode or use dropout=0")
+            ins, outs = self._first_layer_widths(per_task)
+            h_pre = grouped_linear(x, self.weight1.to(dtype).view(-1),
+                                   self._cast(self.bias1, dtype), ins, outs, per_task=per_task)
+            gh = grouped_linear_input_grad(g, self.weight2.to(dtype), self.hidden_widths,
+                                           self.out_widths)
+            # relu' reads the output's sign, which equals the pre-activation's.
+            gpre = activation_grad(gh, h_pre, h_pre, self.activation)
+            J = grouped_linear_input_grad(gpre, self.weight1.to(dtype).view(-1), [D] * T,
+                                          self.hidden_widths, per_task=True)
+        else:
+            J = grouped_linear_input_grad(g, self.weight.to(dtype).view(-1), [D] * T,
+                                          self.out_widths, per_task=True)
+        return J.view(T, *batch, D)
+
+    # ------------------------------------------------------------------ unfused form
+    def unfuse(self) -> nn.ModuleDict:
+        """The equivalent ``nn.ModuleDict`` of ``nn.Linear`` / ``nn.Sequential`` heads (copies)."""
+        from .fuse import unfuse
+
+        return unfuse(self)
+
+    def extra_repr(self) -> str:
+        kind = f"hidden={list(self.hidden_widths)}, activation={self.activation}, " \
+            f"dropout={self.dropout}, " if self.is_mlp else ""
+        tasks = dict(zip(self.tasks, self.out_widths, strict=True))
+        return f"in_features={self.in_features}, tasks={tasks}, {kind}" \
+            f"bias={(self.bias if not self.is_mlp else self.bias1) is not None}"
+
+
+# ---------------------------------------------------------------------- state_dict hooks
+
+def _state_dict_hook(module: FusedHeads, state_dict, prefix, local_metadata):
+    """Replace each fused entry by its per-task views, under the unfused ModuleDict keys and in
+    the ModuleDict's order (task by task, layer by layer, weight before bias)."""
+    entries = {}
+    for fused, blocks in module._param_blocks().items():
+        value = state_dict.pop(prefix + fused)
+        keep_vars = isinstance(value, nn.Parameter)
+        for key, block in blocks:
+            entries[key] = block if keep_vars else block.detach()
+    for key in sorted(entries, key=module._unfused_order):
+        state_dict[prefix + key] = entries[key]
+    return state_dict
+
+
+def _load_pre_hook(module: FusedHeads, state_dict, prefix, local_metadata, strict,
+                   missing_keys, unexpected_keys, error_msgs):
+    """Assemble the fused parameters from the per-task (unfused) keys of a checkpoint.
+
+    A missing per-task key is reported under its own (unfused) name and its block keeps its
+    current value."""
+    for fused, blocks in module._param_blocks().items():
+        parts = []
+        for key, block in blocks:
+            value = state_dict.pop(prefix + key, None)
+            if value is None:
+                missing_keys.append(prefix + key)
+                value = block.detach()
+            elif value.shape != block.shape:
+                error_msgs.append(f"size mismatch for {prefix + key}: checkpoint "
+                                  f"{tuple(value.shape)}, model {tuple(block.shape)}")
+                value = block.detach()
+            value = value.to(block.device)
+            parts.append(value.reshape(-1) if fused == "weight2" else value)
+        state_dict[prefix + fused] = torch.cat(parts, dim=0)

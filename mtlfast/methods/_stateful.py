@@ -1,0 +1,54 @@
+"""Shared machinery of the stateful Gram methods (Nash-MTL's cache, GradVac's EMA, GradNorm).
+
+Their state tensors are buffers created on first use, when T (and the Gram's batch shape,
+dtype and device) are known; ``load_state_dict`` into a fresh instance resizes them first.
+Under ``on_nonfinite="skip"`` a skipped step must leave the state as it was: the base class
+hands ``_weights`` a harmless stand-in Gram then, so the step's finiteness flag is kept in
+``_step_ok`` and every state write goes through :meth:`_keep_if_skipped`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from .base import GramMethod
+
+
+class StatefulGramMethod(GramMethod):
+    """A Gram method with lazily shaped state buffers that survive ``state_dict`` round trips."""
+
+    #: Names of the buffers created on first use (absent from ``state_dict`` before that).
+    lazy_buffers: ClassVar[tuple[str, ...]] = ()
+    deterministic: ClassVar[bool] = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for name in self.lazy_buffers:
+            self.register_buffer(name, None)
+        self._step_ok: torch.Tensor | None = None
+
+    def stateful(self) -> bool:
+        return True
+
+    def weights(self, gram: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
+        # Computed on the device, never read: only used to mask state writes.
+        self._step_ok = self._all_finite(gram, losses) if self.on_nonfinite == "skip" else None
+        try:
+            return super().weights(gram, losses)
+        finally:
+            self._step_ok = None
+
+    def _keep_if_skipped(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        """``new``, or ``old`` when this step is skipped for non-finite input."""
+        if self._step_ok is None:
+            return new
+        return torch.where(self._step_ok, new, old)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        for name in self.lazy_buffers:
+            saved = state_dict.get(prefix + name)
+            if saved is not None:
+                self._buffers[name] = torch.empty_like(saved)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

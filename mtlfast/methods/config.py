@@ -1,0 +1,39 @@
+"""ConFIG (Liu et al., "ConFIG: Towards Conflict-free Training of Physics Informed Neural
+Networks", ICLR 2025; arXiv 2024), expressed through the Gram matrix."""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops.solvers_nonlinear import config_weights
+from .base import GramMethod
+
+__all__ = ["ConFIG"]
+
+
+class ConFIG(GramMethod):
+    """Conflict-free update ``d = (sum_i g_i . v) v``, ``v = unit(pinv(U) pref)``, ``U`` unit rows.
+
+    Through the Gram: ``pinv(U) pref = G^T c`` with ``c = D^-1/2 C^+ pref`` (``D = diag K``,
+    ``C = D^-1/2 K D^-1/2``), hence ``w = c (1^T K c) / (c^T K c)``. ``pref`` defaults to
+    ones (the paper's equal weighting). Zero gradients get weight 0; the pseudo-inverse drops
+    eigenvalues of ``C`` at most ``lambda_max T eps`` (eps of the Gram's dtype), which is
+    rounding noise of a Gram (the explicit ``pinv(U)`` resolves finer, to ``sqrt`` of that).
+    """
+
+    non_conflicting = True
+
+    def __init__(
+        self, *, pref_vector: torch.Tensor | None = None, on_nonfinite: str = "raise"
+    ) -> None:
+        super().__init__(on_nonfinite=on_nonfinite)
+        if pref_vector is not None and (not isinstance(pref_vector, torch.Tensor)
+                                        or pref_vector.dim() != 1):
+            raise ValueError("pref_vector must be a 1-D tensor of T task preferences")
+        self.pref_vector = pref_vector
+
+    def _weights(self, gram: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
+        if self.pref_vector is not None and self.pref_vector.shape[0] != gram.shape[-1]:
+            raise ValueError(f"pref_vector has {self.pref_vector.shape[0]} entries, "
+                             f"the Gram {gram.shape[-1]} tasks")
+        return config_weights(gram, self.pref_vector)

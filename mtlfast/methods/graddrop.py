@@ -1,0 +1,117 @@
+"""GradDrop (Chen et al., NeurIPS 2020, "Just Pick a Sign: Optimizing Deep Multitask Models
+with Gradient Sign Dropout"), the combination step of Algorithm 1."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ._common import OwnedGeneratorMixin, check_matrix, check_task_losses, state_dtype
+from .base import JacobianMethod, NonFinitePolicy
+
+__all__ = ["GradDrop", "graddrop_torch"]
+
+
+PurityFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def graddrop_torch(G: torch.Tensor, u: torch.Tensor, leak: torch.Tensor,
+                   purity_fn: PurityFn | None = None) -> torch.Tensor:
+    """The elementwise GradDrop combination for given uniform draws ``u`` (P,) and leaks (T,).
+
+    ``purity = (1 + sum_i g_i / sum_i |g_i|) / 2`` (1/2 where every g_i is 0), then
+    ``f(purity)`` when ``purity_fn`` is given;
+    ``M_i = [purity > u][g_i > 0] + [purity < u][g_i < 0]``;
+    result ``sum_i (l_i + (1 - l_i) M_i) g_i``, computed in float32 (float64 for float64 G)
+    and returned in G's dtype.
+    """
+    acc = state_dtype(G.dtype)
+    leak = leak.to(acc)
+    W = torch.stack([torch.ones_like(leak), 1 - leak, leak])
+    out = torch.empty(G.shape[1], dtype=G.dtype, device=G.device)
+    # On the CPU, column blocks of about 1 MiB keep the temporaries in cache (allocating and
+    # first-touching T x P temporaries costs more than the arithmetic); one block elsewhere.
+    block = max(4096, 2**18 // G.shape[0]) if G.device.type == "cpu" else G.shape[1]
+    for start in range(0, G.shape[1], block):
+        cols = slice(start, start + block)
+        out[cols] = _graddrop_block(G[:, cols].to(acc), u[cols], W, purity_fn)
+    return out
+
+
+def _graddrop_block(G: torch.Tensor, u: torch.Tensor, W: torch.Tensor,
+                    purity_fn: PurityFn | None) -> torch.Tensor:
+    # Two passes instead of one per quantity: rows (1, 1 - l, l) against G and (1, 1 - l)
+    # against relu(G); sum |g| = 2 sum relu(g) - sum g, and negatives = all - positives.
+    sums = W @ G
+    positives = W[:2] @ G.clamp_min(0)
+    abs_sum = 2 * positives[0] - sums[0]
+    purity = torch.where(abs_sum > 0, 0.5 * (1 + sums[0] / abs_sum), 0.5)
+    if purity_fn is not None:
+        purity = purity_fn(purity)
+    kept_positive, kept_negative = positives[1], sums[1] - positives[1]
+    return sums[2] + torch.where(purity > u, kept_positive, 0) \
+        + torch.where(purity < u, kept_negative, 0)
+
+
+class GradDrop(OwnedGeneratorMixin, JacobianMethod):
+    """GradDrop: keep, per coordinate, only the gradients of one sign, picked at random with
+    probability given by the sign purity: ``d = sum_i (l_i + (1 - l_i) M_i) g_i`` with
+    ``M_i = [P > U][g_i > 0] + [P < U][g_i < 0]``, ``P = (1 + sum g_i / sum |g_i|) / 2``,
+    ``U ~ Uniform(0, 1)`` per coordinate (shared by all tasks); the paper allows a monotonically
+    increasing ``f`` applied to P before the comparison (identity by default).
+
+    Args:
+        leak: ``l_i`` in [0, 1], one float for all tasks or one per task (paper default 0: no
+            leak; ``l_i = 1`` lets task i's gradient through untouched).
+        purity_fn: ``f``, elementwise on the purity tensor (None: identity, the fast path).
+        seed: seed of the method's own generator (``U`` is ``torch.rand(P, generator=g)`` in
+            float32, float64 for float64 G); None draws one from torch's global generator.
+        on_nonfinite: "raise" (default) or "skip" (a zero update, no host read).
+
+    Engine contract: ``needs = "jacobian"``; ``aggregate(G)`` on the ``(T, P)`` matrix of
+    per-task gradients returns the ``(P,)`` update; one call per step draws one ``U``.
+    The paper applies GradDrop to the gradients of a shared activation layer (summing purity
+    over the batch); here it acts on whatever ``(T, P)`` matrix the engine passes (the shared
+    parameters' gradients in jacobian mode). ``losses`` (optional) only enter the
+    non-finite check.
+    """
+
+    deterministic = False
+
+    def __init__(self, *, leak: float | Sequence[float] = 0.0,
+                 purity_fn: PurityFn | None = None, seed: int | None = None,
+                 on_nonfinite: NonFinitePolicy = "raise") -> None:
+        super().__init__(on_nonfinite=on_nonfinite)
+        leak_t = torch.as_tensor(leak, dtype=torch.float64)
+        if leak_t.dim() > 1 or (leak_t.dim() == 1 and leak_t.numel() == 0):
+            raise ValueError(f"leak must be a float or a non-empty sequence, got {leak!r}")
+        if not bool(((leak_t >= 0) & (leak_t <= 1)).all()):
+            raise ValueError(f"leak values must lie in [0, 1], got {leak!r}")
+        self.register_buffer("leak", leak_t, persistent=False)  # a hyper-parameter
+        if leak_t.dim() == 1:
+            self.num_tasks = leak_t.numel()
+        if purity_fn is not None and not callable(purity_fn):
+            raise TypeError(f"purity_fn must be callable or None, got {type(purity_fn).__name__}")
+        self.purity_fn = purity_fn
+        self._init_generator(seed)
+
+    def stateful(self) -> bool:
+        return self.leak.dim() == 1
+
+    def aggregate(self, G: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
+        T = check_matrix(self, G)
+        losses = check_task_losses(self, losses, T)
+        self.bind_tasks(T)
+        self._raise_if_nonfinite(G=G, losses=losses)
+        u = torch.rand(G.shape[1], generator=self.generator(G.device), dtype=state_dtype(G.dtype),
+                       device=G.device)
+        leak = self.leak.to(G.device).expand(T)
+        out = graddrop_torch(G, u, leak, self.purity_fn)
+        if self.on_nonfinite == "skip":
+            out = torch.where(self._all_finite(G, losses), out, 0)
+        return out
+
+    def extra_repr(self) -> str:
+        leak = self.leak.tolist()
+        return f"leak={leak}, seed={self.seed}, {super().extra_repr()}"

@@ -1,0 +1,260 @@
+"""T x T solves of the non-QP Gram methods (Nash-MTL, FairGrad, Aligned-MTL, ConFIG, GradVac).
+
+Each op has a torch reference (the spec: batched over ``(..., T, T)``, fixed iteration counts,
+masked updates, no host read, so it runs on any device, ``meta`` included) and one dispatch
+function that picks the C++ kernel for CPU tensors when the extension is built. The kernels
+compute in float64 and return the Gram's dtype; the references compute in float64 too
+(float32 where the device has no float64).
+
+- ``power_fixed_point(K, alpha, iters)``: the positive root of ``K w = w^(-1/alpha)``
+  (FairGrad; Nash-MTL is ``alpha = 1``), the minimizer of the convex
+  ``f(w) = 1/2 w^T K w - sum_i h(w_i)`` with ``h' = w^(-1/alpha)``, by damped Newton.
+- ``aligned_mtl_weights(K, pref, scale_mode)``: ``w = sqrt(s) V diag(1/sqrt(lambda)) V^T pref``.
+- ``config_weights(K, pref)``: ConFIG's pseudo-inverse direction and projection length.
+- ``gradvac_sweep(K, phi_hat, orders, beta, eps)``: GradVac's pairwise vaccine corrections.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+
+__all__ = [
+    "SCALE_MODES",
+    "aligned_mtl_weights",
+    "aligned_mtl_weights_reference",
+    "config_weights",
+    "config_weights_reference",
+    "gradvac_sweep",
+    "gradvac_sweep_reference",
+    "power_fixed_point",
+    "power_fixed_point_reference",
+]
+
+SCALE_MODES = ("min", "median", "rmse")
+
+# Newton's start uses diag(K)/||K||_F floored here: a zero row has no finite root (w_i -> inf),
+# the floor only makes its (irrelevant: g_i = 0) weight large and finite.
+_DIAG_FLOOR = 1e-20
+# Armijo backtracking: step sizes t_max * 2^-k for k < _LINE_SEARCH, tried all at once.
+_LINE_SEARCH = 10
+_ARMIJO = 1e-4
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float32 if t.device.type == "mps" else torch.float64
+
+
+def _use_kernel(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and _ext.has_cpu_kernels()
+
+
+def _symmetric(K: torch.Tensor) -> torch.Tensor:
+    K = K.to(_work_dtype(K))
+    return (K + K.mT) / 2
+
+
+def _barrier(w: torch.Tensor, p: float) -> torch.Tensor:
+    """h(w) with h'(w) = w^-p: log w for p = 1, w^(1-p) / (1-p) otherwise."""
+    if p == 1.0:
+        return torch.log(w)
+    return w.pow(1.0 - p) / (1.0 - p)
+
+
+def power_fixed_point_reference(K: torch.Tensor, alpha: float, iters: int) -> torch.Tensor:
+    """The spec of :func:`power_fixed_point` in torch (float64, any device, no host read)."""
+    out_dtype = K.dtype
+    K = _symmetric(K)
+    p = 1.0 / alpha
+    eps = torch.finfo(K.dtype).eps
+    # Scale-free solve on K / ||K||_F; the root scales as s^(-alpha/(alpha+1)).
+    s = torch.linalg.matrix_norm(K)
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    Kn = K / s[..., None, None]
+    # Start: the root when tasks are orthogonal, K_ii w_i = w_i^-p.
+    w = Kn.diagonal(dim1=-2, dim2=-1).clamp_min(_DIAG_FLOOR).pow(-alpha / (alpha + 1.0))
+    ts = torch.pow(0.5, torch.arange(_LINE_SEARCH, dtype=K.dtype, device=K.device))
+    for _ in range(iters):
+        Kw = (Kn @ w[..., None])[..., 0]
+        grad = Kw - w.pow(-p)
+        H = Kn + torch.diag_embed(p * w.pow(-p - 1.0))
+        step = -torch.linalg.solve_ex(H, grad[..., None])[0][..., 0]
+        step = torch.where(torch.isfinite(step), step, torch.zeros_like(step))
+        # Every coordinate stays in [0.1 w_i, 2 w_i]: positive, and bounded growth where no
+        # finite root exists (a zero row, a non-negative null vector of K).
+        ratio = step / w
+        shrink = torch.maximum(ratio.amax(-1), (-ratio).amax(-1) / 0.9).clamp_min(1.0)
+        t = ts / shrink[..., None]  # (..., L)
+        cand = w[..., None, :] + t[..., :, None] * step[..., None, :]  # (..., L, T)
+        wKw = (w * Kw).sum(-1)
+        sKw = (step * Kw).sum(-1)
+        sKs = (step * (Kn @ step[..., None])[..., 0]).sum(-1)
+        h0 = _barrier(w, p).sum(-1)
+        f0 = 0.5 * wKw - h0
+        f = (0.5 * (wKw[..., None] + 2 * t * sKw[..., None] + t * t * sKs[..., None])
+             - _barrier(cand, p).sum(-1))
+        slack = 8 * eps * (0.5 * wKw.abs() + h0.abs())
+        armijo = f <= f0[..., None] + _ARMIJO * t * (grad * step).sum(-1)[..., None] \
+            + slack[..., None]
+        ok = armijo & torch.isfinite(f)
+        first = torch.argmax(ok.to(torch.int8), dim=-1, keepdim=True)
+        t_acc = torch.where(ok.any(-1, keepdim=True), t.gather(-1, first), 0.0)
+        w = w + t_acc * step
+    w = w * s[..., None].pow(-alpha / (alpha + 1.0))
+    return w.to(out_dtype)
+
+
+def power_fixed_point(K: torch.Tensor, alpha: float, iters: int) -> torch.Tensor:
+    """Positive root of ``K w = w^(-1/alpha)`` for each ``(T, T)`` block of ``K``.
+
+    Solved on ``K / ||K||_F`` by damped Newton (Armijo backtracking, ``iters`` steps; the C++
+    kernel stops early once a step is below rounding), then rescaled exactly to ``K``'s root
+    (which scales as ``||K||_F^(-alpha/(alpha+1))``).
+    Where no finite root exists (a zero row; tasks whose non-negative combination is 0) the
+    weights along that direction grow at most 2x per step and stay finite.
+    """
+    if alpha <= 0:
+        raise ValueError(f"power_fixed_point: alpha must be > 0, got {alpha}")
+    if iters < 1:
+        raise ValueError(f"power_fixed_point: iters must be >= 1, got {iters}")
+    if _use_kernel(K):
+        return torch.ops.mtlfast.power_fixed_point(K, float(alpha), int(iters))
+    return power_fixed_point_reference(K, alpha, iters)
+
+
+def _pref(pref: torch.Tensor | None, K: torch.Tensor, fill: float) -> torch.Tensor:
+    T = K.shape[-1]
+    if pref is None:
+        return torch.full((T,), fill, dtype=K.dtype, device=K.device)
+    return pref.to(dtype=K.dtype, device=K.device)
+
+
+def _cutoff(lam: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Eigenvalues above rounding noise of a Gram in ``dtype``: lam > lam_max * T * eps."""
+    return lam > lam[..., -1:] * lam.shape[-1] * torch.finfo(dtype).eps
+
+
+def aligned_mtl_weights_reference(
+    K: torch.Tensor, pref: torch.Tensor | None, scale_mode: str
+) -> torch.Tensor:
+    """The spec of :func:`aligned_mtl_weights` (float64 eigh, masked rank, no host read)."""
+    out_dtype = K.dtype
+    Kw = _symmetric(K)
+    T = Kw.shape[-1]
+    pref = _pref(pref, Kw, 1.0 / T)
+    lam, V = torch.linalg.eigh(Kw)  # ascending
+    keep = _cutoff(lam, out_dtype)
+    rank = keep.sum(-1, keepdim=True)
+    inv_sqrt = torch.where(keep, lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt(), 0.0)
+    if scale_mode == "min":
+        scale = torch.where(keep, lam, torch.inf).amin(-1, keepdim=True)
+    elif scale_mode == "median":  # lower median of the kept (largest) eigenvalues
+        idx = (T - rank + (rank - 1).div(2, rounding_mode="floor")).clamp(0, T - 1)
+        scale = lam.gather(-1, idx)
+    else:  # "rmse": the mean kept eigenvalue, as in the original code
+        scale = torch.where(keep, lam, 0.0).sum(-1, keepdim=True) / rank.clamp_min(1)
+    scale = torch.where(rank > 0, scale, 1.0)
+    coef = (V.mT @ pref[..., None])[..., 0] * inv_sqrt * scale.sqrt()
+    w = (V @ coef[..., None])[..., 0]
+    return torch.where(rank > 0, w, pref).to(out_dtype)
+
+
+def aligned_mtl_weights(
+    K: torch.Tensor, pref: torch.Tensor | None = None, scale_mode: str = "min"
+) -> torch.Tensor:
+    """Aligned-MTL: ``w = sqrt(s) V diag(lambda^-1/2) V^T pref`` on the non-null eigenpairs of K.
+
+    ``K = V diag(lambda) V^T``; eigenvalues at most ``lambda_max T eps`` (eps of K's dtype)
+    count as zero; ``s`` is the smallest kept eigenvalue ("min"), their lower median
+    ("median") or mean ("rmse"); a zero Gram gives ``w = pref`` (default ``1/T``).
+    """
+    if scale_mode not in SCALE_MODES:
+        raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
+    if _use_kernel(K):
+        return torch.ops.mtlfast.aligned_mtl_weights(
+            K, _pref(pref, K, 1.0 / K.shape[-1]), SCALE_MODES.index(scale_mode))
+    return aligned_mtl_weights_reference(K, pref, scale_mode)
+
+
+def config_weights_reference(K: torch.Tensor, pref: torch.Tensor | None) -> torch.Tensor:
+    """The spec of :func:`config_weights` (float64 eigh, no host read)."""
+    out_dtype = K.dtype
+    K = _symmetric(K)
+    pref = _pref(pref, K, 1.0)
+    norms = K.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    inv_n = torch.where(norms > 0, 1 / norms, 0.0)
+    cos = K * inv_n[..., :, None] * inv_n[..., None, :]
+    lam, V = torch.linalg.eigh(cos)
+    inv_lam = torch.where(_cutoff(lam, out_dtype), 1 / lam, 0.0)
+    beta = (V @ ((V.mT @ pref[..., None])[..., 0] * inv_lam)[..., None])[..., 0]
+    c = inv_n * beta
+    Kc = (K @ c[..., None])[..., 0]
+    cKc = (c * Kc).sum(-1, keepdim=True)
+    w = c * Kc.sum(-1, keepdim=True) / torch.where(cKc > 0, cKc, 1.0)
+    return torch.where(cKc > 0, w, 0.0).to(out_dtype)
+
+
+def config_weights(K: torch.Tensor, pref: torch.Tensor | None = None) -> torch.Tensor:
+    """ConFIG through the Gram: ``w = c (1^T K c) / (c^T K c)``, ``c = D^-1/2 C^+ pref``.
+
+    ``D = diag(K)``, ``C = D^-1/2 K D^-1/2`` the cosine Gram of the unit vectors ``u_i``, so
+    ``G^T c = pinv(U) pref`` is the direction with ``u_i . d = pref_i`` and the update
+    ``w @ G`` is that direction's unit vector times ``sum_i g_i . unit`` (the paper's length).
+    ``C^+`` drops eigenvalues at most ``lambda_max T eps``; zero rows get weight 0.
+    """
+    if _use_kernel(K):
+        return torch.ops.mtlfast.config_weights(K, _pref(pref, K, 1.0))
+    return config_weights_reference(K, pref)
+
+
+def gradvac_sweep_reference(
+    K: torch.Tensor, phi_hat: torch.Tensor, orders: torch.Tensor, beta: float, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spec of :func:`gradvac_sweep`: all tasks i at once, T - 1 sequential pair steps."""
+    out_dtype = K.dtype
+    K = _symmetric(K)
+    phi = phi_hat.to(K.dtype).clone()
+    T = K.shape[-1]
+    batch = K.shape[:-2]
+    orders = orders.to(K.device)
+    C = torch.eye(T, dtype=K.dtype, device=K.device).expand(*batch, T, T).clone()
+    cK = K.clone()  # row i: (g_i^PC . g_k)_k = C[i] @ K
+    sq_norm = K.diagonal(dim1=-2, dim2=-1).clamp_min(0)
+    for s in range(T - 1):
+        j = orders[:, s].expand(*batch, T)[..., None]  # task visited by each i at step s
+        dot = cK.gather(-1, j)[..., 0]
+        norm_i = (cK * C).sum(-1).clamp_min(0).sqrt()
+        norm_j = sq_norm.gather(-1, j[..., 0]).sqrt()
+        cos = dot / (norm_i * norm_j + eps)
+        target = phi.gather(-1, j)[..., 0]
+        sin_cos = (1 - cos * cos).clamp_min(0).sqrt()
+        sin_target = (1 - target * target).clamp_min(0).sqrt()
+        coef = norm_i * (target * sin_cos - cos * sin_target) / (norm_j * sin_target + eps)
+        coef = torch.where(cos < target, coef, 0.0)
+        C.scatter_add_(-1, j, coef[..., None])
+        Kj = K.gather(-2, j.expand(*batch, T, T))  # row j_i of K for each i
+        cK = cK + coef[..., None] * Kj
+        phi.scatter_(-1, j, ((1 - beta) * target + beta * cos)[..., None])
+    return C.sum(-2).to(out_dtype), phi.to(phi_hat.dtype)
+
+
+def gradvac_sweep(
+    K: torch.Tensor, phi_hat: torch.Tensor, orders: torch.Tensor, beta: float, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GradVac (Wang et al. 2021) on each ``(T, T)`` block: ``(w, new phi_hat)``.
+
+    For each task i, visiting the others j in ``orders[i]`` (``(T, T-1)``, shared by all
+    blocks): ``cos = g_i^PC . g_j / (|g_i^PC| |g_j| + eps)``; when ``cos < phi_hat[i, j]``,
+    ``g_i^PC += |g_i^PC| (phi_hat sqrt(1-cos^2) - cos sqrt(1-phi_hat^2)) /
+    (|g_j| sqrt(1-phi_hat^2) + eps) g_j``; always ``phi_hat[i,j] <- (1-beta) phi_hat + beta cos``.
+    ``w = sum_i c_i`` where ``g_i^PC = c_i @ G``.
+    """
+    T = K.shape[-1]
+    if orders.shape != (T, T - 1):
+        raise ValueError(f"gradvac_sweep: orders must have shape ({T}, {T - 1}), "
+                         f"got {tuple(orders.shape)}")
+    if _use_kernel(K):
+        return torch.ops.mtlfast.gradvac_sweep(K, phi_hat, orders.to(torch.int64),
+                                               float(beta), float(eps))
+    return gradvac_sweep_reference(K, phi_hat, orders, beta, eps)
