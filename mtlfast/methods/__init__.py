@@ -6,6 +6,7 @@ Gram-based (``needs == "gram"``), whole-matrix (``"jacobian"``) and loss-based (
 from .aligned_mtl import AlignedMTL
 from .base import GramMethod, JacobianMethod, LossMethod, Method
 from .basic import Mean, Sum
+from .cagrad import CAGrad
 from .config import ConFIG
 from .dbmtl import DBMTL
 from .dualproj import DualProj
@@ -14,6 +15,7 @@ from .famo import FAMO
 from .graddrop import GradDrop
 from .gradnorm import GradNorm
 from .gradvac import GradVac
+from .imtl import IMTLG
 from .loss_weighting import DWA, GLS, RLW, UW
 from .mgda import MGDA
 from .moco import MoCo
@@ -24,6 +26,7 @@ from .upgrad import UPGrad
 
 __all__ = [
     "AlignedMTL",
+    "CAGrad",
     "ConFIG",
     "DBMTL",
     "DWA",
@@ -35,6 +38,7 @@ __all__ = [
     "GradNorm",
     "GradVac",
     "GramMethod",
+    "IMTLG",
     "JacobianMethod",
     "LossMethod",
     "MGDA",

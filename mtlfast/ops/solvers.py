@@ -30,9 +30,12 @@ import torch
 from .. import _ext
 
 __all__ = [
+    "CAGRAD_ROOT_STEPS",
     "DUAL_TOL",
     "NNQP_EXTRA_STEPS",
     "NNQP_STEPS_PER_TASK",
+    "cagrad_weights",
+    "cagrad_weights_reference",
     "nnqp",
     "nnqp_reference",
     "nnqp_steps",
@@ -52,6 +55,10 @@ DUAL_TOL = 1e-12
 def _kernel(name: str, t: torch.Tensor) -> bool:
     """True when the C++ kernel ``torch.ops.mtlfast.<name>`` should serve the CPU tensor t."""
     return t.device.type == "cpu" and _ext.has_cpu_kernels() and hasattr(torch.ops.mtlfast, name)
+
+
+#: Root-finding steps of CAGrad's outer problem (each one simplex QP solve).
+CAGRAD_ROOT_STEPS = 16
 
 
 def nnqp_steps(num_tasks: int) -> int:
@@ -222,3 +229,81 @@ def pcgrad_weights(K: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
             and 0 < K.shape[-1] <= 64 and orders.device == K.device):
         return torch.ops.mtlfast.pcgrad(K, orders)  # csrc/cuda/solvers.cu, one block/problem
     return pcgrad_weights_reference(K, orders)
+
+
+def _affine_simplex_path(A: torch.Tensor, a: torch.Tensor, S: torch.Tensor):
+    """On the support ``S``: ``w(beta) = w0 + beta w1`` solves ``min 1/2 w^T A w + beta a^T w``
+    over ``{sum w = 1, w = 0 off S}`` (two solves of the bordered KKT system)."""
+    T = A.shape[-1]
+    dt = A.dtype
+    SS = S.unsqueeze(-1) & S.unsqueeze(-2)
+    M = torch.where(SS, A, torch.eye(T, dtype=dt, device=A.device))
+    s_col = S.to(dt).unsqueeze(-1)
+    top = torch.cat([M, s_col], -1)
+    bottom = torch.cat([s_col.transpose(-1, -2), torch.zeros_like(s_col[..., :1, :])], -1)
+    rhs0 = torch.cat([torch.zeros_like(a), torch.ones_like(a[..., :1])], -1)
+    rhs1 = torch.cat([torch.where(S, -a, 0.0), torch.zeros_like(a[..., :1])], -1)
+    sol = torch.linalg.solve_ex(torch.cat([top, bottom], -2), torch.stack([rhs0, rhs1], -1))[0]
+    w01 = torch.where(S.unsqueeze(-1), sol[..., :T, :], 0.0)
+    return w01[..., 0], w01[..., 1]
+
+
+def _quad(A: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return (u * (A @ v.unsqueeze(-1)).squeeze(-1)).sum(-1)
+
+
+def cagrad_weights(
+    A: torch.Tensor, p: torch.Tensor, c: float, steps: int = CAGRAD_ROOT_STEPS
+) -> torch.Tensor:
+    """``cagrad_weights_reference`` by the C++ kernel on CPU (it stops at the fixed point)."""
+    if _kernel("cagrad", A):
+        return torch.ops.mtlfast.cagrad(A, p, float(c), steps, nnqp_steps(A.shape[-1]), DUAL_TOL)
+    return cagrad_weights_reference(A, p, c, steps)
+
+
+def cagrad_weights_reference(
+    A: torch.Tensor, p: torch.Tensor, c: float, steps: int = CAGRAD_ROOT_STEPS
+) -> torch.Tensor:
+    """CAGrad's inner problem (Liu et al., NeurIPS 2021, eq. 4, dual form), exactly:
+    ``w = argmin_{w in simplex} g_w . g_0 + r |g_w|``, with ``g_0 = p @ G``, ``r = c |g_0|``,
+    in Gram terms ``a^T w + r sqrt(w^T A w)``, ``a = A p``. ``A (..., T, T)`` float64 PSD
+    scaled to max diagonal ~1, ``p (..., T)``. Returns ``w`` ``(..., T)``.
+
+    ``r sqrt(q) = min_{t > 0} r (q / t + t) / 2`` turns it into a convex problem in
+    ``(w, t)``: for fixed ``beta = t / r``, ``w(beta) = argmin_simplex 1/2 w^T A w + beta a^T w``
+    (``nnqp(simplex=True)``), and the optimum is the root of the decreasing function
+    ``phi(beta) = |g_w(beta)| - r beta`` on ``[0, max_i |g_i| / r]``. On a fixed support,
+    ``w(beta) = w0 + beta w1`` is affine, so ``phi`` has a closed-form root there. Each of
+    ``steps`` steps, from ``beta = hi / 2``:
+
+    1. solve the QP at ``beta``; shrink the bracket ``[lo, hi]`` by the sign of ``phi(beta)``;
+    2. on the QP's support ``S = {w > 0}``, get ``w0, w1`` and the smallest positive root of
+       ``|g_{w0 + beta w1}|^2 = r^2 beta^2`` (a quadratic in ``beta``);
+    3. next ``beta`` = that root if it lies in ``[lo, hi]``, else the bracket's midpoint.
+
+    Once the support is the optimal one the root is exact, and it is a fixed point. The
+    answer is the QP solution at the last ``beta``. Degenerate: when ``0`` is in the hull
+    (``phi(0) = 0``) the root is ``beta = 0`` and ``w`` is the min-norm point.
+    """
+    a = (A @ p.unsqueeze(-1)).squeeze(-1)
+    r = c * _quad(A, p, p).clamp_min(0).sqrt()
+    max_norm = A.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(0).sqrt()
+    live = r > 0
+    r_safe = torch.where(live, r, 1.0)
+    lo = torch.zeros_like(r)
+    hi = torch.where(live, max_norm / r_safe, 1.0)
+    beta = hi / 2
+    for _ in range(steps):
+        w = nnqp_reference(A, (beta.unsqueeze(-1) * a).unsqueeze(-2), simplex=True).squeeze(-2)
+        phi = _quad(A, w, w).clamp_min(0).sqrt() - r * beta
+        lo = torch.where(phi >= 0, beta, lo)
+        hi = torch.where(phi <= 0, beta, hi)
+        w0, w1 = _affine_simplex_path(A, a, w > 0)
+        qa = _quad(A, w1, w1) - r * r
+        qb = _quad(A, w0, w1)
+        qc = _quad(A, w0, w0)
+        disc = qb * qb - qa * qc
+        root = qc / (-qb + disc.clamp_min(0).sqrt())
+        ok = torch.isfinite(root) & (disc >= 0) & (root >= lo) & (root <= hi)
+        beta = torch.where(ok, root, (lo + hi) / 2)
+    return nnqp_reference(A, (beta.unsqueeze(-1) * a).unsqueeze(-2), simplex=True).squeeze(-2)

@@ -9,6 +9,7 @@ Intentional differences from torchjd, stated where tested:
 """
 
 import copy
+import importlib.util
 
 import numpy as np
 import pytest
@@ -97,6 +98,7 @@ def test_upgrad_dualproj_match_quadprog(T):
 
 @pytest.mark.parametrize("name", ["UPGrad", "DualProj"])
 def test_upgrad_dualproj_vs_torchjd(name):
+    pytest.importorskip("qpsolvers")  # torchjd's projector needs it
     G = _G(6, seed=4)
     G[0] = -G[1] * 0.5 + 0.2 * G[0]
     ours = getattr(M, name)()(G)
@@ -107,6 +109,7 @@ def test_upgrad_dualproj_vs_torchjd(name):
 
 
 def test_upgrad_pref_vector():
+    pytest.importorskip("qpsolvers")
     G = _G(4, seed=1)
     p = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
     ours = M.UPGrad(pref_vector=p)(G)
@@ -181,3 +184,97 @@ def test_pcgrad_state_restores_generator():
     restored = M.PCGrad(seed=0)
     restored.load_state_dict(state)
     torch.testing.assert_close(restored(G), nxt)
+
+
+# ----------------------------------------------------------------------------- CAGrad
+def _cagrad_objective(K, w, c):
+    p = torch.full((K.shape[0],), 1 / K.shape[0], dtype=K.dtype)
+    return float((K @ p) @ w + c * (p @ K @ p).sqrt() * (w @ K @ w).clamp_min(0).sqrt())
+
+
+def _inner_weights(w_out, T):
+    """Recover the simplex weights w from rescale=0's output p + coef * w."""
+    wi = w_out - 1 / T
+    return wi / wi.sum()
+
+
+@pytest.mark.parametrize("T", [2, 4, 9])
+def test_cagrad_solves_its_problem(T):
+    """Optimality: no point of the simplex (SLSQP from many starts) beats ours, and the KKT
+    conditions of min a^T w + r |g_w| over the simplex hold."""
+    import scipy.optimize as so
+
+    for seed in range(3):
+        G = _G(T, seed=seed)
+        G[0] = -0.8 * G[1] + 0.2 * G[0]
+        K = G @ G.T
+        c = 0.5
+        w = _inner_weights(M.CAGrad(c=c, rescale=0).weights(K), T)
+        ours = _cagrad_objective(K, w, c)
+        for start in range(3):
+            x0 = np.random.default_rng(start).dirichlet(np.ones(T))
+            res = so.minimize(lambda x, K=K, c=c: _cagrad_objective(K, torch.from_numpy(x), c), x0,
+                              bounds=[(0, 1)] * T, method="SLSQP",
+                              constraints={"type": "eq", "fun": lambda x: x.sum() - 1},
+                              options={"ftol": 1e-15, "maxiter": 500})
+            assert ours <= res.fun + 1e-10 * abs(res.fun) + 1e-12
+        p = torch.full((T,), 1 / T, dtype=torch.float64)
+        grad = K @ p + c * (p @ K @ p).sqrt() * (K @ w) / (w @ K @ w).sqrt()
+        lam = grad[w > 1e-12].mean()
+        scale = float(grad.abs().max())
+        assert (grad - lam >= -1e-9 * scale).all()
+        assert ((grad - lam)[w > 1e-9].abs() <= 1e-9 * scale).all()
+
+
+def test_cagrad_vs_torchjd():
+    """torchjd solves with Clarabel to ~1e-6 and normalizes by a trace with norm_eps: close."""
+    pytest.importorskip("cvxpy")  # torchjd's CAGrad needs cvxpy + clarabel
+    G = _G(5, seed=1)
+    G[0] = -0.8 * G[1] + 0.2 * G[0]
+    for c in (0.2, 0.5, 1.0):
+        ours = M.CAGrad(c=c, rescale=0)(G)
+        theirs = jd.CAGrad(c=c)(G)
+        assert (ours - theirs).norm() < 1e-4 * theirs.norm()
+
+
+def test_cagrad_rescale_and_edge_cases():
+    G = _G(4, seed=2)
+    K = G @ G.T
+    base = M.CAGrad(c=0.5, rescale=0).weights(K)
+    torch.testing.assert_close(M.CAGrad(c=0.5, rescale=1).weights(K), base / 1.25)
+    torch.testing.assert_close(M.CAGrad(c=0.5, rescale=2).weights(K), base / 1.5)
+    torch.testing.assert_close(M.CAGrad(c=0.0, rescale=0).weights(K),
+                               torch.full((4,), 0.25, dtype=torch.float64))  # c = 0: the mean
+    # 0 in the hull and c > 1: the optimum is g_w = 0 (Pareto-stationary), no update, as torchjd
+    G2 = torch.stack([G[0], -2 * G[0]])
+    assert torch.equal(M.CAGrad(c=1.5).weights(G2 @ G2.T), torch.zeros(2, dtype=torch.float64))
+    if importlib.util.find_spec("cvxpy") is not None:
+        assert jd.CAGrad(c=1.5)(G2).norm() == 0
+    with pytest.raises(ValueError, match="c must be"):
+        M.CAGrad(c=-1.0)
+    with pytest.raises(ValueError, match="rescale"):
+        M.CAGrad(rescale=3)
+
+
+# ------------------------------------------------------------------------------ IMTLG
+def test_imtlg_equal_projections_and_torchjd():
+    G = _G(5, seed=3)
+    w = M.IMTLG().weights(G @ G.T)
+    d = w @ G
+    proj = G @ d / G.norm(dim=1)
+    torch.testing.assert_close(proj, proj.mean().expand(5))  # IMTL-G's condition
+    assert abs(float(w.sum()) - 1) < 1e-12
+    torch.testing.assert_close(M.IMTLG()(G), jd.IMTLG()(G), rtol=1e-9, atol=1e-12)
+    G_dep = _G(6, rank=3, seed=4)  # dependent rows: torchjd's pseudo-inverse generalization
+    torch.testing.assert_close(M.IMTLG()(G_dep), jd.IMTLG()(G_dep), rtol=1e-7, atol=1e-9)
+
+
+def test_imtlg_paper_closed_form():
+    """Liu et al. (2021), eq. 9: alpha_{2:T} = g_1 U^T (D U^T)^-1, alpha_1 = 1 - sum."""
+    G = _G(4, seed=6)
+    u = G / G.norm(dim=1, keepdim=True)
+    D = G[0] - G[1:]
+    U = u[0] - u[1:]
+    a = G[0] @ U.T @ torch.linalg.inv(D @ U.T)
+    alpha = torch.cat([1 - a.sum(0, keepdim=True), a])
+    torch.testing.assert_close(M.IMTLG().weights(G @ G.T), alpha, rtol=1e-9, atol=1e-12)

@@ -189,3 +189,17 @@ def test_pcgrad_zero_row_and_batch():
         torch.testing.assert_close(C[i] @ G[i], _pcgrad_loop(G[i], orders[i]))
     if has_cpp:
         torch.testing.assert_close(solvers.pcgrad_weights(K, orders), C, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("T", [2, 3, 8, 20])
+def test_cagrad_weights_cpp_matches_reference(T):
+    if not hasattr(torch.ops.mtlfast, "cagrad"):
+        pytest.skip("C++ extension not built")
+    A = torch.stack([solvers.normalize_gram(_grams(T, rank=r, scales=sc, seed=s))[0]
+                     for s, (r, sc) in enumerate([(None, None), (max(1, T // 2), None),
+                                                  (None, 3)])])
+    p = torch.full((3, T), 1.0 / T, dtype=torch.float64)
+    for c in (0.0, 0.4, 2.0):
+        torch.testing.assert_close(solvers.cagrad_weights(A, p, c),
+                                   solvers.cagrad_weights_reference(A, p, c),
+                                   rtol=1e-8, atol=1e-10)
