@@ -138,7 +138,9 @@ def _grad_vector(model: nn.Module) -> torch.Tensor:
                       if p.grad is not None])
 
 
-def update_errors(kind: str, method: str, device: str = "cpu") -> dict[str, float]:
+def update_errors(kind: str, method: str, device: str = "cpu",
+                  variants: tuple[str, ...] = ("torchjd", "jacobian", "gramian", "features"),
+                  ) -> dict[str, float]:
     """Relative difference of each variant's gradients from the per-task loop's (one step)."""
     torch.manual_seed(0)
     model = MultiTaskModel(kind).to(device)
@@ -146,7 +148,9 @@ def update_errors(kind: str, method: str, device: str = "cpu") -> dict[str, floa
     out = {}
     make_step("loop", model, method)(batch)
     ref = _grad_vector(model)
-    for variant in ("torchjd", "jacobian", "gramian", "features"):
+    for variant in variants:
+        if variant in ("sum", "loop"):
+            continue
         try:
             make_step(variant, model, method)(batch)
         except ImportError:
@@ -170,13 +174,13 @@ def time_cpu(kind: str, variant: str, method: str, reps: int) -> list[float]:
     return times
 
 
-def peak_rss_delta(kind: str, variant: str, method: str) -> int:
+def peak_rss_delta(kind: str, variant: str, method: str, threads: int = 2) -> int:
     """Bytes of peak RSS one step adds on top of the model and batch (fresh process)."""
     root = str(Path(__file__).resolve().parent.parent)
     code = (
         f"import sys; sys.path.insert(0, {root!r})\n"
         "from benchmarks.bench_step import _peak_child\n"
-        f"print(_peak_child({kind!r}, {variant!r}, {method!r}))\n"
+        f"print(_peak_child({kind!r}, {variant!r}, {method!r}, {threads}))\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
@@ -190,8 +194,8 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _peak_child(kind: str, variant: str, method: str) -> int:
-    torch.set_num_threads(2)
+def _peak_child(kind: str, variant: str, method: str, threads: int = 2) -> int:
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = MultiTaskModel(kind)
     batch = model.batch()
@@ -283,15 +287,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--models", default="celeba,dense3")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
+    variants = args.variants.split(",")
     for kind in args.models.split(","):
         for method in args.methods.split(","):
-            errors = update_errors(kind, method)
-            for variant in VARIANTS:
+            errors = update_errors(kind, method, variants=tuple(variants))
+            for variant in variants:
                 if variant == "sum" and method != args.methods.split(",")[0]:
                     continue
                 try:
@@ -302,7 +308,8 @@ def main(argv: list[str] | None = None) -> None:
                        "variant": variant, "median_ms": 1e3 * statistics.median(times),
                        "min_ms": 1e3 * min(times), "update_rel_err_vs_loop": errors.get(variant)}
                 if not args.no_memory:
-                    row["peak_rss_mib"] = peak_rss_delta(kind, variant, method) / 2**20
+                    peak = peak_rss_delta(kind, variant, method, args.threads)
+                    row["peak_rss_mib"] = peak / 2**20
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print("\n| model | method | variant | median ms | min ms | update rel. err vs (b) | "

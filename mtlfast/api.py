@@ -245,7 +245,7 @@ class MTLBackward(nn.Module):
         step = _Step(self, lv.values, scan.others, feats, scaler, retain_graph)
         if mode == "losses":
             return step.run_losses()
-        return step.run(mode, lv.names)
+        return step.run(mode)
 
 
 class _Step:
@@ -329,7 +329,7 @@ class _Step:
 
     # -- per-task gradient methods ---------------------------------------------------------------
 
-    def run(self, mode: str, names: list[str]) -> StepInfo:
+    def run(self, mode: str) -> StepInfo:
         e = self.engine
         T = self.L.shape[0]
         eye = torch.eye(T, dtype=self.L.dtype, device=self.L.device)

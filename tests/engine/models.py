@@ -135,13 +135,10 @@ def reference_step(losses, shared, method, *, head_params):
     ])
     L = torch.stack([loss.detach() for loss in losses])
     if getattr(method, "granularity", "matrix") == "parameter":
-        offsets, parts = 0, []
-        for p in shared:
-            block = G[:, offsets:offsets + p.numel()]
-            w = method.weights(block @ block.T, L)
-            parts.append(w @ block)
-            offsets += p.numel()
-        update = torch.cat(parts)
+        bounds = torch.tensor([0] + [p.numel() for p in shared]).cumsum(0).tolist()
+        blocks = [G[:, a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        W = method.weights(torch.stack([b @ b.T for b in blocks]), L)  # (L, T), one call
+        update = torch.cat([w @ b for w, b in zip(W, blocks, strict=True)])
     elif method.needs == "jacobian":
         update = method.aggregate(G, L)
     else:

@@ -227,3 +227,39 @@ def test_features_as_a_tuple_of_tensors(mode):
         return
     reference_step(losses, shared_params(twin), Projected(), head_params=_heads(twin))
     assert rel_err(_flat_grads(model), _flat_grads(twin)) < 1e-10
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["jacobian", "gramian", "features"])
+def test_cuda_matches_cpu(mode):
+    torch.manual_seed(0)
+    cpu = CNNModel(tasks=5, dtype=torch.float32)
+    gpu = copy.deepcopy(cpu).cuda()
+    x, y = data(cpu, batch=8)
+    infos = []
+    for model, dev in ((cpu, "cpu"), (gpu, "cuda")):
+        model.eval()  # no dropout: identical forward on both devices
+        losses, z = model(x.to(dev), y.to(dev))
+        infos.append(mtlfast.backward(losses, model.trunk, Projected(), features=z, mode=mode,
+                                      on_nonfinite="skip"))
+    assert not bool(infos[1].skipped)
+    assert rel_err(infos[1].gram, infos[0].gram) < 1e-4
+    assert rel_err(_flat_grads(gpu), _flat_grads(cpu)) < 1e-4
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["jacobian", "gramian", "features"])
+def test_cuda_skip_policy_step_never_syncs(mode):
+    torch.manual_seed(0)
+    model = CNNModel(tasks=5, dtype=torch.float32).cuda()
+    x, y = (t.cuda() for t in data(model, batch=8))
+    engine = mtlfast.MTLBackward(model.trunk, Projected(), mode=mode, on_nonfinite="skip")
+    losses, z = model(x, y)
+    engine.backward(losses, features=z)  # warm-up: buffers, batching decision
+    losses, z = model(x, y)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        engine.backward(losses, features=z)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
