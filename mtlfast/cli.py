@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
