@@ -21,3 +21,11 @@ def test_quick_start_has_exactly_two_commands():
 def test_ci_runs_the_readme_test_command():
     test_cmd = _quick_start_commands()[1].strip()
     assert test_cmd in (ROOT / ".ci" / "run").read_text()
+
+
+def test_usage_example_runs():
+    text = (ROOT / "README.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", text.split("## Usage", 1)[1], re.S)[0]
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["info"].weights.shape == (3,)
