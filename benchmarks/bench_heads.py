@@ -202,12 +202,7 @@ except ImportError:  # plain `python benchmarks/bench_heads.py` needs no pytest
 
 if pytest is not None:
 
-    @pytest.fixture(autouse=True)
-    def _one_thread():
-        prev = torch.get_num_threads()
-        torch.set_num_threads(1)
-        yield
-        torch.set_num_threads(prev)
+    pytestmark = pytest.mark.usefixtures("one_thread")  # benchmarks/conftest.py
 
     @pytest.mark.parametrize("impl", IMPLS)
     @pytest.mark.parametrize("case", list(CASES))

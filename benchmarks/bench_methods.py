@@ -59,12 +59,7 @@ def _inputs(T: int, P: int, seed: int = 0) -> torch.Tensor:
     return G
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # benchmarks/conftest.py
 
 
 @pytest.mark.parametrize("T", TASKS)

@@ -13,12 +13,7 @@ import mtlfast.methods as M
 SHAPES = [(8, 100_000), (32, 100_000), (8, 1_000_000), (32, 1_000_000)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # benchmarks/conftest.py
 
 
 def _inputs(T, P):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
 
 from mtlfast.bench import SUITES, Config, run_case
 
@@ -30,12 +29,7 @@ PARAMS = [pytest.param(case, name, id=_id(case.suite, case.method, case.label, n
           for case in CASES for name in _NAMES.get((case.suite, case.method), [])]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # benchmarks/conftest.py
 
 
 @pytest.mark.parametrize(("case", "name"), PARAMS)
