@@ -18,8 +18,9 @@ the overflow and skips, and ``scaler.update()`` backs the scale off, exactly as 
 ``scaler.scale(loss).backward()``; the method always sees unscaled gradients.
 
 Distributed (``process_group=``, see ``mtlfast.distributed``): ``distributed_mode="exact"``
-all-reduces the (T, P) Jacobian once and runs the method on the global Gram, equal to one process
-on the global batch (jacobian mode only); ``"local"`` projects per rank and averages the update.
+all-reduces the (T, P) Jacobian (in ``bucket_cap_mb`` buckets started during the backward) and
+runs the method on the global Gram, equal to one process on the global batch (jacobian mode
+only); ``"local"`` projects per rank and averages the update.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch import nn
 
 from . import methods, ops
 from .distributed import DataParallel, DistributedMode, reject_sharded
+from .distributed.data_parallel import DEFAULT_BUCKET_CAP_MB
 from .engine import (
     Batching,
     SharedParams,
@@ -128,6 +130,9 @@ class MTLBackward(nn.Module):
             its forward under ``mtlfast.distributed.no_sync``); None: one process.
         distributed_mode: ``"exact"`` (all-reduce G, the global batch's step) or ``"local"``
             (per-rank projection, averaged update; ordinary DDP volume).
+        bucket_cap_mb: exact mode: MiB of the (T, P) Jacobian per all-reduce bucket, each
+            started during the backward once written (default 25, like DDP; None: one
+            all-reduce in place after the backward, no (T, P) staging buffer).
     """
 
     def __init__(
@@ -142,6 +147,7 @@ class MTLBackward(nn.Module):
         on_nonfinite: Literal["raise", "skip"] = "raise",
         process_group: object = None,
         distributed_mode: DistributedMode = "exact",
+        bucket_cap_mb: float | None = DEFAULT_BUCKET_CAP_MB,
     ) -> None:
         super().__init__()
         method = _default_method() if method is None else method
@@ -173,7 +179,8 @@ class MTLBackward(nn.Module):
                               else torch.float32)
         self.jacobian_dtype = jacobian_dtype
         self._dist = (None if process_group is None
-                      else DataParallel(process_group, distributed_mode))
+                      else DataParallel(process_group, distributed_mode,
+                                        bucket_cap_mb=bucket_cap_mb))
         self._heads = Batching("task heads (losses -> features)")
         self._trunk = Batching("shared parameters")
 
@@ -346,11 +353,18 @@ class _Step:
         if mode != "jacobian":
             self.shared.release()
         if mode == "jacobian":
+            exact = self.dist is not None and self.dist.exact
+            sink = None
+            if exact:  # G, L, heads of the global batch; G's buckets go during the backward
+                averaged = self.dist.start_average(self.losses, self.others, head_grads)
+                sink = self.dist.jacobian_sink(
+                    self.shared, self.shared.jacobian(T, e.jacobian_dtype),
+                    overlap=e._trunk.verified or not e._trunk.enabled)
             G = jacobian(self.shared, outputs, cots, batching=e._trunk, dtype=e.jacobian_dtype,
-                         chunk_size=e.chunk_size, retain_graph=self.retain_graph)
-            if self.dist is not None and self.dist.exact:  # G, L, heads of the global batch
-                self.losses, head_grads = self.dist.reduce_jacobian(G, self.losses, self.others,
-                                                                    head_grads)
+                         chunk_size=e.chunk_size, retain_graph=self.retain_graph, sink=sink)
+            if exact:
+                self.losses, head_grads = averaged()
+                sink.wait()
             if e.method.needs == "jacobian":
                 return self._whole_jacobian(G, head_grads)
             K = self._grams(G) if e._layerwise() else ops.gram(G)
@@ -475,6 +489,7 @@ def backward(
     on_nonfinite: Literal["raise", "skip"] = "raise",
     process_group: object = None,
     distributed_mode: DistributedMode = "exact",
+    bucket_cap_mb: float | None = DEFAULT_BUCKET_CAP_MB,
 ) -> StepInfo:
     """Multi-task ``loss.backward()``: ``.grad`` of ``shared`` += ``w @ G``, heads += their grads.
 
@@ -488,14 +503,14 @@ def backward(
     params = as_shared(shared)
     method = _default_method() if method is None else method
     config = (mode, chunk_size, jacobian_dtype, jacobian_budget, on_nonfinite, process_group,
-              distributed_mode)
+              distributed_mode, bucket_cap_mb)
     engine = _CACHE[0] if _CACHE else None
     if engine is None or engine._config != config or not engine._shared.same_as(params):
         _CACHE.clear()  # drop the old engine (and its buffers) before building the new one
         engine = MTLBackward(params, method, mode=mode, chunk_size=chunk_size,
                              jacobian_dtype=jacobian_dtype, jacobian_budget=jacobian_budget,
                              on_nonfinite=on_nonfinite, process_group=process_group,
-                             distributed_mode=distributed_mode)
+                             distributed_mode=distributed_mode, bucket_cap_mb=bucket_cap_mb)
         engine._config = config
         _CACHE.append(engine)
     elif engine.method is not method:

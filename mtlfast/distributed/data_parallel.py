@@ -5,9 +5,11 @@ over the local slice, so the global loss is the mean of the ranks' losses and, l
 global per-task gradients are the mean of the ranks' ``(T, P)`` Jacobians:
 ``G = (1/W) sum_r G_r``. Hence:
 
-- ``"exact"``: ONE all-reduce of the flat ``(T, P)`` buffer (asynchronous, beside a small
-  all-reduce of the losses and the heads' gradients), then the method runs on the global Gram
-  ``K = G G^T`` identically on every rank: the step equals one process on the global batch.
+- ``"exact"``: the flat ``(T, P)`` buffer is all-reduced in buckets (``bucket_cap_mb``) whose
+  asynchronous all-reduces start during the batched backward, as soon as autograd has written
+  them (see buckets.py), beside a small all-reduce of the losses and the heads' gradients
+  started before it; then the method runs on the global Gram ``K = G G^T`` identically on every
+  rank: the step equals one process on the global batch.
   The sum of per-rank Grams is NOT the global Gram (cross terms ``G_r G_s^T`` are missing),
   which is why the Jacobian itself travels: ``T * P`` floats per step.
 - ``"local"``: each rank runs the method on its own ``G_r``, then the combined update
@@ -17,15 +19,16 @@ global per-task gradients are the mean of the ranks' ``(T, P)`` Jacobians:
 The model's forward must run under ``no_sync()`` (see :func:`mtlfast.distributed.no_sync`):
 the engine differentiates with ``torch.autograd.grad``, which never fires DDP's reducer, and an
 armed reducer would fail the next forward. Every collective here is issued in the same order on
-every rank, and each step starts with a small all-reduce of the configuration (T, P, the number
-of head parameters, the method), so a mismatched rank raises ``ValueError`` on every rank
-instead of hanging in a collective of the wrong size.
+every rank (configuration check, losses and heads, Jacobian buckets in index order), and each
+step starts with a small all-reduce of the configuration (T, P, the number of head parameters,
+the method, the bucket cap), so a mismatched rank raises ``ValueError`` on every rank instead
+of hanging in a collective of the wrong size.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Literal
 
@@ -33,10 +36,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..engine import SharedParams
+from .buckets import BucketedJacobian, bucket_ranges
+
 __all__ = ["DataParallel", "DistributedMode"]
 
 DistributedMode = Literal["exact", "local"]
 _MODES = ("exact", "local")
+#: DDP's default bucket size.
+DEFAULT_BUCKET_CAP_MB = 25.0
 
 
 def _crc(text: str) -> int:
@@ -52,10 +60,14 @@ class DataParallel:
         mode: ``"exact"`` or ``"local"`` (see module doc).
         timeout: how long the per-step configuration check waits for the other ranks before
             raising (None: the group's own timeout).
+        bucket_cap_mb: exact mode: MiB of Jacobian per all-reduce bucket, each started during
+            the backward as soon as it is written (None: one all-reduce of the whole buffer,
+            in place, after the backward: no staging copy, no overlap).
     """
 
     def __init__(self, group: dist.ProcessGroup, mode: DistributedMode = "exact",
-                 timeout: timedelta | None = None) -> None:
+                 timeout: timedelta | None = None,
+                 bucket_cap_mb: float | None = DEFAULT_BUCKET_CAP_MB) -> None:
         if not isinstance(group, dist.ProcessGroup):
             raise TypeError("process_group must be a torch.distributed.ProcessGroup (e.g. "
                             f"torch.distributed.group.WORLD), got {type(group).__name__}")
@@ -63,7 +75,13 @@ class DataParallel:
             raise ValueError(f"distributed_mode must be one of {_MODES}, got {mode!r}")
         if timeout is not None and not isinstance(timeout, timedelta):
             raise TypeError(f"timeout must be a datetime.timedelta or None, got {timeout!r}")
+        if bucket_cap_mb is not None and (isinstance(bucket_cap_mb, bool) or not isinstance(
+                bucket_cap_mb, (int, float)) or not bucket_cap_mb > 0):
+            raise ValueError(f"bucket_cap_mb must be a positive number (MiB) or None, got "
+                             f"{bucket_cap_mb!r}")
         self.group, self.mode, self.timeout = group, mode, timeout
+        self.bucket_cap = None if bucket_cap_mb is None else max(1, int(bucket_cap_mb * 2**20))
+        self._staging: torch.Tensor | None = None
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self._synced_method: nn.Module | None = None
@@ -81,7 +99,7 @@ class DataParallel:
         """Raise ``ValueError`` on every rank when the ranks disagree on the step's shape."""
         fields = {"T (tasks)": num_tasks, "P (shared parameters)": size,
                   "head parameters": heads, "method": _crc(type(method).__name__),
-                  "mode": _crc(f"{mode}/{self.mode}")}
+                  "mode": _crc(f"{mode}/{self.mode}"), "bucket cap (bytes)": self.bucket_cap or 0}
         sig = torch.tensor(list(fields.values()), dtype=torch.int64, device=device)
         both = torch.cat([sig, -sig])
         work = dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
@@ -94,7 +112,8 @@ class DataParallel:
         if all(h == -n for h, n in zip(high, neg_low, strict=True)):
             return
         mine = {"T (tasks)": num_tasks, "P (shared parameters)": size, "head parameters": heads,
-                "method": type(method).__name__, "mode": f"{mode}/{self.mode}"}
+                "method": type(method).__name__, "mode": f"{mode}/{self.mode}",
+                "bucket cap (bytes)": self.bucket_cap or 0}
         everyone: list[dict | None] = [None] * self.world
         dist.all_gather_object(everyone, mine, group=self.group)
         bad = [k for k in mine if len({str(c[k]) for c in everyone}) > 1]  # type: ignore[index]
@@ -124,31 +143,47 @@ class DataParallel:
         self.bytes_reduced += flat.numel() * flat.element_size()
         return dist.all_reduce(flat, group=self.group, async_op=True)
 
-    def reduce_jacobian(self, G: torch.Tensor, losses: torch.Tensor, params: Sequence[torch.Tensor],
-                        grads: Sequence[torch.Tensor | None],
-                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``G <- mean_r G_r`` in place; the global losses and the averaged ``grads``."""
-        work = self._start(G)
-        losses, grads = self.average_with_losses(losses, params, grads)
-        work.wait()
-        G.div_(self.world)
-        return losses, grads
+    def jacobian_sink(self, shared: SharedParams, J: torch.Tensor, *,
+                      overlap: bool) -> BucketedJacobian:
+        """The sink that writes the per-task blocks of J and all-reduces its buckets (exact)."""
+        ranges = bucket_ranges(shared.numels, J.shape[0] * J.element_size(), self.bucket_cap)
+        staging = None
+        if len(ranges) > 1:  # the buckets' contiguous blocks, kept across steps like DDP's
+            if self._staging is None or self._staging.numel() != J.numel() or \
+                    self._staging.dtype != J.dtype or self._staging.device != J.device:
+                self._staging = None  # free the old one before allocating
+                self._staging = torch.empty(J.numel(), dtype=J.dtype, device=J.device)
+            staging = self._staging
+        return BucketedJacobian(shared, J, ranges, staging, self._start, self.world,
+                                overlap=overlap)
 
-    def average_with_losses(self, losses: torch.Tensor, params: Sequence[torch.Tensor],
-                            grads: Sequence[torch.Tensor | None],
-                            ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Mean over ranks of the losses and of ``grads`` (None: zeros), in ONE all-reduce."""
+    def start_average(self, losses: torch.Tensor, params: Sequence[torch.Tensor],
+                      grads: Sequence[torch.Tensor | None],
+                      ) -> Callable[[], tuple[torch.Tensor, list[torch.Tensor]]]:
+        """Start the mean over ranks of the losses and of ``grads`` (None: zeros), in ONE
+        asynchronous all-reduce; the returned function waits and returns both."""
         parts = [losses.detach().reshape(-1)] + [
             (torch.zeros_like(p) if g is None else g).reshape(-1)
             for p, g in zip(params, grads, strict=True)]
         dtype = torch.float64 if any(t.dtype == torch.float64 for t in parts) else torch.float32
         flat = torch.cat([t.to(dtype) for t in parts])
-        self._start(flat).wait()
-        flat.div_(self.world)
-        out = list(flat.split([t.numel() for t in parts]))
-        mean_losses = out[0].to(losses.dtype)
-        return mean_losses, [o.view(p.shape).to(p.dtype if g is None else g.dtype)
-                             for o, p, g in zip(out[1:], params, grads, strict=True)]
+        work = self._start(flat)
+
+        def result() -> tuple[torch.Tensor, list[torch.Tensor]]:
+            work.wait()
+            flat.div_(self.world)
+            out = list(flat.split([t.numel() for t in parts]))
+            mean_losses = out[0].to(losses.dtype)
+            return mean_losses, [o.view(p.shape).to(p.dtype if g is None else g.dtype)
+                                 for o, p, g in zip(out[1:], params, grads, strict=True)]
+
+        return result
+
+    def average_with_losses(self, losses: torch.Tensor, params: Sequence[torch.Tensor],
+                            grads: Sequence[torch.Tensor | None],
+                            ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Mean over ranks of the losses and of ``grads`` (None: zeros), in ONE all-reduce."""
+        return self.start_average(losses, params, grads)()
 
     def average(self, params: Sequence[torch.Tensor],
                 grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:

@@ -13,16 +13,26 @@ import torch
 from .flat import SharedParams
 from .vjp import Batching, per_task_vjp
 
-__all__ = ["jacobian"]
+__all__ = ["JacobianSink", "jacobian"]
 
 
-class _JacobianSink:
+class JacobianSink:
+    """Writes parameter i's per-task block into its columns of ``J``; zeros for the rest.
+
+    Subclasses (the bucketed all-reduce of ``mtlfast.distributed``) redirect the write with
+    :meth:`columns` and act on :meth:`restart` / :meth:`finish`.
+    """
+
     def __init__(self, shared: SharedParams, J: torch.Tensor) -> None:
         self.shared, self.J = shared, J
         self.written = [False] * len(shared.params)
 
+    def columns(self, i: int) -> torch.Tensor:
+        """The ``(T, numel_i)`` view parameter i's per-task gradients are written to."""
+        return self.J[:, self.shared.slice(i)]
+
     def __call__(self, i: int, grads: torch.Tensor, tasks: slice) -> None:
-        self.J[tasks, self.shared.slice(i)].copy_(grads.reshape(grads.shape[0], -1))
+        self.columns(i)[tasks].copy_(grads.reshape(grads.shape[0], -1))
         self.written[i] = True
 
     def restart(self) -> None:
@@ -32,7 +42,7 @@ class _JacobianSink:
         # Parameters that no task reaches have zero per-task gradients.
         for i, done in enumerate(self.written):
             if not done:
-                self.J[:, self.shared.slice(i)].zero_()
+                self.columns(i).zero_()
 
 
 def jacobian(
@@ -44,11 +54,15 @@ def jacobian(
     dtype: torch.dtype,
     chunk_size: int | None,
     retain_graph: bool,
+    sink: JacobianSink | None = None,
 ) -> torch.Tensor:
-    """The (T, P) matrix of per-task gradients, ``G[t] = d<cotangent_t, outputs>/d shared``."""
-    J = shared.jacobian(cotangents[0].shape[0], dtype)
-    sink = _JacobianSink(shared, J)
+    """The (T, P) matrix of per-task gradients, ``G[t] = d<cotangent_t, outputs>/d shared``.
+
+    ``sink`` (default: a plain :class:`JacobianSink` on the shared buffer) receives the blocks.
+    """
+    if sink is None:
+        sink = JacobianSink(shared, shared.jacobian(cotangents[0].shape[0], dtype))
     per_task_vjp(outputs, cotangents, shared.params, sink, batching=batching,
                  chunk_size=chunk_size, retain_graph=retain_graph, on_restart=sink.restart)
     sink.finish()
-    return J
+    return sink.J

@@ -16,14 +16,31 @@ DIM_IN, HIDDEN, DIM_Z, LOCAL_BATCH = 6, 8, 5, 4
 
 
 class Net(nn.Module):
-    def __init__(self, num_tasks: int) -> None:
+    def __init__(self, num_tasks: int, side: bool = False) -> None:
         super().__init__()
         self.trunk = nn.Sequential(nn.Linear(DIM_IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, DIM_Z))
         self.heads = nn.ModuleList(nn.Linear(DIM_Z, 1) for _ in range(num_tasks))
+        #: with ``side``: a shared parameter the forward uses only when ``use_side`` (else no task
+        #: reaches it)
+        self.side = nn.Linear(DIM_IN, DIM_Z, bias=False) if side else None
+        self.use_side = False
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         z = self.trunk(x)
+        if self.use_side:
+            z = z + self.side(x)
         return [h(z).squeeze(-1) for h in self.heads]
+
+    def shared_with_side(self) -> list[nn.Parameter]:
+        """Trunk parameters with ``side.weight`` in the middle (its bucket is neither end)."""
+        first, second = self.trunk[0], self.trunk[2]
+        return [first.weight, first.bias, self.side.weight, second.weight, second.bias]
+
+
+#: Bucket cap for a T=3 float64 Jacobian of Net.shared_with_side(): three buckets, the last
+#: parameters first: [second.weight, second.bias] (1,080 B), [first.bias, side.weight] (912 B),
+#: [first.weight] (1,152 B): parameters grouped, one alone, the unused one sharing a bucket.
+SMALL_BUCKET_MB = 1200 / 2**20
 
 
 def losses_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
@@ -58,21 +75,23 @@ def gather(t: torch.Tensor, world: int) -> list[torch.Tensor]:
 
 
 def exact_vs_single(rank: int, world: int, names: list[str], steps: int = 3,
-                    micro_batches: int = 1) -> dict:
+                    micro_batches: int = 1, bucket_cap_mb: float | None = 25.0) -> dict:
     """DDP exact vs one process on the global batch: max |param diff| per method and step,
-    max spread of parameters and weights across ranks."""
+    max spread of parameters and weights across ranks. The shared parameters include
+    ``side.weight``, which no task reaches (its Jacobian columns are zeros on every rank)."""
     T = 3
     out: dict = {}
     for name in names:
         torch.manual_seed(0)
-        net = Net(T).double()
+        net = Net(T, side=True).double()
         ref_net = copy.deepcopy(net)
         torch.manual_seed(100 + rank)  # a differently seeded method on each rank
         method = make_method(name)
         ref_method = copy.deepcopy(method)  # rank 0's copy is the reference: rank 0 broadcasts
         ddp = DistributedDataParallel(net)
-        engine = MTLBackward(net.trunk.parameters(), method, process_group=dist.group.WORLD)
-        ref = MTLBackward(ref_net.trunk.parameters(), ref_method)
+        engine = MTLBackward(net.shared_with_side(), method, process_group=dist.group.WORLD,
+                             bucket_cap_mb=bucket_cap_mb)
+        ref = MTLBackward(ref_net.shared_with_side(), ref_method)
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
         ref_opt = torch.optim.SGD(ref_net.parameters(), lr=0.1, momentum=0.9)
         diffs, spread, weights_spread = [], [], []
@@ -99,6 +118,51 @@ def exact_vs_single(rank: int, world: int, names: list[str], steps: int = 3,
         out[name] = {"diffs": diffs, "spread": spread, "weights_spread": weights_spread,
                      "moved": (flat(net.parameters()) - flat(ref_net.parameters())).abs().max()
                      .item() if rank == 0 else None}
+    return out
+
+
+def bucketed_vs_one_allreduce(rank: int, world: int) -> dict:
+    """Bucketed all-reduce (several buckets, overlapped) vs ONE all-reduce after the backward,
+    with a rank-dependent graph: ``side.weight`` is used on rank 0 only, so its bucket is
+    complete mid-backward on rank 0 and only at the end on rank 1 (the launch order must still
+    match). Bitwise comparison of the reduced Jacobian, the Gram and the written gradients,
+    per step; also how many buckets started before the backward had finished."""
+    from mtlfast.distributed.buckets import BucketedJacobian
+
+    early: list[tuple[int, int]] = []  # (buckets launched when finish() began, buckets)
+    finish = BucketedJacobian.finish
+
+    def recording_finish(self):
+        early.append((len(self.launched), len(self.blocks)))
+        finish(self)
+
+    BucketedJacobian.finish = recording_finish
+    T = 3
+    out: dict = {"G": [], "K": [], "grad": []}
+    try:
+        for chunk_size in (None, 2):
+            torch.manual_seed(0)
+            net = Net(T, side=True).double()
+            net.use_side = rank == 0
+            nets = [copy.deepcopy(net), net]
+            engines = [MTLBackward(m.shared_with_side(), methods.UPGrad(), chunk_size=chunk_size,
+                                   process_group=dist.group.WORLD, bucket_cap_mb=cap)
+                       for m, cap in zip(nets, (None, SMALL_BUCKET_MB), strict=True)]
+            for step in range(3):
+                x, y = global_batch(step, world, T)
+                infos = []
+                for m, e in zip(nets, engines, strict=True):
+                    m.zero_grad()
+                    infos.append(e.backward(losses_of(m, local_part(x, rank),
+                                                      local_part(y, rank))))
+                Gs = [e._shared._jacobian for e in engines]
+                out["G"].append(bool(torch.equal(Gs[0], Gs[1])) and Gs[0].abs().sum().item() > 0)
+                out["K"].append(bool(torch.equal(infos[0].gram, infos[1].gram)))
+                out["grad"].append(bool(torch.equal(flat(p.grad for p in nets[0].parameters()),
+                                                    flat(p.grad for p in nets[1].parameters()))))
+    finally:
+        BucketedJacobian.finish = finish
+    out["early"] = early
     return out
 
 
@@ -202,8 +266,10 @@ def suite(rank: int, world: int) -> dict:
     """Every check in one pair of processes (spawning costs more than the checks here)."""
     return {
         "exact": exact_vs_single(rank, world, ["Mean", "PCGrad", "UPGrad", "MGDA", "NashMTL",
-                                               "RLW"]),
+                                               "RLW"], bucket_cap_mb=SMALL_BUCKET_MB),
+        "one_bucket": exact_vs_single(rank, world, ["UPGrad"], bucket_cap_mb=None),
         "accumulation": exact_vs_single(rank, world, ["UPGrad", "PCGrad"], 2, 2),
+        "bucketed": bucketed_vs_one_allreduce(rank, world),
         "local": local_vs_by_hand(rank, world),
         "fsdp2": fsdp2_vs_ddp_exact(rank, world, ["UPGrad", "PCGrad", "RLW"]),
         "mismatch": mismatched_tasks(rank, world),  # last: it leaves nothing pending
