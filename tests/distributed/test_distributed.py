@@ -94,5 +94,16 @@ def test_mismatched_number_of_tasks_raises_on_every_rank(runs):
         assert "rank 0: T (tasks)=3" in msg and "rank 1: T (tasks)=2" in msg, msg
 
 
+def test_mismatched_bucket_cap_raises_on_every_rank(runs):
+    for r in runs:
+        msg = r["mismatch_cap"]
+        assert "rank 0: bucket cap (bytes)=26214400" in msg, msg
+        assert "rank 1: bucket cap (bytes)=1048576" in msg, msg
+
+
+def test_bad_bucket_cap_is_a_value_error(runs):
+    assert all("bucket_cap_mb must be a positive number" in m for m in runs[0]["bad_cap"])
+
+
 def test_sharded_parameters_are_pointed_to_fsdp_backward(runs):
     assert "FSDPBackward" in runs[0]["fsdp2"]["dtensor_error"]

@@ -197,18 +197,32 @@ def local_vs_by_hand(rank: int, world: int) -> dict:
             "weights_differ": (weights[0] - weights[1]).abs().max().item()}
 
 
-def mismatched_tasks(rank: int, world: int) -> str:
-    """Rank 0 trains 3 tasks, rank 1 trains 2: both must raise, neither may hang."""
-    T = 3 if rank == 0 else 2
+def mismatched_tasks(rank: int, world: int, bucket_cap_mb: float | None = 25.0) -> str:
+    """Rank 0 trains 3 tasks, rank 1 trains 2 (or with another bucket cap): both must raise,
+    neither may hang."""
+    T = 3 if rank == 0 or bucket_cap_mb != 25.0 else 2
     torch.manual_seed(0)
     net = Net(T).double()
-    engine = MTLBackward(net.trunk.parameters(), methods.UPGrad(), process_group=dist.group.WORLD)
+    engine = MTLBackward(net.trunk.parameters(), methods.UPGrad(), process_group=dist.group.WORLD,
+                         bucket_cap_mb=bucket_cap_mb if rank == 1 else 25.0)
     x, y = global_batch(0, world, T)
     try:
         engine.backward(losses_of(net, local_part(x, rank), local_part(y, rank)))
     except ValueError as err:
         return str(err)
     return "no error"
+
+
+def bad_bucket_cap() -> list[str]:
+    errors = []
+    for cap in (0, -1.0, "25", True):
+        try:
+            MTLBackward(Net(2).trunk.parameters(), process_group=dist.group.WORLD,
+                        bucket_cap_mb=cap)
+            errors.append("no error")
+        except ValueError as err:
+            errors.append(str(err))
+    return errors
 
 
 def fsdp2_vs_ddp_exact(rank: int, world: int, names: list[str], steps: int = 3) -> dict:
@@ -272,5 +286,8 @@ def suite(rank: int, world: int) -> dict:
         "bucketed": bucketed_vs_one_allreduce(rank, world),
         "local": local_vs_by_hand(rank, world),
         "fsdp2": fsdp2_vs_ddp_exact(rank, world, ["UPGrad", "PCGrad", "RLW"]),
-        "mismatch": mismatched_tasks(rank, world),  # last: it leaves nothing pending
+        "bad_cap": bad_bucket_cap(),
+        # last: they leave nothing pending
+        "mismatch": mismatched_tasks(rank, world),
+        "mismatch_cap": mismatched_tasks(rank, world, bucket_cap_mb=1.0),
     }
