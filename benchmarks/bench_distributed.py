@@ -6,7 +6,12 @@ H parameters in all, float32):
 - ``ls``: linear scalarization, ``sum(L).backward()`` under plain DDP (P + H floats);
 - ``naive``: T re-armed DDP forward+backward passes, one per task, then the method on the
   all-reduced per-task gradients (what a manual-optimization loop does): T (P + H) floats;
-- ``exact``: ``mtlfast.backward(..., process_group=)``: T P + T + H floats (+ an 80-byte check);
+- ``exact``: ``mtlfast.backward(..., process_group=)``, the Jacobian in ``--bucket-cap-mb``
+  buckets all-reduced during the backward: T P + T + H floats (+ a 96-byte check);
+- ``exact-1``: the same with ``bucket_cap_mb=None``: ONE all-reduce of the Jacobian after the
+  backward (no overlap, no staging copy): the same bytes;
+- ``exact-seq`` (diagnostic): ``exact``'s buckets, all started after the backward (bucketing
+  without the overlap);
 - ``local``: ``distributed_mode="local"``: P + H (+ T + check) floats;
 - ``fsdp2``: ``FSDPBackward`` on a ``fully_shard``-ed model: reduce-scatter of T P, the T x T
   Gram and T losses; FSDP2's own parameter all-gathers counted separately.
@@ -17,7 +22,9 @@ reduce-scatter: the input; all-gather: the gathered output), counted by wrapping
 so its buckets go through the stock ``allreduce_hook`` comm hook (which calls
 ``dist.all_reduce``). A ring moves about ``2 (W-1)/W`` (all-reduce) or ``(W-1)/W``
 (reduce-scatter, all-gather) times these bytes per rank.
-Run: ``python benchmarks/bench_distributed.py [--steps 10]``.
+The variants' steps are timed interleaved (round k runs every variant once), so a load change
+on a shared machine hits them alike; the table gives each variant's median.
+Run: ``python benchmarks/bench_distributed.py [--steps 10] [--bucket-cap-mb 0.25]``.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mtlfast  # noqa: E402
 from mtlfast.distributed import FSDPBackward, no_sync  # noqa: E402
+from mtlfast.distributed.buckets import bucket_ranges  # noqa: E402
 
 COUNTED = ("all_reduce", "reduce_scatter_tensor", "all_gather_single", "broadcast")
 COUNTS: dict[str, int] = defaultdict(int)
@@ -73,7 +81,8 @@ def _losses(model, x, y):
     return torch.stack([((o - y[:, t]) ** 2).mean() for t, o in enumerate(model(x))])
 
 
-def _variant(name, rank, T, width, batch, steps):
+def _variant(name, rank, T, width, batch, bucket_cap_mb):
+    """The variant's training step (a function), after one warm-up step."""
     torch.manual_seed(0)
     net = Net(T, width)
     g = torch.Generator().manual_seed(rank)
@@ -88,9 +97,15 @@ def _variant(name, rank, T, width, batch, steps):
     else:
         model = DistributedDataParallel(net)
         model.register_comm_hook(None, allreduce_hook)  # DDP's reduction via dist.all_reduce
-        if name in ("exact", "local"):
-            engine = mtlfast.MTLBackward(net.trunk.parameters(), method,
-                                         process_group=dist.group.WORLD, distributed_mode=name)
+        if name in ("exact", "exact-1", "exact-seq", "local"):
+            engine = mtlfast.MTLBackward(
+                net.trunk.parameters(), method, process_group=dist.group.WORLD,
+                distributed_mode="local" if name == "local" else "exact",
+                bucket_cap_mb=None if name == "exact-1" else bucket_cap_mb)
+        if name == "exact-seq":
+            sink_of = engine._dist.jacobian_sink
+            engine._dist.jacobian_sink = lambda shared, J, overlap: sink_of(shared, J,
+                                                                            overlap=False)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
     shared = list(net.trunk.parameters())
 
@@ -116,26 +131,33 @@ def _variant(name, rank, T, width, batch, steps):
             engine.backward(L)
         opt.step()
 
-    step()  # warm-up (DDP's first-iteration setup, lazy buffers)
-    dist.barrier()
-    COUNTS.clear()
-    times = []
-    for _ in range(steps):
-        dist.barrier()
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return {k: v / steps for k, v in COUNTS.items()}, statistics.median(times)
+    step()  # warm-up (DDP's first-iteration setup, lazy buffers, batched backward verified)
+    return step
 
 
-def _worker(rank, world, folder, T, width, batch, steps):
+VARIANTS = ("ls", "naive", "exact", "exact-1", "exact-seq", "local", "fsdp2")
+
+
+def _worker(rank, world, folder, T, width, batch, steps, bucket_cap_mb):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/rdzv", rank=rank,
                             world_size=world)
     for name in COUNTED:
         setattr(dist, name, _count(name, getattr(dist, name)))
-    out = {v: _variant(v, rank, T, width, batch, steps)
-           for v in ("ls", "naive", "exact", "local", "fsdp2")}
+    steps_of = {v: _variant(v, rank, T, width, batch, bucket_cap_mb) for v in VARIANTS}
+    counts = {v: defaultdict(int) for v in VARIANTS}
+    times = {v: [] for v in VARIANTS}
+    for _ in range(steps):
+        for v, step in steps_of.items():
+            dist.barrier()
+            COUNTS.clear()
+            t0 = time.perf_counter()
+            step()
+            times[v].append(time.perf_counter() - t0)
+            for k, n in COUNTS.items():
+                counts[v][k] += n
+    out = {v: ({k: n / steps for k, n in counts[v].items()}, statistics.median(times[v]))
+           for v in VARIANTS}
     if rank == 0:
         torch.save(out, os.path.join(folder, "out.pt"))
     dist.destroy_process_group()
@@ -147,20 +169,27 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32, help="per rank")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--bucket-cap-mb", type=float, default=0.25,
+                    help="exact: MiB per Jacobian all-reduce bucket")
     a = ap.parse_args()
     P = 64 * a.width + a.width + a.width * a.width + a.width
     H = a.tasks * (a.width + 1)
     with tempfile.TemporaryDirectory() as folder:
-        mp.start_processes(_worker, args=(2, folder, a.tasks, a.width, a.batch, a.steps),
-                           nprocs=2, start_method="spawn")
+        mp.start_processes(_worker, args=(2, folder, a.tasks, a.width, a.batch, a.steps,
+                                          a.bucket_cap_mb), nprocs=2, start_method="spawn")
         out = torch.load(os.path.join(folder, "out.pt"))
     T = a.tasks
-    # (+ 80 bytes: the per-step configuration check; local: + 8 bytes of finiteness flags;
+    # (+ 96 bytes: the per-step configuration check; local: + 8 bytes of finiteness flags;
     # fsdp2: the heads' dim-0 shards are padded to W rows, here 2 H)
     formulas = {"ls": ("P + H", P + H), "naive": ("T (P + H)", T * (P + H)),
-                "exact": ("T P + T + H", T * P + T + H), "local": ("P + H", P + H),
+                "exact": ("T P + T + H", T * P + T + H),
+                "exact-1": ("T P + T + H", T * P + T + H),
+                "exact-seq": ("T P + T + H", T * P + T + H), "local": ("P + H", P + H),
                 "fsdp2": ("T P + T^2 + T + 2 H", T * P + T * T + T + 2 * H)}
-    print(f"T={T}, P={P}, H={H}, world=2, per-rank batch {a.batch}, float32, {a.steps} steps")
+    buckets = len(bucket_ranges([64 * a.width, a.width, a.width * a.width, a.width], 4 * T,
+                                int(a.bucket_cap_mb * 2**20)))
+    print(f"T={T}, P={P}, H={H}, world=2, per-rank batch {a.batch}, float32, {a.steps} steps; "
+          f"exact: {buckets} buckets of <= {a.bucket_cap_mb} MiB")
     print("| variant | gradient bytes/step/rank | formula | formula bytes | FSDP2 param "
           "all-gather bytes | median step ms |")
     print("|---|---|---|---|---|---|")
