@@ -6,7 +6,8 @@
 Only two lines differ from an ordinary Accelerate loop: the forward runs under
 ``accelerator.no_sync(model)`` and ``mtlfast.backward(...)`` replaces
 ``accelerator.backward(loss)``, with ``process_group`` set when Accelerate runs several
-processes (one all-reduce of the (T, P) per-task Jacobian, then UPGrad on the global Gram).
+processes (the (T, P) per-task Jacobian all-reduced in buckets during the backward, then UPGrad
+on the global Gram).
 Same three digits tasks as examples/ddp_train.py.
 """
 
