@@ -24,6 +24,7 @@ on the global batch (jacobian mode only); ``"local"`` projects per rank and aver
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -36,6 +37,7 @@ from .distributed import DataParallel, DistributedMode, reject_sharded
 from .engine import (
     Batching,
     SharedParams,
+    Strategy,
     add_to_grads,
     as_features,
     as_losses,
@@ -128,6 +130,11 @@ class MTLBackward(nn.Module):
             its forward under ``mtlfast.distributed.no_sync``); None: one process.
         distributed_mode: ``"exact"`` (all-reduce G, the global batch's step) or ``"local"``
             (per-rank projection, averaged update; ordinary DDP volume).
+        vjp: how the T per-task backward passes through the shared parameters run:
+            ``"batched"`` (one vmapped backward), ``"loop"`` (T ordinary backward passes) or
+            ``"auto"`` (batched on accelerators; on a CPU both are timed over the first four
+            steps and the faster kept, see ``mtlfast.engine.vjp``). The values are the same
+            either way, to rounding. With ``process_group``, ``"auto"`` means ``"batched"``.
     """
 
     def __init__(
@@ -142,6 +149,7 @@ class MTLBackward(nn.Module):
         on_nonfinite: Literal["raise", "skip"] = "raise",
         process_group: object = None,
         distributed_mode: DistributedMode = "exact",
+        vjp: Strategy = "auto",
     ) -> None:
         super().__init__()
         method = _default_method() if method is None else method
@@ -175,7 +183,12 @@ class MTLBackward(nn.Module):
         self._dist = (None if process_group is None
                       else DataParallel(process_group, distributed_mode))
         self._heads = Batching("task heads (losses -> features)")
-        self._trunk = Batching("shared parameters")
+        if vjp not in typing.get_args(Strategy):
+            raise ValueError(f"vjp must be one of {typing.get_args(Strategy)}, got {vjp!r}")
+        if vjp == "auto" and process_group is not None:
+            vjp = "batched"  # ranks timing apart could pick different collective orders
+        self._trunk = Batching("shared parameters", vjp)
+        self.vjp = vjp
 
     @property
     def shared(self) -> list[torch.Tensor]:
@@ -475,6 +488,7 @@ def backward(
     on_nonfinite: Literal["raise", "skip"] = "raise",
     process_group: object = None,
     distributed_mode: DistributedMode = "exact",
+    vjp: Strategy = "auto",
 ) -> StepInfo:
     """Multi-task ``loss.backward()``: ``.grad`` of ``shared`` += ``w @ G``, heads += their grads.
 
@@ -488,14 +502,14 @@ def backward(
     params = as_shared(shared)
     method = _default_method() if method is None else method
     config = (mode, chunk_size, jacobian_dtype, jacobian_budget, on_nonfinite, process_group,
-              distributed_mode)
+              distributed_mode, vjp)
     engine = _CACHE[0] if _CACHE else None
     if engine is None or engine._config != config or not engine._shared.same_as(params):
         _CACHE.clear()  # drop the old engine (and its buffers) before building the new one
         engine = MTLBackward(params, method, mode=mode, chunk_size=chunk_size,
                              jacobian_dtype=jacobian_dtype, jacobian_budget=jacobian_budget,
                              on_nonfinite=on_nonfinite, process_group=process_group,
-                             distributed_mode=distributed_mode)
+                             distributed_mode=distributed_mode, vjp=vjp)
         engine._config = config
         _CACHE.append(engine)
     elif engine.method is not method:
