@@ -130,7 +130,8 @@ class MTLBackward(nn.Module):
             its forward under ``mtlfast.distributed.no_sync``); None: one process.
         distributed_mode: ``"exact"`` (all-reduce G, the global batch's step) or ``"local"``
             (per-rank projection, averaged update; ordinary DDP volume).
-        vjp: how the T per-task backward passes through the shared parameters run:
+        vjp: how the T per-task backward passes (through the heads to ``features``, and
+            through the shared parameters) run:
             ``"batched"`` (one vmapped backward), ``"loop"`` (T ordinary backward passes) or
             ``"auto"`` (batched on accelerators; on a CPU both are timed over the first four
             steps and the faster kept, see ``mtlfast.engine.vjp``). The values are the same
@@ -182,11 +183,11 @@ class MTLBackward(nn.Module):
         self.jacobian_dtype = jacobian_dtype
         self._dist = (None if process_group is None
                       else DataParallel(process_group, distributed_mode))
-        self._heads = Batching("task heads (losses -> features)")
         if vjp not in typing.get_args(Strategy):
             raise ValueError(f"vjp must be one of {typing.get_args(Strategy)}, got {vjp!r}")
         if vjp == "auto" and process_group is not None:
             vjp = "batched"  # ranks timing apart could pick different collective orders
+        self._heads = Batching("task heads (losses -> features)", vjp)
         self._trunk = Batching("shared parameters", vjp)
         self.vjp = vjp
 

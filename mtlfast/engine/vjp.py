@@ -194,11 +194,13 @@ def per_task_grads(
     Always retains the graph: the trunk pass that follows needs it.
     """
     num_tasks = cotangents[0].shape[0]
-    if batching.enabled:
+    start = time.perf_counter()
+    if batching.use_batched(cotangents[0].device):
         try:
             grads = torch.autograd.grad(outputs, inputs, grad_outputs=list(cotangents),
                                         retain_graph=True, is_grads_batched=True)
             batching.verified = True
+            batching.record(True, time.perf_counter() - start)
             return list(grads)
         except (RuntimeError, NotImplementedError) as exc:
             if batching.verified:
@@ -209,4 +211,7 @@ def per_task_grads(
                             retain_graph=True)
         for t in range(num_tasks)
     ]
-    return [torch.stack([r[j] for r in rows]) for j in range(len(inputs))]
+    grads = [torch.stack([r[j] for r in rows]) for j in range(len(inputs))]
+    if batching.enabled:
+        batching.record(False, time.perf_counter() - start)
+    return grads
