@@ -25,6 +25,7 @@ only); ``"local"`` projects per rank and averages the update.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -38,6 +39,7 @@ from .distributed.data_parallel import DEFAULT_BUCKET_CAP_MB
 from .engine import (
     Batching,
     SharedParams,
+    Strategy,
     add_to_grads,
     as_features,
     as_losses,
@@ -133,6 +135,12 @@ class MTLBackward(nn.Module):
         bucket_cap_mb: exact mode: MiB of the (T, P) Jacobian per all-reduce bucket, each
             started during the backward once written (default 25, like DDP; None: one
             all-reduce in place after the backward, no (T, P) staging buffer).
+        vjp: how the T per-task backward passes (through the heads to ``features``, and
+            through the shared parameters) run:
+            ``"batched"`` (one vmapped backward), ``"loop"`` (T ordinary backward passes) or
+            ``"auto"`` (batched on accelerators; on a CPU both are timed over the first four
+            steps and the faster kept, see ``mtlfast.engine.vjp``). The values are the same
+            either way, to rounding. With ``process_group``, ``"auto"`` means ``"batched"``.
     """
 
     def __init__(
@@ -148,6 +156,7 @@ class MTLBackward(nn.Module):
         process_group: object = None,
         distributed_mode: DistributedMode = "exact",
         bucket_cap_mb: float | None = DEFAULT_BUCKET_CAP_MB,
+        vjp: Strategy = "auto",
     ) -> None:
         super().__init__()
         method = _default_method() if method is None else method
@@ -181,8 +190,13 @@ class MTLBackward(nn.Module):
         self._dist = (None if process_group is None
                       else DataParallel(process_group, distributed_mode,
                                         bucket_cap_mb=bucket_cap_mb))
-        self._heads = Batching("task heads (losses -> features)")
-        self._trunk = Batching("shared parameters")
+        if vjp not in typing.get_args(Strategy):
+            raise ValueError(f"vjp must be one of {typing.get_args(Strategy)}, got {vjp!r}")
+        if vjp == "auto" and process_group is not None:
+            vjp = "batched"  # ranks timing apart could pick different collective orders
+        self._heads = Batching("task heads (losses -> features)", vjp)
+        self._trunk = Batching("shared parameters", vjp)
+        self.vjp = vjp
 
     @property
     def shared(self) -> list[torch.Tensor]:
@@ -359,7 +373,7 @@ class _Step:
                 averaged = self.dist.start_average(self.losses, self.others, head_grads)
                 sink = self.dist.jacobian_sink(
                     self.shared, self.shared.jacobian(T, e.jacobian_dtype),
-                    overlap=e._trunk.verified or not e._trunk.enabled)
+                    overlap=not e._trunk.may_replay(self.shared.device))
             G = jacobian(self.shared, outputs, cots, batching=e._trunk, dtype=e.jacobian_dtype,
                          chunk_size=e.chunk_size, retain_graph=self.retain_graph, sink=sink)
             if exact:
@@ -490,6 +504,7 @@ def backward(
     process_group: object = None,
     distributed_mode: DistributedMode = "exact",
     bucket_cap_mb: float | None = DEFAULT_BUCKET_CAP_MB,
+    vjp: Strategy = "auto",
 ) -> StepInfo:
     """Multi-task ``loss.backward()``: ``.grad`` of ``shared`` += ``w @ G``, heads += their grads.
 
@@ -503,14 +518,15 @@ def backward(
     params = as_shared(shared)
     method = _default_method() if method is None else method
     config = (mode, chunk_size, jacobian_dtype, jacobian_budget, on_nonfinite, process_group,
-              distributed_mode, bucket_cap_mb)
+              distributed_mode, bucket_cap_mb, vjp)
     engine = _CACHE[0] if _CACHE else None
     if engine is None or engine._config != config or not engine._shared.same_as(params):
         _CACHE.clear()  # drop the old engine (and its buffers) before building the new one
         engine = MTLBackward(params, method, mode=mode, chunk_size=chunk_size,
                              jacobian_dtype=jacobian_dtype, jacobian_budget=jacobian_budget,
                              on_nonfinite=on_nonfinite, process_group=process_group,
-                             distributed_mode=distributed_mode, bucket_cap_mb=bucket_cap_mb)
+                             distributed_mode=distributed_mode, bucket_cap_mb=bucket_cap_mb,
+                             vjp=vjp)
         engine._config = config
         _CACHE.append(engine)
     elif engine.method is not method:

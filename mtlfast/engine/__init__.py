@@ -5,12 +5,13 @@ from .flat import SharedParams, add_to_grads
 from .gramian import gramian, layerwise_update, weighted_update
 from .inputs import as_features, as_losses, as_shared, scan_graph
 from .jacobian import JacobianSink, jacobian
-from .vjp import Batching, per_task_grads, per_task_vjp
+from .vjp import Batching, Strategy, per_task_grads, per_task_vjp
 
 __all__ = [
     "Batching",
     "JacobianSink",
     "SharedParams",
+    "Strategy",
     "add_to_grads",
     "as_features",
     "as_losses",

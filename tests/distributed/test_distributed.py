@@ -38,24 +38,24 @@ def test_exact_with_one_allreduce_equals_single_process(runs):
 
 
 def test_bucketed_allreduce_is_bitwise_the_single_allreduce(runs):
-    # 2 chunk sizes x 3 steps, a graph that differs across ranks (side.weight on rank 0 only)
+    # (batched, chunks of 2, loop) x 3 steps, a graph that differs across ranks (side.weight on
+    # rank 0 only)
     for r in runs:
-        assert len(r["bucketed"]["G"]) == 6
+        assert len(r["bucketed"]["G"]) == 9
         assert all(r["bucketed"]["G"]) and all(r["bucketed"]["K"]) and all(r["bucketed"]["grad"])
 
 
 def test_buckets_start_during_the_backward_in_index_order(runs):
-    # (buckets started when the backward ended, buckets) per step of the bucketed engine; the
-    # first step of each engine defers them (the batched backward is not yet known to work)
+    # (buckets started when the backward ended, buckets) per step of the bucketed engine; a
+    # batched engine's first step defers them (the batched backward is not yet known to work)
     for rank, r in enumerate(runs):
         several = [e for e in r["bucketed"]["early"] if e[1] > 1]
-        assert len(several) == 6
-        steps = several[:3], several[3:]
-        for per_engine in steps:
-            assert per_engine[0] == (0, 3)
-            # rank 0 completes every bucket during the backward; on rank 1 the middle bucket
-            # (side.weight, unused there) completes only at the end, so bucket 2 must wait
-            assert per_engine[1:] == [(3, 3)] * 2 if rank == 0 else [(1, 3)] * 2, per_engine
+        assert len(several) == 9
+        # rank 0 completes every bucket during the backward; on rank 1 the middle bucket
+        # (side.weight, unused there) completes only at the end, so bucket 2 must wait
+        during = (3, 3) if rank == 0 else (1, 3)
+        assert several[:6] == [(0, 3), during, during] * 2, several
+        assert several[6:] == [during] * 3, several  # the loop never replays: from step one
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -140,13 +140,13 @@ def bucketed_vs_one_allreduce(rank: int, world: int) -> dict:
     T = 3
     out: dict = {"G": [], "K": [], "grad": []}
     try:
-        for chunk_size in (None, 2):
+        for chunk_size, vjp in ((None, "batched"), (2, "batched"), (None, "loop")):
             torch.manual_seed(0)
             net = Net(T, side=True).double()
             net.use_side = rank == 0
             nets = [copy.deepcopy(net), net]
             engines = [MTLBackward(m.shared_with_side(), methods.UPGrad(), chunk_size=chunk_size,
-                                   process_group=dist.group.WORLD, bucket_cap_mb=cap)
+                                   process_group=dist.group.WORLD, bucket_cap_mb=cap, vjp=vjp)
                        for m, cap in zip(nets, (None, SMALL_BUCKET_MB), strict=True)]
             for step in range(3):
                 x, y = global_batch(step, world, T)
