@@ -9,6 +9,10 @@ through ``mtlfast.backward`` (``--way slow``: the per-task loop of ``mtlfast.bas
 ``--heads loop``: a Python loop of ``nn.Linear`` heads instead of ``FusedHeads``, same weights).
 Delta_m% is against single-task models trained with the same recipe and seed. Writes the raw
 runs as JSON and prints a markdown table (mean +- std over seeds).
+
+    python benchmarks/demo_methods.py --table run1.json run2.json ...
+
+prints the table of saved runs instead (several files: their records together).
 """
 
 from __future__ import annotations
@@ -38,8 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", choices=("fused", "loop"), default="fused")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="JSON file for the raw runs (required unless --table)")
+    p.add_argument("--table", nargs="+", metavar="JSON",
+                   help="print the markdown table of saved runs and exit")
     args = p.parse_args(argv)
+    if args.table:
+        saved = [json.loads(pathlib.Path(f).read_text()) for f in args.table]
+        records = [r for run in saved for r in run["records"]]
+        tasks = list(records[0]["test"])
+        regression = saved[0]["args"]["data"] == "qm9"
+        print(markdown(records, tasks, ".4g" if regression else ".4f"))
+        return 0
+    if args.out is None:
+        p.error("--out is required (or --table)")
     torch.set_num_threads(args.threads)
     epochs, batch_size, lr = demo.DEFAULTS[args.data]
     epochs = args.epochs or epochs
@@ -79,20 +94,21 @@ def main(argv: list[str] | None = None) -> int:
 def _mean_std(values: list[float], fmt: str) -> str:
     if len(values) == 1:
         return format(values[0], fmt)
-    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
+    spread = format(statistics.stdev(values), fmt.lstrip("+"))
+    return f"{format(statistics.mean(values), fmt)} ± {spread}"
 
 
-def markdown(records: list[dict], tasks: list[str]) -> str:
-    """Mean ± std over seeds per method: each task's metric, Delta_m%, ms per step."""
+def markdown(records: list[dict], tasks: list[str], fmt: str = ".4f") -> str:
+    """Mean ± std over seeds per method: each task's metric (``fmt``), Delta_m%, ms per step."""
     methods = list(dict.fromkeys(r["method"] for r in records))
     head = "| method | " + " | ".join(tasks) + " | Δm% | ms/step |"
     lines = [head, "|" + "---|" * (len(tasks) + 3)]
     stl = [r for r in records if r["method"] == methods[0]]
     lines.append("| single-task | " + " | ".join(
-        _mean_std([r["single_task"][t] for r in stl], ".4f") for t in tasks) + " | 0 | |")
+        _mean_std([r["single_task"][t] for r in stl], fmt) for t in tasks) + " | 0 | |")
     for m in methods:
         rs = [r for r in records if r["method"] == m]
-        lines.append(f"| {m} | " + " | ".join(_mean_std([r["test"][t] for r in rs], ".4f")
+        lines.append(f"| {m} | " + " | ".join(_mean_std([r["test"][t] for r in rs], fmt)
                                               for t in tasks)
                      + f" | {_mean_std([r['delta_m'] for r in rs], '+.2f')}"
                      + f" | {_mean_std([r['ms_per_step'] for r in rs], '.1f')} |")

@@ -98,3 +98,26 @@ def test_bad_arguments():
         demo.resolve_method("nosuch", 2)
     with pytest.raises(SystemExit):
         main(["demo", "--data", "cifar"])
+
+
+def test_demo_methods_script_runs_and_tabulates(tmp_path, capsys):
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        import demo_methods
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "runs.json"
+    assert demo_methods.main(["--data", "digits", "--size", "tiny", "--methods", "ls", "upgrad",
+                              "--seeds", "0", "--epochs", "1", "--out", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert [r["method"] for r in records] == ["ls", "upgrad"]
+    capsys.readouterr()
+    assert demo_methods.main(["--table", str(out), str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| method | left | right |")
+    # Two copies of the same run: mean equals the run, spread zero.
+    upgrad = next(line for line in table if line.startswith("| upgrad |"))
+    assert f"{records[1]['test']['left']:.4f} ± 0.0000" in upgrad
