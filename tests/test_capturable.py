@@ -1,6 +1,7 @@
 """Issue 6, "a step with no host sync": on CUDA, ``mtlfast.backward`` in jacobian mode for every
 Gram method makes no host synchronization (``on_nonfinite="skip"``), and the backward-projection
-step can be captured in a CUDA graph and replayed (the recipe in ``mtlfast.api``'s docstring)."""
+step can be captured in a CUDA graph and replayed (the recipe in ``mtlfast.api``'s docstring).
+On the CPU: no Python-level host read of a tensor during the same step."""
 
 import copy
 import inspect
@@ -48,6 +49,31 @@ def _setup(name):
 
 def _grads(model):
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.parametrize("cls", GRAM_METHODS, ids=lambda c: c.__name__)
+def test_backward_reads_nothing_back_on_cpu(cls, monkeypatch):
+    """The CPU stand-in for the CUDA check below: in skip mode no Python-level host read
+    (bool/item/tolist/nonzero/int/float of a tensor, which on CUDA would each sync) happens in
+    ``backward``, whatever kernels run underneath."""
+    torch.manual_seed(0)
+    model = Net()
+    engine = mtlfast.MTLBackward(list(model.trunk.parameters()), cls(on_nonfinite="skip"),
+                                 mode="jacobian", on_nonfinite="skip")
+    x, y = torch.randn(8, 16), torch.randn(8, len(model.heads))
+    losses, z = model(x, y)
+    engine.backward(losses, features=z)  # warm-up: buffers, method state
+    model.zero_grad(set_to_none=True)
+    losses, z = model(x, y)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a host read of a tensor during backward")
+
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    engine.backward(losses, features=z)
+    monkeypatch.undo()
+    assert torch.isfinite(_grads(model)).all()
 
 
 @pytest.mark.cuda
