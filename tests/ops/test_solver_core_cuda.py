@@ -30,7 +30,10 @@ def test_cuda_nnqp(T, simplex, rank):
     got = solvers.nnqp(K, b, simplex)
     ref = solvers.nnqp_reference(K, b, simplex)  # torch ops on the GPU
     assert got.device.type == "cuda"
-    assert rel_err(got, ref) < 1e-9
+    if rank is None:
+        assert rel_err(got, ref) < 1e-9
+    else:  # x is not unique when K is singular; K x (G^T x: the update) is
+        assert rel_err(K @ got.mT, K @ ref.mT) < 1e-8
 
 
 @pytest.mark.parametrize("T", T_RAGGED)
