@@ -33,6 +33,49 @@ MTLFAST_HD MTLFAST_FORCEINLINE int first_owned(int lo, int rk, int sz) {
   return lo + ((rk - lo % sz) + sz) % sz;
 }
 
+// ------------------------------------------------------------------- triangular solves
+
+// Which triangle a column-oriented solve walks: unknown c appears in equation i with the
+// coefficient L[i * ld + c] (kLower: forward, i > c; kUpper: backward, i < c) or L[c * ld + i]
+// (kLowerT, the transpose of a lower factor: backward, i < c).
+enum TriKind { kLower, kLowerT, kUpper };
+
+// The multi-rank form of a triangular solve: column by column, each unknown from its own
+// (already updated) right-hand side, then one strided update of the remaining equations and
+// one barrier, instead of one team reduction per row. The serial team keeps the row-by-row dot
+// products of the original CPU kernels (bitwise-identical results); the two orders differ by
+// rounding only. r0 (and r1 when not null) hold the right-hand sides, the solution on return.
+// False when check_finite and a solution entry is not finite (every rank sees the same value).
+template <class Team>
+MTLFAST_HD bool tri_solve_cols(Team& tm, const double* L, int ld, double* r0, double* r1, int n,
+                               TriKind kind, bool check_finite) {
+  const int rk = tm.rank(), sz = tm.size();
+  const bool forward = kind == kLower;
+  bool ok = true;
+  for (int step = 0; step < n; ++step) {
+    const int c = forward ? step : n - 1 - step;
+    const double d = L[c * ld + c];
+    const double x0 = r0[c] / d, x1 = r1 ? r1[c] / d : 0.0;
+    if (check_finite && !(finite(x0) && (!r1 || finite(x1)))) {
+      ok = false;
+      break;
+    }
+    const int lo = forward ? c + 1 : 0, hi = forward ? n : c;
+    for (int i = lo + rk; i < hi; i += sz) {
+      const double coef = kind == kLowerT ? L[c * ld + i] : L[i * ld + c];
+      r0[i] -= coef * x0;
+      if (r1) r1[i] -= coef * x1;
+    }
+    tm.sync();  // every rank has read r[c]; the next column never touches entry c
+    if (c % sz == rk) {
+      r0[c] = x0;
+      if (r1) r1[c] = x1;
+    }
+  }
+  tm.sync();
+  return ok;
+}
+
 // -------------------------------------------------------------------------------- LU solves
 
 // M y = r0 (and = r1 when r1 is not null) in place, M n x n row-major, by Gaussian elimination
@@ -82,6 +125,7 @@ MTLFAST_HD bool lu_solve(Team& tm, double* M, double* r0, double* r1, int n) {
     }
     tm.sync();
   }
+  if (sz > 1) return tri_solve_cols(tm, M, n, r0, r1, n, kUpper, true);
   bool ok = true;
   for (int c = n - 1; c >= 0; --c) {
     const bool own = c % sz == rk;
@@ -109,30 +153,33 @@ MTLFAST_HD bool lu_solve(Team& tm, double* M, double* r0, double* r1, int n) {
 // ------------------------------------------------------------------ non-negative / simplex QP
 
 // Row k of the Cholesky factor L (leading dimension T) of A restricted to ord[0..k), for the
-// index j (= ord[k] when rebuilding). `rebuild` reads A[j, ord[c]] (the original chol_rebuild),
-// otherwise A[ord[c], j] (chol_append); the same for a symmetric A. False when not positive
-// definite. Entry L[k, c] is owned by rank c % size.
+// index j (= ord[k] when rebuilding): L_{<k} l = a, then the diagonal. `rebuild` reads
+// a_c = A[j, ord[c]] (the original chol_rebuild), otherwise A[ord[c], j] (chol_append); the
+// same for a symmetric A. False when not positive definite.
 template <class Team>
 MTLFAST_HD bool chol_row(Team& tm, const double* A, int T, const int* ord, double* L, int k,
                          int j, bool rebuild) {
   const int rk = tm.rank(), sz = tm.size();
-  for (int c = 0; c < k; ++c) {
-    double s = c % sz == rk ? (rebuild ? A[j * T + ord[c]] : A[ord[c] * T + j]) : 0.0;
-    for (int m = rk; m < c; m += sz) s -= L[c * T + m] * L[k * T + m];
-    s = tm.sum(s);
-    if (c % sz == rk) L[k * T + c] = s / L[c * T + c];
-  }
-  double d = rk == 0 ? A[j * T + j] : 0.0;
-  if (sz == 1) {
-    for (int c = 0; c < k; ++c) d -= L[k * T + c] * L[k * T + c];
+  double* row = L + k * T;
+  double d;
+  if (sz == 1) {  // the original order: row-by-row dot products
+    for (int c = 0; c < k; ++c) {
+      double s = rebuild ? A[j * T + ord[c]] : A[ord[c] * T + j];
+      for (int m = 0; m < c; ++m) s -= L[c * T + m] * row[m];
+      row[c] = s / L[c * T + c];
+    }
+    d = A[j * T + j];
+    for (int c = 0; c < k; ++c) d -= row[c] * row[c];
   } else {
+    for (int c = rk; c < k; c += sz) row[c] = rebuild ? A[j * T + ord[c]] : A[ord[c] * T + j];
     tm.sync();
+    tri_solve_cols(tm, L, T, row, static_cast<double*>(nullptr), k, kLower, false);
     d = 0.0;
-    for (int c = rk; c < k; c += sz) d -= L[k * T + c] * L[k * T + c];
+    for (int c = rk; c < k; c += sz) d -= row[c] * row[c];
     d = A[j * T + j] + tm.sum(d);
   }
   if (!(d > 0.0)) return false;
-  if (rk == 0) L[k * T + k] = sqrt(d);
+  if (rk == 0) row[k] = sqrt(d);
   tm.sync();
   return true;
 }
@@ -181,7 +228,15 @@ MTLFAST_HD void nnqp_solve(Team& tm, const double* A, const double* b, int T, bo
     // Step 1: the equality-constrained solve on the support.
     const int* idx;
     int k;
-    if (chol) {
+    if (chol && sz > 1) {
+      idx = ord;
+      k = nord;
+      for (int a = rk; a < k; a += sz) r[a] = -b[ord[a]];
+      tm.sync();
+      tri_solve_cols(tm, big, T, r, static_cast<double*>(nullptr), k, kLower, false);
+      if (!tri_solve_cols(tm, big, T, r, static_cast<double*>(nullptr), k, kLowerT, true))
+        break;  // step 4: freeze
+    } else if (chol) {
       idx = ord;
       k = nord;
       for (int a = 0; a < k; ++a) {
@@ -438,6 +493,11 @@ MTLFAST_HD bool newton_solve(Team& tm, double* H, double* rhs, const double* Kn,
     if (rk == 0) H[j * n + j] = ljj;  // read by nobody before the next barrier
   }
   tm.sync();
+  if (spd && sz > 1) {
+    tri_solve_cols(tm, H, n, rhs, static_cast<double*>(nullptr), n, kLower, false);
+    tri_solve_cols(tm, H, n, rhs, static_cast<double*>(nullptr), n, kLowerT, false);
+    return true;
+  }
   if (spd) {
     for (int i = 0; i < n; ++i) {
       double t = i % sz == rk ? rhs[i] : 0.0;
@@ -493,6 +553,10 @@ MTLFAST_HD bool newton_solve(Team& tm, double* H, double* rhs, const double* Kn,
       rhs[i] -= m * rhs[j];
     }
     tm.sync();
+  }
+  if (sz > 1) {
+    tri_solve_cols(tm, H, n, rhs, static_cast<double*>(nullptr), n, kUpper, false);
+    return true;
   }
   for (int i = n - 1; i >= 0; --i) {
     double t = i % sz == rk ? rhs[i] : 0.0;
