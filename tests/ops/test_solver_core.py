@@ -62,14 +62,17 @@ def test_team_nnqp_matches_reference(T, threads, simplex, rank):
 
 
 @needs_core
-@pytest.mark.parametrize("T,threads", _team_cases((2, 3, 7)))  # the reference is slow
-def test_team_cagrad_matches_reference(T, threads):
-    K = gram_batch(T, batch=(2,), seed=T)
+@pytest.mark.parametrize("T", [2, 3, 7])  # the reference is slow: one team size, one problem
+@pytest.mark.parametrize("rank", [None, 2])
+def test_team_cagrad_matches_reference(T, rank):
+    threads = 3
+    K = gram_batch(T, rank=rank, seed=T)
     p = torch.full(K.shape[:-1], 1.0 / T, dtype=torch.float64)
     ref = solvers.cagrad_weights_reference(K, p, 0.4)
     got = torch.ops.mtlfast.team_cagrad(K, p, 0.4, solvers.CAGRAD_ROOT_STEPS,
                                         solvers.nnqp_steps(T), solvers.DUAL_TOL, threads)
-    assert rel_err(got, ref) < 1e-8
+    # K w: the update's direction (w itself is not unique when K is singular)
+    assert rel_err(K @ got[..., None], K @ ref[..., None]) < 1e-8
 
 
 @needs_core
