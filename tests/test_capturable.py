@@ -97,6 +97,23 @@ def test_backward_makes_no_host_sync(cls):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("name", ["UPGrad", "DualProj", "AlignedMTL", "ConFIG"])
+def test_preference_vector_makes_no_host_sync(name):
+    pref = torch.tensor([0.1, 0.2, 0.3, 0.2, 0.2], dtype=torch.float64)
+    method = getattr(methods, name)(pref_vector=pref, on_nonfinite="skip")
+    A = torch.randn(5, 30, device="cuda")
+    K = A @ A.T
+    method.weights(K)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        w = method.weights(K)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(w).all()
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("name", CAPTURABLE)
 def test_captured_step_replays_like_eager(name):
     model, engine, x, y = _setup(name)

@@ -50,10 +50,11 @@ def check_task_losses(method: Method, losses: torch.Tensor | None, T: int
 
 
 def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor drawn on the host (random orders) on ``device`` without a host sync: to a
-    CUDA device through pinned memory with a non-blocking copy (a pageable copy synchronizes)."""
+    """A CPU tensor made on the host (random orders, a preference vector) on ``device`` without
+    a host sync: to a CUDA device through pinned memory with a non-blocking copy (a pageable
+    copy synchronizes)."""
     device = torch.device(device)
-    if device.type != "cuda":
+    if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
