@@ -3,10 +3,9 @@
 Each op has a torch reference (the spec: batched over ``(..., T, T)``, fixed iteration counts,
 masked updates, no host read, so it runs on any device, ``meta`` included) and one dispatch
 function that picks the C++ kernel for CPU tensors when the extension is built, and for
-``power_fixed_point`` / ``imtl_weights`` the CUDA kernels on CUDA (T <= 64; csrc/common/
-solver_core.h is the code of both). The kernels
-compute in float64 and return the Gram's dtype; the references compute in float64 too
-(float32 where the device has no float64).
+``power_fixed_point`` / ``imtl_weights`` / ``sym_eig`` the CUDA kernels on CUDA (T <= 64;
+csrc/common/solver_core.h is the code of both). The kernels compute in float64 and return the
+Gram's dtype; the references compute in float64 too (float32 where the device has no float64).
 
 - ``power_fixed_point(K, alpha, iters)``: the positive root of ``K w = w^(-1/alpha)``
   (FairGrad; Nash-MTL is ``alpha = 1``), the minimizer of the convex
@@ -179,8 +178,9 @@ def imtl_weights(K: torch.Tensor, sum_tol: float = IMTL_SUM_TOL) -> torch.Tensor
     below ``T eps`` times the largest; ``w = 0`` when ``|sum v| <= sum_tol sum |v|``.
 
     CUDA (T <= 64): one kernel (Jacobi eigendecomposition + the rest, csrc/common/
-    solver_core.h). Elsewhere the reference (LAPACK's eigh is faster than the serial Jacobi on a
-    CPU; the C++ op ``torch.ops.mtlfast.imtl_weights`` is the same core on one thread).
+    solver_core.h). Elsewhere the reference: the same core on one CPU thread
+    (``torch.ops.mtlfast.imtl_weights``) measured 19 us vs 156 us at T=8 but 1.6 ms vs 0.43 ms
+    at T=32 (serial Jacobi is O(T^3) per sweep; benchmarks/RESULTS.md), so the CPU keeps eigh.
     """
     if _use_cuda_kernel(K) and K.dtype == torch.float64:
         return torch.ops.mtlfast.imtl_weights(K, float(sum_tol))
