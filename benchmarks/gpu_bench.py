@@ -232,6 +232,117 @@ def batched_solvers(ctx):
 
 
 @section
+def solver_kernels_vs_torch(ctx):
+    """Each CUDA solver kernel (one problem, T=8 and 32) vs the torch path it replaced."""
+    from mtlfast.ops import solvers
+    from mtlfast.ops import solvers_nonlinear as nl
+
+    def eigh_imtl(K):  # IMTLG's torch path before the kernel (linalg.eigh syncs on its info)
+        d = K.diagonal().clamp_min(0).sqrt()
+        lam, V = torch.linalg.eigh(K)
+        keep = lam > K.shape[-1] * torch.finfo(K.dtype).eps * lam.abs().amax()
+        v = (V * torch.where(keep, 1 / torch.where(keep, lam, 1.0), 0.0)) @ (V.T @ d)
+        return v / v.sum()
+
+    def cases(K):
+        T = K.shape[-1]
+        p = torch.full((T,), 1.0 / T, dtype=K.dtype, device=K.device)
+        zero = K.new_zeros(1, T)
+        upgrad_b = p[:, None] * K
+        dualproj_b = (K @ p)[None]
+        return {  # name -> (kernel call, torch call)
+            "nnqp simplex (MGDA)": (lambda: solvers.nnqp(K, zero, True),
+                                    lambda: solvers.nnqp_reference(K, zero, True)),
+            "nnqp x T (UPGrad)": (lambda: solvers.nnqp(K, upgrad_b),
+                                  lambda: solvers.nnqp_reference(K, upgrad_b)),
+            "nnqp (DualProj)": (lambda: solvers.nnqp(K, dualproj_b),
+                                lambda: solvers.nnqp_reference(K, dualproj_b)),
+            "cagrad c=0.4": (lambda: solvers.cagrad_weights(K, p, 0.4),
+                             lambda: solvers.cagrad_weights_reference(K, p, 0.4)),
+            "power_fixed_point a=1 (NashMTL)": (
+                lambda: nl.power_fixed_point(K, 1.0, 20),
+                lambda: nl.power_fixed_point_reference(K, 1.0, 20)),
+            "power_fixed_point a=2 (FairGrad)": (
+                lambda: nl.power_fixed_point(K, 2.0, 25),
+                lambda: nl.power_fixed_point_reference(K, 2.0, 25)),
+            "imtl_weights (IMTLG)": (lambda: nl.imtl_weights(K), lambda: eigh_imtl(K)),
+            "sym_eig (AlignedMTL, ConFIG)": (lambda: nl.sym_eig(K),
+                                             lambda: torch.linalg.eigh(K)),
+        }
+
+    rows = []
+    for T in (8, 32):
+        A = torch.randn(T, 2 * T, device="cuda", dtype=torch.float64)
+        K = solvers.normalize_gram(A @ A.T)[0]
+        for name, (kernel, reference) in cases(K).items():
+            tag = f"{name} T={T}"
+            if time.time() > ctx["deadline"]:
+                rows.append({"section": "solver_kernels", "name": tag, "skipped": "budget"})
+                continue
+            try:
+                ref = bench(lambda k: reference(), target_ms=100.0, min_reps=3, max_reps=50)
+                if not has_kernels():
+                    rows.append(row("solver_kernels", f"{tag} torch", ref))
+                    continue
+                t = bench(lambda k: kernel(), max_reps=200)
+                ok = bool(t["ms"] * 1e3 <= 20.0) if T == 32 else None
+                rows.append(row("solver_kernels", f"{tag} kernel", t, target_us=20.0, ok=ok,
+                                torch_ms=ref["ms"], speedup_vs_torch=ref["ms"] / t["ms"]))
+            except Exception as exc:
+                rows.append({"section": "solver_kernels", "name": tag,
+                             "skipped": f"{type(exc).__name__}: {exc}"[:200]})
+    return rows
+
+
+@section
+def projection_step(ctx):
+    """The projection part of a PCGrad / UPGrad step on G (T=8, P=1e8, fp32): gram + weights +
+    combine into a flat .grad, vs the floor (2 reads of G + 1 write of P at the copy rate)
+    and vs the pairwise PCGrad loop (benchmarks/baselines/pcgrad.py)."""
+    from mtlfast import methods
+    from mtlfast.ops import combine, gram
+
+    sys.path.insert(0, ROOT)
+    from benchmarks.baselines.pcgrad import pcgrad_pairwise
+
+    T, P = 8, 10**8
+    G = torch.randn(T, P, device="cuda")
+    out = torch.empty(P, device="cuda")
+    floor = (2 * T + 1) * P * 4 / ctx["bw"] * 1e3
+    rows = []
+    loop_ms = None
+    for name in ("PCGrad", "UPGrad"):
+        method = methods.PCGrad(seed=0) if name == "PCGrad" else methods.UPGrad()
+
+        def step(k, method=method):
+            combine(method.weights(gram(G)), G, out)
+
+        t = bench(step, max_reps=50)
+        extra = {}
+        if name == "PCGrad":
+            orders = method.last_orders.cpu().tolist()
+            loop = bench(lambda k: pcgrad_pairwise(G, orders), target_ms=300.0, min_reps=3,
+                         max_reps=10)
+            loop_ms = loop["ms"]
+            ref = pcgrad_pairwise(G, orders)
+            extra = {"pairwise_loop_ms": loop_ms, "speedup_vs_pairwise": loop_ms / t["ms"],
+                     "rel_err_vs_pairwise": ((out - ref).norm() / ref.norm()).item()}
+            rows.append(row("projection_step", "PCGrad pairwise loop T=8 P=1e8", loop, floor))
+            ref = None
+        rows.append(row("projection_step", f"mtlfast {name} T=8 P=1e8 fp32", t, floor, 1.3,
+                        **extra))
+        if loop_ms is not None:
+            speedup = loop_ms / t["ms"]
+            rows.append({"section": "projection_step", "name": f"{name} speedup vs pairwise",
+                         "ms": t["ms"], "min_ms": None, "max_ms": None, "reps": None,
+                         "floor_ms": None, "ratio": None, "target": ">= 5x",
+                         "ok": bool(speedup >= 5.0), "speedup_vs_pairwise": speedup})
+    G = out = None
+    free()
+    return rows
+
+
+@section
 def fused_heads(ctx):
     """FusedHeads vs the ModuleList loop vs concatenated Linear + bmm, forward + backward."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))

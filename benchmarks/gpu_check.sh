@@ -6,7 +6,9 @@
 # 1. builds mtlfast._C in place for this GPU's architecture and checks it has CUDA kernels,
 # 2. runs the CUDA tests (pytest -m cuda) and every Triton test file on the GPU (JUnit XML),
 # 3. runs benchmarks/gpu_bench.py (copy bandwidth, gram/combine vs torch and the floor,
-#    gram_multi, graddrop, batched solvers when present),
+#    gram_multi, graddrop, batched solvers, each solver kernel vs its torch path, the
+#    PCGrad/UPGrad projection step at T=8 P=1e8 vs the floor and the pairwise loop, fused
+#    heads, full training steps),
 # 4. writes gpu_report.json + gpu_report.md (environment, step exit codes, test summaries,
 #    pass/fail table, benchmark table) to the output folder.
 # Every step has its own time limit inside a total budget (MTLFAST_GPU_BUDGET seconds,

@@ -21,6 +21,36 @@ Distributed (``process_group=``, see ``mtlfast.distributed``): ``distributed_mod
 all-reduces the (T, P) Jacobian (in ``bucket_cap_mb`` buckets started during the backward) and
 runs the method on the global Gram, equal to one process on the global batch (jacobian mode
 only); ``"local"`` projects per rank and averages the update.
+
+CUDA graphs. On CUDA, a jacobian-mode step of a Gram method makes no host synchronization when
+the engine AND the method use ``on_nonfinite="skip"`` (the gradients, Gram, T x T solve and
+combination all stay on the device; "raise" reads one flag per step). Such a step (forward +
+``backward``) can be captured once and replayed, the usual whole-network capture recipe::
+
+    engine = MTLBackward(trunk, UPGrad(on_nonfinite="skip"), mode="jacobian",
+                         on_nonfinite="skip")
+    def step():                                   # reads only static_x / static_y
+        losses, z = model(static_x, static_y)
+        engine.backward(losses, features=z)
+    side = torch.cuda.Stream(); side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):                 # warm-up: buffers, batching decision
+        for _ in range(3):
+            model.zero_grad(set_to_none=True); step()
+    torch.cuda.current_stream().wait_stream(side)
+    model.zero_grad(set_to_none=True)             # the captured step then overwrites .grad
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for x, y in loader:                           # training
+        static_x.copy_(x); static_y.copy_(y)
+        graph.replay()                            # .grad = this batch's update
+        opt.step()                                # no zero_grad(set_to_none=True) in between
+
+Replays equal eager steps for the deterministic, stateless methods (UPGrad, DualProj, MGDA,
+CAGrad, IMTLG, FairGrad, AlignedMTL, ConFIG, Mean, Sum; tests/test_capturable.py). Not graph-safe:
+methods that draw on the host (PCGrad's and GradVac's random orders: a replay reuses the
+captured ones) or keep host-side state (NashMTL's update counter, GradNorm's and GradVac's
+state buffers, which Python reassigns each step). T <= 64 keeps every T x T solve in one kernel.
 """
 
 from __future__ import annotations

@@ -14,12 +14,11 @@
 #include <tuple>
 #include <vector>
 
+#include "../common/solver_core.h"
+
 namespace mtlfast {
 namespace {
 
-constexpr double kDiagFloor = 1e-20;  // keep equal to _DIAG_FLOOR in the Python reference
-constexpr int kLineSearch = 10;       // _LINE_SEARCH
-constexpr double kArmijo = 1e-4;      // _ARMIJO
 constexpr double kEps64 = std::numeric_limits<double>::epsilon();
 
 // ---------------------------------------------------------------------------------------------
@@ -164,141 +163,6 @@ void sym_eig(double* V, double* d, int64_t n) {
       for (int64_t j = 0; j < n; ++j) std::swap(at(j, i), at(j, k));
     }
   }
-}
-
-// Solve H x = b for symmetric H (n x n, destroyed): Cholesky, or LU with partial pivoting
-// when H is not numerically positive definite. Returns false when both fail.
-bool sym_solve(double* H, double* b, int64_t n) {
-  std::vector<double> L(H, H + n * n);
-  bool spd = true;
-  for (int64_t j = 0; j < n && spd; ++j) {
-    double s = L[j * n + j];
-    for (int64_t k = 0; k < j; ++k) s -= L[j * n + k] * L[j * n + k];
-    if (!(s > 0.0) || !std::isfinite(s)) {
-      spd = false;
-      break;
-    }
-    const double ljj = std::sqrt(s);
-    L[j * n + j] = ljj;
-    for (int64_t i = j + 1; i < n; ++i) {
-      double t = L[i * n + j];
-      for (int64_t k = 0; k < j; ++k) t -= L[i * n + k] * L[j * n + k];
-      L[i * n + j] = t / ljj;
-    }
-  }
-  if (spd) {
-    for (int64_t i = 0; i < n; ++i) {
-      double t = b[i];
-      for (int64_t k = 0; k < i; ++k) t -= L[i * n + k] * b[k];
-      b[i] = t / L[i * n + i];
-    }
-    for (int64_t i = n - 1; i >= 0; --i) {
-      double t = b[i];
-      for (int64_t k = i + 1; k < n; ++k) t -= L[k * n + i] * b[k];
-      b[i] = t / L[i * n + i];
-    }
-    return true;
-  }
-  for (int64_t j = 0; j < n; ++j) {
-    int64_t piv = j;
-    for (int64_t i = j + 1; i < n; ++i)
-      if (std::abs(H[i * n + j]) > std::abs(H[piv * n + j])) piv = i;
-    if (H[piv * n + j] == 0.0) return false;
-    if (piv != j) {
-      for (int64_t k = 0; k < n; ++k) std::swap(H[j * n + k], H[piv * n + k]);
-      std::swap(b[j], b[piv]);
-    }
-    for (int64_t i = j + 1; i < n; ++i) {
-      const double m = H[i * n + j] / H[j * n + j];
-      for (int64_t k = j; k < n; ++k) H[i * n + k] -= m * H[j * n + k];
-      b[i] -= m * b[j];
-    }
-  }
-  for (int64_t i = n - 1; i >= 0; --i) {
-    double t = b[i];
-    for (int64_t k = i + 1; k < n; ++k) t -= H[i * n + k] * b[k];
-    b[i] = t / H[i * n + i];
-  }
-  return true;
-}
-
-inline double barrier(double w, double p) {
-  return p == 1.0 ? std::log(w) : std::pow(w, 1.0 - p) / (1.0 - p);
-}
-
-// Positive root of K w = w^-p, p = 1/alpha, solved on K/||K||_F and rescaled (see
-// power_fixed_point_reference).
-void power_fixed_point_one(const double* K, int64_t n, double alpha, int64_t iters, double* w) {
-  const double p = 1.0 / alpha;
-  std::vector<double> Kn(static_cast<size_t>(n * n)), H(static_cast<size_t>(n * n));
-  std::vector<double> Kw(n), grad(n), step(n), Ks(n);
-  double s = 0.0;
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < n; ++j) {
-      const double v = 0.5 * (K[i * n + j] + K[j * n + i]);
-      Kn[i * n + j] = v;
-      s += v * v;
-    }
-  s = std::sqrt(s);
-  if (!(s > 0.0)) s = 1.0;
-  for (double& v : Kn) v /= s;
-  for (int64_t i = 0; i < n; ++i)
-    w[i] = std::pow(std::max(Kn[i * n + i], kDiagFloor), -alpha / (alpha + 1.0));
-  for (int64_t it = 0; it < iters; ++it) {
-    for (int64_t i = 0; i < n; ++i) {
-      double t = 0.0;
-      for (int64_t j = 0; j < n; ++j) t += Kn[i * n + j] * w[j];
-      Kw[i] = t;
-      grad[i] = t - std::pow(w[i], -p);
-      step[i] = -grad[i];
-    }
-    std::copy(Kn.begin(), Kn.end(), H.begin());
-    for (int64_t i = 0; i < n; ++i) H[i * n + i] += p * std::pow(w[i], -p - 1.0);
-    if (!sym_solve(H.data(), step.data(), n)) std::fill(step.begin(), step.end(), 0.0);
-    double up = -std::numeric_limits<double>::infinity(), down = up;
-    for (int64_t i = 0; i < n; ++i) {
-      if (!std::isfinite(step[i])) step[i] = 0.0;
-      const double ratio = step[i] / w[i];
-      up = std::max(up, ratio);
-      down = std::max(down, -ratio / 0.9);
-    }
-    const double shrink = std::max({up, down, 1.0});
-    double wKw = 0.0, sKw = 0.0, sKs = 0.0, h0 = 0.0, gs = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
-      double t = 0.0;
-      for (int64_t j = 0; j < n; ++j) t += Kn[i * n + j] * step[j];
-      Ks[i] = t;
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      wKw += w[i] * Kw[i];
-      sKw += step[i] * Kw[i];
-      sKs += step[i] * Ks[i];
-      h0 += barrier(w[i], p);
-      gs += grad[i] * step[i];
-    }
-    const double f0 = 0.5 * wKw - h0;
-    const double slack = 8 * kEps64 * (0.5 * std::abs(wKw) + std::abs(h0));
-    double t_acc = 0.0;
-    double t = 1.0 / shrink;
-    for (int k = 0; k < kLineSearch; ++k, t *= 0.5) {
-      double h = 0.0;
-      for (int64_t i = 0; i < n; ++i) h += barrier(w[i] + t * step[i], p);
-      const double f = 0.5 * (wKw + 2 * t * sKw + t * t * sKs) - h;
-      if (std::isfinite(f) && f <= f0 + kArmijo * t * gs + slack) {
-        t_acc = t;
-        break;
-      }
-    }
-    double change = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
-      change = std::max(change, std::abs(t_acc * step[i] / w[i]));
-      w[i] += t_acc * step[i];
-    }
-    // The reference keeps iterating; from here on its steps change w by rounding only.
-    if (change < 1e-13) break;
-  }
-  const double factor = std::pow(s, -alpha / (alpha + 1.0));
-  for (int64_t i = 0; i < n; ++i) w[i] *= factor;
 }
 
 double dtype_eps(const at::Tensor& t) {
@@ -449,10 +313,53 @@ at::Tensor power_fixed_point_cpu(const at::Tensor& K_in, double alpha, int64_t i
   const double* k = K.data_ptr<double>();
   double* w = out.data_ptr<double>();
   at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
+    std::vector<double> ws(core::power_fixed_point_ws_doubles(static_cast<int>(n)));
+    core::SerialTeam team;
     for (int64_t b = b0; b < b1; ++b)
-      power_fixed_point_one(k + b * n * n, n, alpha, iters, w + b * n);
+      core::power_fixed_point_solve(team, k + b * n * n, static_cast<int>(n), alpha, iters,
+                                    w + b * n, ws.data());
   });
   return out.to(K_in.scalar_type());
+}
+
+// IMTL-G's weights for float64 Grams (..., T, T) scaled to max diagonal 1 (the shared core's
+// imtl_solve: Jacobi eigendecomposition, pseudo-inverse, normalization to sum 1).
+at::Tensor imtl_weights_cpu(const at::Tensor& K_in, double sum_tol) {
+  TORCH_CHECK(K_in.scalar_type() == at::kDouble, "imtl_weights: K must be float64, got ",
+              K_in.scalar_type());
+  const at::Tensor K = as_blocks(K_in, "imtl_weights");
+  const int64_t n = K.size(-1), B = K.numel() / (n * n);
+  at::Tensor out = at::empty(K.sizes().slice(0, K.dim() - 1), K.options());
+  const double* k = K.data_ptr<double>();
+  double* w = out.data_ptr<double>();
+  at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
+    std::vector<double> ws(core::imtl_ws_doubles(static_cast<int>(n)));
+    core::SerialTeam team;
+    for (int64_t b = b0; b < b1; ++b)
+      core::imtl_solve(team, k + b * n * n, static_cast<int>(n), sum_tol, w + b * n, ws.data());
+  });
+  return out;
+}
+
+// Eigenvalues (ascending) and eigenvectors (columns) of the symmetric part of each block, by the
+// shared core's Jacobi method: the CUDA path of Aligned-MTL and ConFIG, where torch.linalg.eigh
+// would check its error codes on the host.
+std::tuple<at::Tensor, at::Tensor> sym_eig_cpu(const at::Tensor& K_in) {
+  const at::Tensor K = as_blocks(K_in, "sym_eig");
+  const int64_t n = K.size(-1), B = K.numel() / (n * n);
+  at::Tensor lam = at::empty(K.sizes().slice(0, K.dim() - 1), K.options());
+  at::Tensor V = at::empty_like(K);
+  const double* k = K.data_ptr<double>();
+  double* pl = lam.data_ptr<double>();
+  double* pv = V.data_ptr<double>();
+  at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
+    std::vector<double> ws(core::sym_eig_ws_doubles(static_cast<int>(n)));
+    core::SerialTeam team;
+    for (int64_t b = b0; b < b1; ++b)
+      core::sym_eig_solve(team, k + b * n * n, static_cast<int>(n), pl + b * n, pv + b * n * n,
+                          ws.data());
+  });
+  return {lam, V};
 }
 
 at::Tensor aligned_mtl_weights_cpu(const at::Tensor& K_in,
@@ -599,6 +506,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradnorm_update_cpu(
 
 TORCH_LIBRARY_FRAGMENT(mtlfast, m) {
   m.def("power_fixed_point(Tensor K, float alpha, int iters) -> Tensor");
+  m.def("imtl_weights(Tensor K, float sum_tol) -> Tensor");
+  m.def("sym_eig(Tensor K) -> (Tensor, Tensor)");
   m.def("aligned_mtl_weights(Tensor K, Tensor? pref, int scale_mode) -> Tensor");
   m.def("config_weights(Tensor K, Tensor? pref) -> Tensor");
   m.def("clip_update_norm(Tensor w, Tensor K, float max_norm) -> Tensor");
@@ -610,6 +519,8 @@ TORCH_LIBRARY_FRAGMENT(mtlfast, m) {
 
 TORCH_LIBRARY_IMPL(mtlfast, CPU, m) {
   m.impl("power_fixed_point", &power_fixed_point_cpu);
+  m.impl("imtl_weights", &imtl_weights_cpu);
+  m.impl("sym_eig", &sym_eig_cpu);
   m.impl("aligned_mtl_weights", &aligned_mtl_weights_cpu);
   m.impl("config_weights", &config_weights_cpu);
   m.impl("gradvac_sweep", &gradvac_sweep_cpu);

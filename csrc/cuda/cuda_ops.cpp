@@ -10,6 +10,7 @@
 
 #include <map>
 #include <mutex>
+#include <tuple>
 #include <vector>
 
 #include "launchers.h"
@@ -194,6 +195,110 @@ at::Tensor pcgrad_cuda(const at::Tensor& K_in, const at::Tensor& orders_in) {
   return C;
 }
 
+
+// Checks shared by the solver ops: float64, on one CUDA device, T in [1, 64].
+void check_solver_input(const at::Tensor& t, const char* op, const char* name, int64_t dim_min) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kDouble, op, ": ", name, " must be float64, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() >= dim_min, op, ": ", name, " must have at least ", dim_min,
+              " dims, got ", t.sizes());
+}
+
+int64_t solver_T(const at::Tensor& K, const char* op) {
+  TORCH_CHECK(K.size(-1) == K.size(-2), op, ": K must have shape (..., T, T), got ", K.sizes());
+  const int64_t T = K.size(-1);
+  TORCH_CHECK(T >= 1 && T <= 64, op, ": the CUDA kernel takes 1 <= T <= 64, got ", T);
+  return T;
+}
+
+at::Tensor nnqp_cuda(const at::Tensor& A_in, const at::Tensor& b_in, bool simplex, int64_t steps,
+                     double tol) {
+  check_solver_input(A_in, "nnqp", "A", 2);
+  check_solver_input(b_in, "nnqp", "b", 2);
+  const int64_t T = solver_T(A_in, "nnqp");
+  TORCH_CHECK(b_in.dim() == A_in.dim() && b_in.size(-1) == T &&
+                  b_in.sizes().slice(0, b_in.dim() - 2) == A_in.sizes().slice(0, A_in.dim() - 2),
+              "nnqp: b must have shape (..., m, T) matching A ", A_in.sizes(), ", got ",
+              b_in.sizes());
+  TORCH_CHECK(b_in.device() == A_in.device(), "nnqp: A and b on different devices");
+  c10::OptionalDeviceGuard guard(A_in.device());
+  at::Tensor A = A_in.contiguous(), b = b_in.contiguous();
+  at::Tensor x = at::empty_like(b, at::MemoryFormat::Contiguous);
+  const int64_t nA = A.numel() / (T * T), m = b.size(-2);
+  if (nA == 0 || m == 0) return x;
+  check(mtlfast_cuda_nnqp(A.data_ptr<double>(), b.data_ptr<double>(), nA, m, T, simplex ? 1 : 0,
+                          steps, tol, x.data_ptr<double>(), current_stream(A)),
+        "nnqp");
+  return x;
+}
+
+at::Tensor cagrad_cuda(const at::Tensor& A_in, const at::Tensor& p_in, double c,
+                       int64_t root_steps, int64_t qp_steps, double tol) {
+  check_solver_input(A_in, "cagrad", "A", 2);
+  check_solver_input(p_in, "cagrad", "p", 1);
+  const int64_t T = solver_T(A_in, "cagrad");
+  TORCH_CHECK(p_in.sizes() == A_in.sizes().slice(0, A_in.dim() - 1),
+              "cagrad: p must have shape (..., T) matching A ", A_in.sizes(), ", got ",
+              p_in.sizes());
+  TORCH_CHECK(p_in.device() == A_in.device(), "cagrad: A and p on different devices");
+  c10::OptionalDeviceGuard guard(A_in.device());
+  at::Tensor A = A_in.contiguous(), p = p_in.contiguous();
+  at::Tensor w = at::empty_like(p, at::MemoryFormat::Contiguous);
+  const int64_t batch = p.numel() / T;
+  if (batch == 0) return w;
+  check(mtlfast_cuda_cagrad(A.data_ptr<double>(), p.data_ptr<double>(), batch, T, c, root_steps,
+                            qp_steps, tol, w.data_ptr<double>(), current_stream(A)),
+        "cagrad");
+  return w;
+}
+
+// Float Grams of any dtype are computed in float64 and returned in their dtype (as the CPU op).
+at::Tensor power_fixed_point_cuda(const at::Tensor& K_in, double alpha, int64_t iters) {
+  TORCH_CHECK(K_in.is_cuda() && K_in.is_floating_point() && K_in.dim() >= 2,
+              "power_fixed_point: K must be a floating CUDA tensor (..., T, T), got ",
+              K_in.scalar_type(), " ", K_in.sizes(), " on ", K_in.device());
+  TORCH_CHECK(alpha > 0, "power_fixed_point: alpha must be > 0, got ", alpha);
+  const int64_t T = solver_T(K_in, "power_fixed_point");
+  c10::OptionalDeviceGuard guard(K_in.device());
+  at::Tensor K = K_in.to(at::kDouble).contiguous();
+  at::Tensor w = at::empty(K.sizes().slice(0, K.dim() - 1), K.options());
+  const int64_t batch = w.numel() / T;
+  if (batch == 0) return w.to(K_in.scalar_type());
+  check(mtlfast_cuda_power_fixed_point(K.data_ptr<double>(), batch, T, alpha, iters,
+                                       w.data_ptr<double>(), current_stream(K)),
+        "power_fixed_point");
+  return w.to(K_in.scalar_type());
+}
+
+at::Tensor imtl_weights_cuda(const at::Tensor& K_in, double sum_tol) {
+  check_solver_input(K_in, "imtl_weights", "K", 2);
+  const int64_t T = solver_T(K_in, "imtl_weights");
+  c10::OptionalDeviceGuard guard(K_in.device());
+  at::Tensor K = K_in.contiguous();
+  at::Tensor w = at::empty(K.sizes().slice(0, K.dim() - 1), K.options());
+  const int64_t batch = w.numel() / T;
+  if (batch == 0) return w;
+  check(mtlfast_cuda_imtl_weights(K.data_ptr<double>(), batch, T, sum_tol, w.data_ptr<double>(),
+                                  current_stream(K)),
+        "imtl_weights");
+  return w;
+}
+
+std::tuple<at::Tensor, at::Tensor> sym_eig_cuda(const at::Tensor& K_in) {
+  check_solver_input(K_in, "sym_eig", "K", 2);
+  const int64_t T = solver_T(K_in, "sym_eig");
+  c10::OptionalDeviceGuard guard(K_in.device());
+  at::Tensor K = K_in.contiguous();
+  at::Tensor lam = at::empty(K.sizes().slice(0, K.dim() - 1), K.options());
+  at::Tensor V = at::empty_like(K, at::MemoryFormat::Contiguous);
+  const int64_t batch = lam.numel() / T;
+  if (batch == 0) return {lam, V};
+  check(mtlfast_cuda_sym_eig(K.data_ptr<double>(), batch, T, lam.data_ptr<double>(),
+                             V.data_ptr<double>(), current_stream(K)),
+        "sym_eig");
+  return {lam, V};
+}
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mtlfast, m) {
@@ -207,6 +312,11 @@ TORCH_LIBRARY_IMPL(mtlfast, CUDA, m) {
   m.impl("combine_", &combine_cuda);
   m.impl("graddrop", &graddrop_cuda);
   m.impl("pcgrad", &pcgrad_cuda);  // schema in csrc/cpu/solvers.cpp
+  m.impl("nnqp", &nnqp_cuda);
+  m.impl("cagrad", &cagrad_cuda);
+  m.impl("power_fixed_point", &power_fixed_point_cuda);  // schema in csrc/cpu/solvers_nonlinear.cpp
+  m.impl("imtl_weights", &imtl_weights_cuda);
+  m.impl("sym_eig", &sym_eig_cuda);
 }
 
 }  // namespace mtlfast

@@ -36,6 +36,23 @@ int mtlfast_cuda_graddrop(const void* G, int dtype, int64_t T, int64_t P, int64_
 // int64 orders of the same shape, one block per problem. T <= 64.
 int mtlfast_cuda_pcgrad(const double* K, const int64_t* orders, int64_t batch, int64_t T,
                         double* C, void* stream);
+// The shared-core solvers (csrc/common/solver_core.h), float64, one block per problem, T <= 64.
+// nnqp: A (nA, T, T), b and x (nA, m, T); problem p solves with A[p / m] and b[p].
+int mtlfast_cuda_nnqp(const double* A, const double* b, int64_t nA, int64_t m, int64_t T,
+                      int simplex, int64_t steps, double tol, double* x, void* stream);
+// CAGrad's inner problem: A (batch, T, T), p and w (batch, T).
+int mtlfast_cuda_cagrad(const double* A, const double* p, int64_t batch, int64_t T, double c,
+                        int64_t root_steps, int64_t qp_steps, double tol, double* w,
+                        void* stream);
+// Positive root of K w = w^(-1/alpha): K (batch, T, T), w (batch, T).
+int mtlfast_cuda_power_fixed_point(const double* K, int64_t batch, int64_t T, double alpha,
+                                   int64_t iters, double* w, void* stream);
+// IMTL-G weights of scaled Grams K (batch, T, T): w (batch, T).
+int mtlfast_cuda_imtl_weights(const double* K, int64_t batch, int64_t T, double sum_tol,
+                              double* w, void* stream);
+// Ascending eigenvalues lam (batch, T) and eigenvectors V (batch, T, T) of sym(K).
+int mtlfast_cuda_sym_eig(const double* K, int64_t batch, int64_t T, double* lam, double* V,
+                         void* stream);
 
 #ifdef __cplusplus
 }

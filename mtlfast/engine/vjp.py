@@ -101,9 +101,22 @@ def _current_vmap_level() -> int:
     return level - 1
 
 
-def _unbatch(g: torch.Tensor, batch: int) -> torch.Tensor:
+def _unbatch(g: torch.Tensor, batch: int, level: int) -> torch.Tensor:
+    """``(batch, *shape)`` from a gradient of the batched backward at vmap ``level``.
+
+    ``level`` is computed on the calling thread before the backward starts: the hooks of CUDA
+    tensors run on autograd's device thread, whose vmap nesting counter (a plain thread-local,
+    not part of the state autograd propagates) reads 0 there. Unbatching at that wrong level
+    returned the gradient still wrapped, and the sink's ``copy_`` into the flat buffer failed
+    with "vmap: aten::copy_ ... other being vmapped over but self wasn't" (jacobian mode) or a
+    wrapped Gram escaped the backward (gramian mode), failing later in ``bool(ok)`` with
+    "Batching rule not implemented for aten::is_nonzero" (H200, 2026-11-26).
+    """
     if is_legacy_batchedtensor(g):
-        return torch._remove_batch_dim(g, _current_vmap_level(), batch, 0)
+        g = torch._remove_batch_dim(g, level, batch, 0)
+        if is_legacy_batchedtensor(g):  # never hand a wrapped tensor to a sink
+            raise RuntimeError("mtlfast: per-task gradient still batched after unwrapping")
+        return g
     return g.unsqueeze(0).expand(batch, *g.shape)
 
 
@@ -118,10 +131,11 @@ def _run(
     retain_graph: bool,
 ) -> None:
     batch = tasks.stop - tasks.start
+    level = _current_vmap_level() + 1  # the level autograd.grad's vmap is about to open
 
     def hook_for(i: int) -> Callable[[torch.Tensor], torch.Tensor]:
         def hook(g: torch.Tensor) -> torch.Tensor:
-            sink(i, _unbatch(g, batch) if batched else g.unsqueeze(0), tasks)
+            sink(i, _unbatch(g, batch, level) if batched else g.unsqueeze(0), tasks)
             return torch.zeros((), dtype=g.dtype, device=g.device).expand(g.shape)
 
         return hook

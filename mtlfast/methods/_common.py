@@ -49,6 +49,16 @@ def check_task_losses(method: Method, losses: torch.Tensor | None, T: int
     return losses
 
 
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor made on the host (random orders, a preference vector) on ``device`` without
+    a host sync: to a CUDA device through pinned memory with a non-blocking copy (a pageable
+    copy synchronizes)."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """Running state is kept in at least float32 (EMAs in half precision drift)."""
     return torch.promote_types(dtype, torch.float32)

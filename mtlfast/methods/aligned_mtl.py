@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.solvers_nonlinear import SCALE_MODES, aligned_mtl_weights
+from ._common import host_to_device
 from .base import GramMethod
 
 __all__ = ["AlignedMTL"]
@@ -42,7 +43,9 @@ class AlignedMTL(GramMethod):
         if self.pref_vector is not None and self.pref_vector.shape[0] != gram.shape[-1]:
             raise ValueError(f"pref_vector has {self.pref_vector.shape[0]} entries, "
                              f"the Gram {gram.shape[-1]} tasks")
-        return aligned_mtl_weights(gram, self.pref_vector, self.scale_mode)
+        pref = (None if self.pref_vector is None
+                else host_to_device(self.pref_vector, gram.device))
+        return aligned_mtl_weights(gram, pref, self.scale_mode)
 
     def extra_repr(self) -> str:
         return f"scale_mode={self.scale_mode!r}, {super().extra_repr()}"

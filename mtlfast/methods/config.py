@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.solvers_nonlinear import config_weights
+from ._common import host_to_device
 from .base import GramMethod
 
 __all__ = ["ConFIG"]
@@ -36,4 +37,6 @@ class ConFIG(GramMethod):
         if self.pref_vector is not None and self.pref_vector.shape[0] != gram.shape[-1]:
             raise ValueError(f"pref_vector has {self.pref_vector.shape[0]} entries, "
                              f"the Gram {gram.shape[-1]} tasks")
-        return config_weights(gram, self.pref_vector)
+        pref = (None if self.pref_vector is None
+                else host_to_device(self.pref_vector, gram.device))
+        return config_weights(gram, pref)

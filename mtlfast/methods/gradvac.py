@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..ops.solvers_nonlinear import gradvac_sweep
+from ._common import host_to_device
 from ._stateful import StatefulGramMethod
 
 __all__ = ["GradVac"]
@@ -85,6 +86,8 @@ class GradVac(StatefulGramMethod):
             raise ValueError(f"GradVac keeps EMA targets of shape {tuple(self.phi_hat.shape)}; "
                              f"got a Gram of shape {tuple(gram.shape)}")
         orders = self.draw_orders(gram.shape[-1])
+        if gram.device.type != "cpu":  # the torch reference reads them on the Gram's device
+            orders = host_to_device(orders, gram.device)
         w, phi = gradvac_sweep(gram, self.phi_hat, orders, self.beta, self.eps)
         self.phi_hat = self._keep_if_skipped(phi.to(self.phi_hat), self.phi_hat)
         return w

@@ -7,6 +7,7 @@ from typing import Any, Literal
 import torch
 
 from ..ops import solvers
+from ._common import host_to_device
 from .base import GramMethod, NonFinitePolicy
 
 __all__ = ["PCGrad"]
@@ -48,9 +49,10 @@ class PCGrad(GramMethod):
         self.generator.set_state(state["generator"])
 
     def draw_orders(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
-        """Random task orders ``(*shape, T)`` (T = shape[-1]): one permutation per row."""
+        """Random task orders ``(*shape, T)`` (T = shape[-1]): one permutation per row, drawn on
+        the host and copied without a host sync (a CUDA graph replays the captured orders)."""
         keys = torch.rand(tuple(shape) + (shape[-1],), generator=self.generator)
-        return keys.argsort(-1).to(device)
+        return host_to_device(keys.argsort(-1), device)
 
     def _weights(self, gram: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         K, _ = solvers.normalize_gram(gram)

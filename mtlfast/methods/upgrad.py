@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from ..ops import solvers
+from ._common import host_to_device
 from .base import GramMethod, NonFinitePolicy
 
 __all__ = ["UPGrad"]
@@ -19,7 +20,7 @@ def pref_weights(pref_vector: torch.Tensor | None, K: torch.Tensor) -> torch.Ten
         return torch.full(K.shape[:-1], 1.0 / T, dtype=K.dtype, device=K.device)
     if pref_vector.shape != (T,):
         raise ValueError(f"pref_vector has shape {tuple(pref_vector.shape)}, the Gram T={T}")
-    return pref_vector.to(dtype=K.dtype, device=K.device).expand(K.shape[:-1])
+    return host_to_device(pref_vector.to(K.dtype), K.device).expand(K.shape[:-1])
 
 
 def as_pref_vector(pref_vector: Sequence[float] | torch.Tensor | None) -> torch.Tensor | None:

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch._C._functorch import is_legacy_batchedtensor
 from torch._subclasses.fake_tensor import is_fake
 
 from .. import _ext
@@ -210,7 +211,11 @@ def _weight_grad_torch(gy, x, in_widths, out_widths, per_task):
 # ----------------------------------------------------------------------------- dispatch
 
 def _backend(t: torch.Tensor) -> str:
-    if not _ext.has_triton():
+    # A legacy vmap BatchedTensor (the engine's autograd.grad(..., is_grads_batched=True) hands
+    # one to the backward) has no storage for a Triton launch: "Cannot access storage of
+    # BatchedTensorImpl" made the engine fall back to a loop of T backward passes on CUDA. The
+    # torch ops below have batching rules.
+    if not _ext.has_triton() or is_legacy_batchedtensor(t):
         return "torch"
     if t.is_cuda:
         return "triton"

@@ -31,11 +31,13 @@ from .. import _ext
 
 __all__ = [
     "CAGRAD_ROOT_STEPS",
+    "CUDA_MAX_T",
     "DUAL_TOL",
     "NNQP_EXTRA_STEPS",
     "NNQP_STEPS_PER_TASK",
     "cagrad_weights",
     "cagrad_weights_reference",
+    "cuda_kernel",
     "nnqp",
     "nnqp_reference",
     "nnqp_steps",
@@ -55,6 +57,18 @@ DUAL_TOL = 1e-12
 def _kernel(name: str, t: torch.Tensor) -> bool:
     """True when the C++ kernel ``torch.ops.mtlfast.<name>`` should serve the CPU tensor t."""
     return t.device.type == "cpu" and _ext.has_cpu_kernels() and hasattr(torch.ops.mtlfast, name)
+
+
+#: Largest T the CUDA solver kernels take (their workspace lives in shared memory); larger
+#: problems run the torch reference on the GPU.
+CUDA_MAX_T = 64
+
+
+def cuda_kernel(t: torch.Tensor) -> bool:
+    """True when the CUDA solver kernels (csrc/cuda/solvers.cu) serve the Gram batch ``t``
+    (``(..., T, T)`` float64 on a CUDA device, ``T <= CUDA_MAX_T``)."""
+    return (t.device.type == "cuda" and _ext.has_cuda_kernels() and t.dtype == torch.float64
+            and 0 < t.shape[-1] <= CUDA_MAX_T)
 
 
 #: Root-finding steps of CAGrad's outer problem (each one simplex QP solve).
@@ -175,11 +189,12 @@ def nnqp_reference(
 def nnqp(
     A: torch.Tensor, b: torch.Tensor, simplex: bool = False, steps: int | None = None
 ) -> torch.Tensor:
-    """``nnqp_reference``'s problem, by the C++ kernel on CPU (it stops each problem as soon as
-    it has converged, within the same step budget), else by the torch reference."""
+    """``nnqp_reference``'s problem, by the C++ kernel on CPU or the CUDA kernel on CUDA
+    (``T <= 64``; both run csrc/common/solver_core.h and stop each problem as soon as it has
+    converged, within the same step budget), else by the torch reference."""
     _check_qp(A, b)
     steps = nnqp_steps(A.shape[-1]) if steps is None else steps
-    if _kernel("nnqp", A):
+    if _kernel("nnqp", A) or (cuda_kernel(A) and b.device == A.device):
         return torch.ops.mtlfast.nnqp(A, b, simplex, steps, DUAL_TOL)
     return nnqp_reference(A, b, simplex, steps)
 
@@ -225,8 +240,7 @@ def pcgrad_weights(K: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
     _check_pcgrad(K, orders)
     if _kernel("pcgrad", K):
         return torch.ops.mtlfast.pcgrad(K, orders)
-    if (K.device.type == "cuda" and _ext.has_cuda_kernels() and K.dtype == torch.float64
-            and 0 < K.shape[-1] <= 64 and orders.device == K.device):
+    if cuda_kernel(K) and orders.device == K.device:
         return torch.ops.mtlfast.pcgrad(K, orders)  # csrc/cuda/solvers.cu, one block/problem
     return pcgrad_weights_reference(K, orders)
 
@@ -255,8 +269,10 @@ def _quad(A: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def cagrad_weights(
     A: torch.Tensor, p: torch.Tensor, c: float, steps: int = CAGRAD_ROOT_STEPS
 ) -> torch.Tensor:
-    """``cagrad_weights_reference`` by the C++ kernel on CPU (it stops at the fixed point)."""
-    if _kernel("cagrad", A):
+    """``cagrad_weights_reference`` by the C++ kernel on CPU or the CUDA kernel on CUDA (both the
+    shared core; they stop at the fixed point), else the reference."""
+    if _kernel("cagrad", A) or (cuda_kernel(A) and p.device == A.device
+                                and p.dtype == torch.float64):
         return torch.ops.mtlfast.cagrad(A, p, float(c), steps, nnqp_steps(A.shape[-1]), DUAL_TOL)
     return cagrad_weights_reference(A, p, c, steps)
 

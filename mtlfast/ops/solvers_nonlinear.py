@@ -2,13 +2,18 @@
 
 Each op has a torch reference (the spec: batched over ``(..., T, T)``, fixed iteration counts,
 masked updates, no host read, so it runs on any device, ``meta`` included) and one dispatch
-function that picks the C++ kernel for CPU tensors when the extension is built. The kernels
-compute in float64 and return the Gram's dtype; the references compute in float64 too
-(float32 where the device has no float64).
+function that picks the C++ kernel for CPU tensors when the extension is built, and for
+``power_fixed_point`` / ``imtl_weights`` / ``sym_eig`` the CUDA kernels on CUDA (T <= 64;
+csrc/common/solver_core.h is the code of both). The kernels compute in float64 and return the
+Gram's dtype; the references compute in float64 too (float32 where the device has no float64).
 
 - ``power_fixed_point(K, alpha, iters)``: the positive root of ``K w = w^(-1/alpha)``
   (FairGrad; Nash-MTL is ``alpha = 1``), the minimizer of the convex
   ``f(w) = 1/2 w^T K w - sum_i h(w_i)`` with ``h' = w^(-1/alpha)``, by damped Newton.
+- ``imtl_weights(K)``: IMTL-G's ``v / sum v``, ``v = K^+ sqrt(diag K)``.
+- ``sym_eig(K)``: ascending eigenvalues and eigenvectors of a symmetric K (the eigensolver of
+  the references: ``torch.linalg.eigh``, or on CUDA the Jacobi kernel, which unlike eigh does not
+  read its error codes back to the host).
 - ``aligned_mtl_weights(K, pref, scale_mode)``: ``w = sqrt(s) V diag(1/sqrt(lambda)) V^T pref``.
 - ``config_weights(K, pref)``: ConFIG's pseudo-inverse direction and projection length.
 - ``gradvac_sweep(K, phi_hat, perms, beta, eps)``: GradVac's pairwise vaccine corrections.
@@ -23,6 +28,7 @@ import torch
 from .. import _ext
 
 __all__ = [
+    "IMTL_SUM_TOL",
     "SCALE_MODES",
     "aligned_mtl_weights",
     "aligned_mtl_weights_reference",
@@ -34,8 +40,11 @@ __all__ = [
     "gradnorm_update",
     "gradnorm_update_reference",
     "gradvac_sweep_reference",
+    "imtl_weights",
+    "imtl_weights_reference",
     "power_fixed_point",
     "power_fixed_point_reference",
+    "sym_eig",
 ]
 
 SCALE_MODES = ("min", "median", "rmse")
@@ -54,6 +63,23 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
 
 def _use_kernel(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and _ext.has_cpu_kernels()
+
+
+def _use_cuda_kernel(t: torch.Tensor) -> bool:
+    """CUDA solver kernels: a floating Gram batch on a CUDA device with 1 <= T <= 64."""
+    return (t.device.type == "cuda" and _ext.has_cuda_kernels() and t.is_floating_point()
+            and 0 < t.shape[-1] <= 64)
+
+
+def sym_eig(K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lambda, V)`` with ``K = V diag(lambda) V^T``, ascending, for symmetric ``(..., T, T)``.
+
+    ``torch.linalg.eigh`` except on CUDA with the kernels built (T <= 64, float64): the Jacobi
+    kernel of csrc/cuda/solvers.cu, because eigh reads its error codes on the host (a sync).
+    """
+    if _use_cuda_kernel(K) and K.dtype == torch.float64:
+        return torch.ops.mtlfast.sym_eig(K)
+    return torch.linalg.eigh(K)
 
 
 def _symmetric(K: torch.Tensor) -> torch.Tensor:
@@ -124,9 +150,41 @@ def power_fixed_point(K: torch.Tensor, alpha: float, iters: int) -> torch.Tensor
         raise ValueError(f"power_fixed_point: alpha must be > 0, got {alpha}")
     if iters < 1:
         raise ValueError(f"power_fixed_point: iters must be >= 1, got {iters}")
-    if _use_kernel(K):
+    if _use_kernel(K) or _use_cuda_kernel(K):
         return torch.ops.mtlfast.power_fixed_point(K, float(alpha), int(iters))
     return power_fixed_point_reference(K, alpha, iters)
+
+
+#: IMTL-G: weights are 0 when ``|sum v| <= IMTL_SUM_TOL sum |v|`` (as torchjd).
+IMTL_SUM_TOL = 1e-12
+
+
+def imtl_weights_reference(K: torch.Tensor, sum_tol: float = IMTL_SUM_TOL) -> torch.Tensor:
+    """The spec of :func:`imtl_weights` (float64 ``K``, eigh, masked pseudo-inverse)."""
+    d = K.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    evals, evecs = sym_eig(K)
+    cutoff = K.shape[-1] * torch.finfo(K.dtype).eps * evals.abs().amax(-1, keepdim=True)
+    keep = evals > cutoff
+    inv = torch.where(keep, 1.0 / torch.where(keep, evals, 1.0), 0.0)
+    v = ((evecs * inv.unsqueeze(-2)) @ (evecs.transpose(-1, -2) @ d.unsqueeze(-1))).squeeze(-1)
+    total = v.sum(-1, keepdim=True)
+    ok = total.abs() > sum_tol * v.abs().sum(-1, keepdim=True)
+    return torch.where(ok, v / torch.where(ok, total, 1.0), 0.0)
+
+
+def imtl_weights(K: torch.Tensor, sum_tol: float = IMTL_SUM_TOL) -> torch.Tensor:
+    """IMTL-G's ``w = v / sum(v)``, ``v = K^+ sqrt(diag K)``, for float64 Grams ``(..., T, T)``
+    scaled to max diagonal 1 (``solvers.normalize_gram``); the pseudo-inverse drops eigenvalues
+    below ``T eps`` times the largest; ``w = 0`` when ``|sum v| <= sum_tol sum |v|``.
+
+    CUDA (T <= 64): one kernel (Jacobi eigendecomposition + the rest, csrc/common/
+    solver_core.h). Elsewhere the reference: the same core on one CPU thread
+    (``torch.ops.mtlfast.imtl_weights``) measured 19 us vs 156 us at T=8 but 1.6 ms vs 0.43 ms
+    at T=32 (serial Jacobi is O(T^3) per sweep; benchmarks/RESULTS.md), so the CPU keeps eigh.
+    """
+    if _use_cuda_kernel(K) and K.dtype == torch.float64:
+        return torch.ops.mtlfast.imtl_weights(K, float(sum_tol))
+    return imtl_weights_reference(K, sum_tol)
 
 
 def _pref(pref: torch.Tensor | None, K: torch.Tensor, fill: float) -> torch.Tensor:
@@ -149,7 +207,7 @@ def aligned_mtl_weights_reference(
     Kw = _symmetric(K)
     T = Kw.shape[-1]
     pref = _pref(pref, Kw, 1.0 / T)
-    lam, V = torch.linalg.eigh(Kw)  # ascending
+    lam, V = sym_eig(Kw)  # ascending
     keep = _cutoff(lam, out_dtype)
     rank = keep.sum(-1, keepdim=True)
     inv_sqrt = torch.where(keep, lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt(), 0.0)
@@ -190,7 +248,7 @@ def config_weights_reference(K: torch.Tensor, pref: torch.Tensor | None) -> torc
     norms = K.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
     inv_n = torch.where(norms > 0, 1 / norms, 0.0)
     cos = K * inv_n[..., :, None] * inv_n[..., None, :]
-    lam, V = torch.linalg.eigh(cos)
+    lam, V = sym_eig(cos)
     inv_lam = torch.where(_cutoff(lam, out_dtype), 1 / lam, 0.0)
     beta = (V @ ((V.mT @ pref[..., None])[..., 0] * inv_lam)[..., None])[..., 0]
     c = inv_n * beta
