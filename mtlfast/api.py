@@ -23,12 +23,12 @@ runs the method on the global Gram, equal to one process on the global batch (ja
 only); ``"local"`` projects per rank and averages the update.
 
 CUDA graphs. On CUDA, a jacobian-mode step of a Gram method makes no host synchronization when
-the engine AND the method use ``on_nonfinite="skip"`` (the gradients, Gram, T x T solve and
-combination all stay on the device; "raise" reads one flag per step). Such a step (forward +
-``backward``) can be captured once and replayed, the usual whole-network capture recipe::
+the engine uses ``on_nonfinite="skip"`` (the gradients, Gram, T x T solve and combination all
+stay on the device; the method follows the engine's device-side flag, whatever its own policy;
+"raise" reads one flag per step). Such a step (forward + ``backward``) can be captured once and
+replayed, the usual whole-network capture recipe::
 
-    engine = MTLBackward(trunk, UPGrad(on_nonfinite="skip"), mode="jacobian",
-                         on_nonfinite="skip")
+    engine = MTLBackward(trunk, UPGrad(), mode="jacobian", on_nonfinite="skip")
     def step():                                   # reads only static_x / static_y
         losses, z = model(static_x, static_y)
         engine.backward(losses, features=z)
@@ -460,10 +460,9 @@ class _Step:
     def _weights(self, K: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
         if not self.skip:
             return self.engine.method.weights(K, self.losses)
-        eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
-        safe_K = torch.where(ok, K, eye)
-        safe_L = torch.where(ok, self.losses, 1.0)
-        return self.engine.method.weights(safe_K, safe_L)
+        # The method takes the skip path on the engine's flag, whatever its own policy: no host
+        # read, and a skipped step leaves a stateful method's state as it was.
+        return self.engine.method.weights(K, self.losses, finite=ok)
 
     def _write_combined(self, G: torch.Tensor, w: torch.Tensor, ok: torch.Tensor) -> None:
         shared = self.shared

@@ -247,3 +247,31 @@ def test_grad_scaler_method_sees_unscaled_gradients():
     scaled = mtlfast.backward(losses, model.trunk, Normalized(), grad_scaler=scaler)
     torch.testing.assert_close(scaled.gram, plain.gram, rtol=1e-5, atol=0)
     torch.testing.assert_close(scaled.weights, plain.weights, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("name", ["NashMTL", "GradVac", "GradNorm"])
+def test_engine_skip_keeps_a_raise_methods_state_on_a_skipped_step(name):
+    # The engine's skip flag governs the method (whatever its own policy): a non-finite step
+    # writes nothing and leaves the stateful method's buffers as the last good step left them.
+    from mtlfast import methods
+
+    torch.manual_seed(0)
+    model = MLPModel()
+    x, y = data(model)
+    method = getattr(methods, name)()  # on_nonfinite="raise"
+    engine = mtlfast.MTLBackward(model.trunk, method, on_nonfinite="skip")
+    losses, _ = model(x, y)
+    assert not bool(engine.backward(losses).skipped)
+    state = copy.deepcopy(method.state_dict())
+    grads = _flat_grads(model).clone()
+    losses, _ = model(x, y)
+    losses = [losses[0] * float("nan"), *losses[1:]]
+    assert bool(engine.backward(losses).skipped)
+    assert torch.equal(_flat_grads(model), grads)
+    # State tensors (buffers); host-side counters and generators advance on any call, as under
+    # the method's own skip policy (tests/methods/test_properties.py).
+    after = method.state_dict()
+    tensors = {k for k, v in state.items() if isinstance(v, torch.Tensor)}
+    assert tensors and tensors == {k for k, v in after.items() if isinstance(v, torch.Tensor)}
+    for k in tensors:
+        assert torch.equal(after[k], state[k]), k

@@ -32,11 +32,14 @@ class StatefulGramMethod(GramMethod):
     def stateful(self) -> bool:
         return True
 
-    def weights(self, gram: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
+    def weights(self, gram: torch.Tensor, losses: torch.Tensor | None = None, *,
+                finite: torch.Tensor | None = None) -> torch.Tensor:
         # Computed on the device, never read: only used to mask state writes.
-        self._step_ok = self._all_finite(gram, losses) if self.on_nonfinite == "skip" else None
+        if finite is None and self.on_nonfinite == "skip":
+            finite = self._all_finite(gram, losses)
+        self._step_ok = finite
         try:
-            return super().weights(gram, losses)
+            return super().weights(gram, losses, finite=finite)
         finally:
             self._step_ok = None
 

@@ -106,8 +106,14 @@ class GramMethod(Method):
     #: False when the weights ignore the Gram (Mean, Sum): ``method(G)`` then never forms it.
     reads_gram: ClassVar[bool] = True
 
-    def weights(self, gram: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
-        """Combination weights ``w`` (``(..., T)``) such that the update is ``w @ G``."""
+    def weights(self, gram: torch.Tensor, losses: torch.Tensor | None = None, *,
+                finite: torch.Tensor | None = None) -> torch.Tensor:
+        """Combination weights ``w`` (``(..., T)``) such that the update is ``w @ G``.
+
+        ``finite``: a device bool the caller already computed for ``gram`` and ``losses`` (the
+        engine's skip path). Given, the step follows the skip policy on it whatever this
+        method's ``on_nonfinite``, and nothing is read back to the host (CUDA-graph safe).
+        """
         if not isinstance(gram, torch.Tensor):
             raise TypeError(f"gram must be a tensor of shape (..., T, T), got {type(gram)}")
         if gram.dim() < 2 or gram.shape[-1] != gram.shape[-2] or gram.shape[-1] == 0:
@@ -118,10 +124,11 @@ class GramMethod(Method):
             raise TypeError(f"gram must be floating point, got {gram.dtype}")
         num_tasks = gram.shape[-1]
         losses = self._check_losses(losses, num_tasks)
-        self._raise_if_nonfinite(gram=gram, losses=losses)
+        if finite is None:
+            self._raise_if_nonfinite(gram=gram, losses=losses)
         self.bind_tasks(num_tasks)
-        if self.on_nonfinite == "skip":
-            ok = self._all_finite(gram, losses)
+        if finite is not None or self.on_nonfinite == "skip":
+            ok = self._all_finite(gram, losses) if finite is None else finite
             safe_gram = torch.where(ok, gram, torch.eye(num_tasks, dtype=gram.dtype,
                                                         device=gram.device))
             safe_losses = None if losses is None else torch.where(ok, losses, 1.0)
