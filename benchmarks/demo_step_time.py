@@ -28,6 +28,7 @@ import mtlfast  # noqa: E402
 from mtlfast import data as datasets  # noqa: E402
 from mtlfast import demo  # noqa: E402
 from mtlfast.baselines import per_task_backward  # noqa: E402
+from mtlfast.engine.vjp import AUTO_TRIALS  # noqa: E402
 
 VARIANTS = ("ls", "slow", "batched", "loop", "auto")
 
@@ -73,7 +74,7 @@ def run(data_name: str, method_name: str, rounds: int, steps: int) -> dict[str, 
         err = float((_flat_grad(fns[v][0]) - ref).norm() / ref.norm())
         print(f"{data_name}: update of mtlfast vjp={v} vs slow way: rel err {err:.1e}",
               file=sys.stderr)
-    for _ in range(2 * 2 + 2):  # lets "auto" decide, warms every variant up
+    for _ in range(2 * (AUTO_TRIALS + 1) + 1):  # lets "auto" decide, warms every variant up
         for v in VARIANTS:
             fns[v][2](x, y)
     wall: dict[str, list[float]] = {v: [] for v in VARIANTS}
