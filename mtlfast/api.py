@@ -168,7 +168,7 @@ class MTLBackward(nn.Module):
         vjp: how the T per-task backward passes (through the heads to ``features``, and
             through the shared parameters) run:
             ``"batched"`` (one vmapped backward), ``"loop"`` (T ordinary backward passes) or
-            ``"auto"`` (batched on accelerators; on a CPU both are timed over the first four
+            ``"auto"`` (batched on accelerators; on a CPU both are timed over the first eight
             steps and the faster kept, see ``mtlfast.engine.vjp``). The values are the same
             either way, to rounding. With ``process_group``, ``"auto"`` means ``"batched"``.
     """

@@ -12,8 +12,9 @@ Batched is not always faster. On a GPU it replaces T launch-bound passes with on
 both do the same arithmetic, and ops whose batching rule loops over T and stacks (max-pool and
 convolution backward) or that allocate T-times larger buffers can make it slower than the loop
 (the demo's conv trunk: 40 ms batched vs 27 ms looped per step). So the strategy ``"auto"``
-times both on the first CPU steps (alternating, :data:`AUTO_TRIALS` of each, real training
-steps, no extra work) and keeps the faster; the per-task gradients are the same either way.
+times both on the first CPU steps (alternating, one warm-up and :data:`AUTO_TRIALS` timed calls
+of each, real training steps, no extra work) and keeps the faster; the per-task gradients are
+the same either way.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ __all__ = ["AUTO_TRIALS", "Batching", "Sink", "Strategy", "per_task_grads", "per
 #: How the T per-task backward passes run: one batched pass, a loop, or the faster of the two.
 Strategy = typing.Literal["auto", "batched", "loop"]
 #: Timed steps of each strategy before ``"auto"`` decides on a CPU.
-AUTO_TRIALS = 2
+AUTO_TRIALS = 3
 
 #: ``sink(i, grads, tasks)``: parameter i's per-task gradients ``(len(tasks), *shape)``.
 Sink = Callable[[int, torch.Tensor, slice], None]
@@ -41,7 +42,8 @@ class Batching:
     """Batched or looped per-task backward for one graph; the loop fallback warns once.
 
     ``strategy="auto"`` is batched on accelerators; on a CPU it alternates the two over the first
-    ``2 * AUTO_TRIALS`` calls, timing each, and then keeps the one with the lower best time.
+    ``2 * (AUTO_TRIALS + 1)`` calls, timing each, and then keeps the one with the lower best time
+    (the first call of each not counted).
     Only a single process may time: ranks that time separately could pick different strategies
     and issue their gradient collectives in different orders, so distributed engines pass
     ``"batched"`` or ``"loop"``.
@@ -74,12 +76,13 @@ class Batching:
         return not self.verified and self.use_batched(device)
 
     def record(self, batched: bool, seconds: float) -> None:
-        """One timed call of ``"auto"`` on a CPU; decides once both have AUTO_TRIALS."""
+        """One timed call of ``"auto"`` on a CPU; decides once both have a warm-up + AUTO_TRIALS."""
         if self.choice is not None:
             return
         self.times["batched" if batched else "loop"].append(seconds)
-        if min(len(v) for v in self.times.values()) >= AUTO_TRIALS:
-            self.choice = min(self.times, key=lambda k: min(self.times[k]))
+        # The first call of each is a warm-up (allocations, first-touch page faults): not timed.
+        if min(len(v) for v in self.times.values()) > AUTO_TRIALS:
+            self.choice = min(self.times, key=lambda k: min(self.times[k][1:]))
 
     def fall_back(self, exc: BaseException) -> None:
         self.enabled = False
