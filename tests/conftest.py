@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import torch
@@ -34,3 +35,14 @@ def devices():
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double().cpu(), b.double().cpu()
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """CUDA: any host synchronization inside the block raises (after a synchronize before it)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -13,7 +13,7 @@ from torch import nn
 import mtlfast
 from mtlfast import methods
 
-from .conftest import rel_err
+from .conftest import no_host_sync, rel_err
 
 GRAM_METHODS = sorted(
     (c for c in vars(methods).values()
@@ -87,12 +87,8 @@ def test_backward_makes_no_host_sync(cls):
         engine.backward(losses, features=z)
     model.zero_grad(set_to_none=True)
     losses, z = model(x, y)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         info = engine.backward(losses, features=z)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert info.mode == "jacobian"
     assert torch.isfinite(_grads(model)).all()
 
@@ -105,12 +101,8 @@ def test_preference_vector_makes_no_host_sync(name):
     A = torch.randn(5, 30, device="cuda")
     K = A @ A.T
     method.weights(K)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         w = method.weights(K)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(w).all()
 
 

@@ -8,6 +8,8 @@ import torch
 
 from mtlfast import methods
 
+from ..conftest import no_host_sync
+
 GRAM_METHODS = sorted(
     (c for c in vars(methods).values()
      if inspect.isclass(c) and issubclass(c, methods.GramMethod) and c is not methods.GramMethod),
@@ -25,11 +27,7 @@ def test_gram_method_weights_without_host_sync(cls):
     A = torch.randn(8, 40, device="cuda")
     K = A @ A.T
     method.weights(K)  # first call may build state
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         w = method.weights(K)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert w.device.type == "cuda" and w.shape[-1] == 8
     assert torch.isfinite(w).all()

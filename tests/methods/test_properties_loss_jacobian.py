@@ -14,6 +14,8 @@ import torch
 
 import mtlfast.methods as M
 
+from ..conftest import no_host_sync
+
 LOSS_FACTORIES = {
     "UW": lambda T, **kw: M.UW(T, init_log_var=-0.5, **kw),
     "DWA": lambda T, **kw: M.DWA(**kw),
@@ -277,9 +279,7 @@ def test_no_host_sync_on_cuda(name):
     G = torch.randn(T, P, device="cuda")
     L = torch.rand(T, device="cuda") + 0.5
     method(G, L) if is_jac else method(L)  # first call allocates state
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         for _ in range(2):
             if is_jac:
                 method(G, L)
@@ -287,8 +287,6 @@ def test_no_host_sync_on_cuda(name):
                 method(L)
                 if isinstance(method, M.FAMO) and method.post_step_losses == "extra_forward":
                     method.update(L * 0.9)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_bad_input_rejected():

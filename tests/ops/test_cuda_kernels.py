@@ -14,7 +14,7 @@ from mtlfast.ops import (
     gram_multi,
     gram_reference,
 )
-from tests.conftest import rel_err
+from tests.conftest import no_host_sync, rel_err
 
 pytestmark = [
     pytest.mark.cuda,
@@ -150,15 +150,11 @@ def test_no_host_sync():
     scale = torch.tensor(0.5, device="cuda")
     out = torch.empty(100003, device="cuda")
     gram_multi(Gs)  # first call builds and uploads the chunk table
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         K = gram(G)
         gram_multi(Gs)
         combine(K[0], G, out, scale=scale)
         graddrop(G, seed=3)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_cuda_graph_capture():

@@ -11,6 +11,8 @@ from mtlfast.ops import solvers_nonlinear as S
 from tests.conftest import rel_err
 from tests.ops.test_solver_core import T_RAGGED, check_eig, gram_batch, qp_rhs
 
+from ..conftest import no_host_sync
+
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not _ext.has_cuda_kernels(), reason="CUDA kernels not built"),
@@ -73,17 +75,13 @@ def test_cuda_solvers_are_sync_free(T):
     K = _cuda_gram(T, None, 0)
     p = torch.full(K.shape[:-1], 1.0 / T, dtype=torch.float64, device="cuda")
     b = qp_rhs(K, False)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         solvers.nnqp(K, b)
         solvers.nnqp(K, b[..., :1, :], simplex=True)
         solvers.cagrad_weights(K, p, 0.4)
         S.power_fixed_point(K, 1.0, 20)
         S.imtl_weights(K)
         S.sym_eig(K)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_cuda_rejects_bad_input():
