@@ -121,3 +121,22 @@ def test_demo_methods_script_runs_and_tabulates(tmp_path, capsys):
     # Two copies of the same run: mean equals the run, spread zero.
     upgrad = next(line for line in table if line.startswith("| upgrad |"))
     assert f"{records[1]['test']['left']:.4f} ± 0.0000" in upgrad
+
+
+def test_demo_step_time_script_checks_and_times_every_variant(capsys):
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        import demo_step_time
+    finally:
+        sys.path.pop(0)
+    assert demo_step_time.main(["--data", "digits", "--rounds", "1", "--steps", "1"]) == 0
+    captured = capsys.readouterr()
+    rows = [line for line in captured.out.splitlines() if line.startswith("| digits |")]
+    assert len(rows) == len(demo_step_time.VARIANTS)
+    assert "chose " in rows[-1]
+    errors = [float(line.rsplit(" ", 1)[-1]) for line in captured.err.splitlines()
+              if "rel err" in line]
+    assert len(errors) == 2 and max(errors) < 1e-4
