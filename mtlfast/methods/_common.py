@@ -59,6 +59,24 @@ def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def check_pref_vector(pref_vector: object) -> torch.Tensor | None:
+    """A method's optional task-preference vector: None or a 1-D tensor (ValueError otherwise)."""
+    if pref_vector is not None and (not isinstance(pref_vector, torch.Tensor)
+                                    or pref_vector.dim() != 1):
+        raise ValueError("pref_vector must be a 1-D tensor of T task preferences")
+    return pref_vector
+
+
+def pref_on_device(pref_vector: torch.Tensor | None, gram: torch.Tensor) -> torch.Tensor | None:
+    """The preference vector on the Gram's device (no host sync); ValueError on a T mismatch."""
+    if pref_vector is None:
+        return None
+    if pref_vector.shape[0] != gram.shape[-1]:
+        raise ValueError(f"pref_vector has {pref_vector.shape[0]} entries, "
+                         f"the Gram {gram.shape[-1]} tasks")
+    return host_to_device(pref_vector, gram.device)
+
+
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """Running state is kept in at least float32 (EMAs in half precision drift)."""
     return torch.promote_types(dtype, torch.float32)

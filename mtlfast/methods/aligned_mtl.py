@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.solvers_nonlinear import SCALE_MODES, aligned_mtl_weights
-from ._common import host_to_device
+from ._common import check_pref_vector, pref_on_device
 from .base import GramMethod
 
 __all__ = ["AlignedMTL"]
@@ -33,19 +33,11 @@ class AlignedMTL(GramMethod):
         super().__init__(on_nonfinite=on_nonfinite)
         if scale_mode not in SCALE_MODES:
             raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
-        if pref_vector is not None and (not isinstance(pref_vector, torch.Tensor)
-                                        or pref_vector.dim() != 1):
-            raise ValueError("pref_vector must be a 1-D tensor of T task preferences")
-        self.pref_vector = pref_vector
+        self.pref_vector = check_pref_vector(pref_vector)
         self.scale_mode = scale_mode
 
     def _weights(self, gram: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
-        if self.pref_vector is not None and self.pref_vector.shape[0] != gram.shape[-1]:
-            raise ValueError(f"pref_vector has {self.pref_vector.shape[0]} entries, "
-                             f"the Gram {gram.shape[-1]} tasks")
-        pref = (None if self.pref_vector is None
-                else host_to_device(self.pref_vector, gram.device))
-        return aligned_mtl_weights(gram, pref, self.scale_mode)
+        return aligned_mtl_weights(gram, pref_on_device(self.pref_vector, gram), self.scale_mode)
 
     def extra_repr(self) -> str:
         return f"scale_mode={self.scale_mode!r}, {super().extra_repr()}"

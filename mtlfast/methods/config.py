@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.solvers_nonlinear import config_weights
-from ._common import host_to_device
+from ._common import check_pref_vector, pref_on_device
 from .base import GramMethod
 
 __all__ = ["ConFIG"]
@@ -28,15 +28,7 @@ class ConFIG(GramMethod):
         self, *, pref_vector: torch.Tensor | None = None, on_nonfinite: str = "raise"
     ) -> None:
         super().__init__(on_nonfinite=on_nonfinite)
-        if pref_vector is not None and (not isinstance(pref_vector, torch.Tensor)
-                                        or pref_vector.dim() != 1):
-            raise ValueError("pref_vector must be a 1-D tensor of T task preferences")
-        self.pref_vector = pref_vector
+        self.pref_vector = check_pref_vector(pref_vector)
 
     def _weights(self, gram: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
-        if self.pref_vector is not None and self.pref_vector.shape[0] != gram.shape[-1]:
-            raise ValueError(f"pref_vector has {self.pref_vector.shape[0]} entries, "
-                             f"the Gram {gram.shape[-1]} tasks")
-        pref = (None if self.pref_vector is None
-                else host_to_device(self.pref_vector, gram.device))
-        return config_weights(gram, pref)
+        return config_weights(gram, pref_on_device(self.pref_vector, gram))
