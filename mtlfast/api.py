@@ -46,10 +46,11 @@ replayed, the usual whole-network capture recipe::
         graph.replay()                            # .grad = this batch's update
         opt.step()                                # no zero_grad(set_to_none=True) in between
 
-Replays equal eager steps for the deterministic, stateless methods (UPGrad, DualProj, MGDA,
-CAGrad, IMTLG, FairGrad, AlignedMTL, ConFIG, Mean, Sum; tests/test_capturable.py). Not graph-safe:
-methods that draw on the host (PCGrad's and GradVac's random orders: a replay reuses the
-captured ones) or keep host-side state (NashMTL's update counter, GradNorm's and GradVac's
+Replays equal eager steps for the methods without host-side state (UPGrad, DualProj, MGDA,
+CAGrad, IMTLG, FairGrad, AlignedMTL, ConFIG, Mean, Sum, and PCGrad, whose random orders come
+from a counter advanced on the device, so each replay draws new ones; tests/test_capturable.py).
+Not graph-safe: GradVac (its random orders are drawn on the host: a replay reuses the captured
+ones) and the methods with host-side state (NashMTL's update counter, GradNorm's and GradVac's
 state buffers, which Python reassigns each step). T <= 64 keeps every T x T solve in one kernel.
 """
 

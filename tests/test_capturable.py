@@ -20,9 +20,14 @@ GRAM_METHODS = sorted(
      if inspect.isclass(c) and issubclass(c, methods.GramMethod) and c is not methods.GramMethod),
     key=lambda c: c.__name__,
 )
-# Deterministic and without host-side state: what a replayed graph reproduces exactly.
+# Without host-side state: what a replayed graph reproduces exactly (PCGrad: its orders come
+# from a device-side counter, so each replay draws the orders an eager step would).
 CAPTURABLE = ["UPGrad", "DualProj", "MGDA", "CAGrad", "IMTLG", "FairGrad", "AlignedMTL",
-              "ConFIG", "Mean", "Sum"]
+              "ConFIG", "Mean", "Sum", "PCGrad"]
+
+
+def _method(name):
+    return methods.PCGrad(seed=11) if name == "PCGrad" else getattr(methods, name)()
 
 
 class Net(nn.Module):
@@ -39,7 +44,7 @@ class Net(nn.Module):
 def _setup(name):
     torch.manual_seed(0)
     model = Net().cuda()
-    method = getattr(methods, name)()  # its default "raise": the engine's skip flag governs
+    method = _method(name)  # its default "raise": the engine's skip flag governs
     engine = mtlfast.MTLBackward(list(model.trunk.parameters()), method, mode="jacobian",
                                  on_nonfinite="skip")
     x = torch.randn(32, 16, device="cuda")
@@ -111,9 +116,11 @@ def test_preference_vector_makes_no_host_sync(name):
 def test_captured_step_replays_like_eager(name):
     model, engine, x, y = _setup(name)
     eager_model = copy.deepcopy(model)
-    eager_engine = mtlfast.MTLBackward(list(eager_model.trunk.parameters()),
-                                       getattr(methods, name)(on_nonfinite="skip"),
+    eager_engine = mtlfast.MTLBackward(list(eager_model.trunk.parameters()), _method(name),
                                        mode="jacobian", on_nonfinite="skip")
+    for _ in range(3):  # the same warm-up steps as the captured engine (PCGrad's counter)
+        losses, z = eager_model(x, y)
+        eager_engine.backward(losses, features=z)
     static_x, static_y = x.clone(), y.clone()
 
     def step():

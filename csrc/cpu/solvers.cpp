@@ -10,6 +10,7 @@
 
 #include <vector>
 
+#include "../common/philox.h"
 #include "../common/solver_core.h"
 
 namespace mtlfast {
@@ -114,16 +115,39 @@ void nnqp_one(const double* A, const double* b, int T, bool simplex, int64_t ste
     return C;
   }
 
+  // PCGrad's random task orders (batch, T, T) from the state [seed, step] (csrc/common/philox.h),
+  // then step += 1 in place: the same draws as the CUDA kernel.
+  at::Tensor pcgrad_orders_cpu(at::Tensor& state, int64_t batch, int64_t T) {
+    TORCH_CHECK(state.dim() == 1 && state.numel() == 2 && state.scalar_type() == at::kLong &&
+                    state.is_contiguous(),
+                "pcgrad_orders: state must be a contiguous int64 tensor [seed, step]");
+    TORCH_CHECK(batch >= 1 && batch <= 0xFFFFFFFFll && T >= 1 && T <= 0xFFFFFFFFll,
+                "pcgrad_orders: batch and T must be in [1, 2^32), got ", batch, " and ", T);
+    int64_t* ps = state.data_ptr<int64_t>();
+    const uint64_t seed = static_cast<uint64_t>(ps[0]), step = static_cast<uint64_t>(ps[1]);
+    at::Tensor orders = at::empty({batch, T, T}, state.options());
+    int64_t* po = orders.data_ptr<int64_t>();
+    at::parallel_for(0, batch * T, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        core::random_order(seed, step, static_cast<uint32_t>(r / T), static_cast<uint32_t>(r % T),
+                           static_cast<int>(T), po + r * T);
+    });
+    ps[1] = static_cast<int64_t>(step + 1);
+    return orders;
+  }
+
   }  // namespace
 
   TORCH_LIBRARY_FRAGMENT(mtlfast, m) {
     m.def("nnqp(Tensor A, Tensor b, bool simplex, int steps, float tol) -> Tensor");
     m.def("pcgrad(Tensor K, Tensor orders) -> Tensor");
+    m.def("pcgrad_orders(Tensor(a!) state, int batch, int T) -> Tensor");
     m.def("cagrad(Tensor A, Tensor p, float c, int root_steps, int qp_steps, float tol) -> Tensor");
   }
   TORCH_LIBRARY_IMPL(mtlfast, CPU, m) {
     m.impl("nnqp", &nnqp_cpu);
     m.impl("pcgrad", &pcgrad_cpu);
+    m.impl("pcgrad_orders", &pcgrad_orders_cpu);
     m.impl("cagrad", &cagrad_cpu);
   }
 

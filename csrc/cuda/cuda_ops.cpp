@@ -195,6 +195,19 @@ at::Tensor pcgrad_cuda(const at::Tensor& K_in, const at::Tensor& orders_in) {
   return C;
 }
 
+at::Tensor pcgrad_orders_cuda(at::Tensor& state, int64_t batch, int64_t T) {
+  TORCH_CHECK(state.dim() == 1 && state.numel() == 2 && state.scalar_type() == at::kLong &&
+                  state.is_contiguous(),
+              "pcgrad_orders: state must be a contiguous int64 tensor [seed, step]");
+  TORCH_CHECK(batch >= 1 && batch <= 0xFFFFFFFFll && T >= 1 && T <= 0x7FFFFFFFll,
+              "pcgrad_orders: batch in [1, 2^32) and T >= 1 expected, got ", batch, " and ", T);
+  c10::OptionalDeviceGuard guard(state.device());
+  at::Tensor orders = at::empty({batch, T, T}, state.options());
+  check(mtlfast_cuda_pcgrad_orders(state.data_ptr<int64_t>(), batch, T,
+                                   orders.data_ptr<int64_t>(), current_stream(state)),
+        "pcgrad_orders");
+  return orders;
+}
 
 // Checks shared by the solver ops: float64, on one CUDA device, T in [1, 64].
 void check_solver_input(const at::Tensor& t, const char* op, const char* name, int64_t dim_min) {
@@ -312,6 +325,7 @@ TORCH_LIBRARY_IMPL(mtlfast, CUDA, m) {
   m.impl("combine_", &combine_cuda);
   m.impl("graddrop", &graddrop_cuda);
   m.impl("pcgrad", &pcgrad_cuda);  // schema in csrc/cpu/solvers.cpp
+  m.impl("pcgrad_orders", &pcgrad_orders_cuda);
   m.impl("nnqp", &nnqp_cuda);
   m.impl("cagrad", &cagrad_cuda);
   m.impl("power_fixed_point", &power_fixed_point_cuda);  // schema in csrc/cpu/solvers_nonlinear.cpp

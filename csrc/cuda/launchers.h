@@ -36,6 +36,10 @@ int mtlfast_cuda_graddrop(const void* G, int dtype, int64_t T, int64_t P, int64_
 // int64 orders of the same shape, one block per problem. T <= 64.
 int mtlfast_cuda_pcgrad(const double* K, const int64_t* orders, int64_t batch, int64_t T,
                         double* C, void* stream);
+// PCGrad's random orders (batch, T, T) from the device state [seed, step] (csrc/common/philox.h:
+// the CPU op's draws), then step += 1 on the device.
+int mtlfast_cuda_pcgrad_orders(int64_t* state, int64_t batch, int64_t T, int64_t* orders,
+                               void* stream);
 // The shared-core solvers (csrc/common/solver_core.h), float64, one block per problem, T <= 64.
 // nnqp: A (nA, T, T), b and x (nA, m, T); problem p solves with A[p / m] and b[p].
 int mtlfast_cuda_nnqp(const double* A, const double* b, int64_t nA, int64_t m, int64_t T,

@@ -17,6 +17,7 @@
 // lives in shared memory (T <= 64: 64 x 65 doubles = 33 KB). A first version with one thread
 // per row ran 77 us at T=32 on an H200: a serial chain of T^2 dependent loads and FMAs.
 #include "common.cuh"
+#include "../common/philox.h"
 #include "../common/solver_core.h"
 
 namespace mtlfast {
@@ -218,6 +219,19 @@ int prepare(Kernel kernel, int64_t T, int64_t batch, size_t smem, size_t* config
   return static_cast<int>(err);
 }
 
+// PCGrad's random orders: one thread per row (csrc/common/philox.h), reading [seed, step] on the
+// device; the step is advanced by a second one-thread kernel on the same stream, after every
+// row has read it.
+__global__ void pcgrad_orders_kernel(const int64_t* __restrict__ state, int T, long long rows,
+                                     int64_t* __restrict__ orders) {
+  const long long r = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= rows) return;
+  core::random_order(static_cast<uint64_t>(state[0]), static_cast<uint64_t>(state[1]),
+                     static_cast<uint32_t>(r / T), static_cast<uint32_t>(r % T), T, orders + r * T);
+}
+
+__global__ void advance_step_kernel(int64_t* state) { state[1] += 1; }
+
 }  // namespace
 }  // namespace mtlfast
 
@@ -294,5 +308,21 @@ extern "C" int mtlfast_cuda_sym_eig(const double* K, int64_t batch, int64_t T, d
   if (int err = prepare(sym_eig_kernel, T, batch, smem, configured)) return err;
   sym_eig_kernel<<<static_cast<unsigned>(batch), jacobi_threads(t), smem,
                    static_cast<cudaStream_t>(stream)>>>(K, t, lam, V);
+  return static_cast<int>(cudaGetLastError());
+}
+
+extern "C" int mtlfast_cuda_pcgrad_orders(int64_t* state, int64_t batch, int64_t T,
+                                          int64_t* orders, void* stream) {
+  using namespace mtlfast;
+  if (T <= 0 || T > 0x7fffffff || batch <= 0 || batch > 0xffffffffll)
+    return static_cast<int>(cudaErrorInvalidValue);
+  const long long rows = batch * T;
+  const int threads = 128;
+  const long long blocks = (rows + threads - 1) / threads;
+  if (blocks > 0x7fffffff) return static_cast<int>(cudaErrorInvalidValue);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  pcgrad_orders_kernel<<<static_cast<unsigned>(blocks), threads, 0, s>>>(state, static_cast<int>(T),
+                                                                         rows, orders);
+  advance_step_kernel<<<1, 1, 0, s>>>(state);
   return static_cast<int>(cudaGetLastError());
 }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
@@ -18,9 +18,12 @@ class PCGrad(GramMethod):
     order of the other tasks, ``d = sum_i g_i^PC`` (``reduction="sum"``, the paper) or the mean.
 
     Solved on the Gram (``ops.solvers.pcgrad_weights``). Each task gets its own random order
-    per call, drawn from the method's ``torch.Generator`` (seeded by ``seed``, or from torch's
-    global RNG when ``seed`` is None; saved in ``state_dict()``). The orders of the last call
-    are kept in ``last_orders`` (``(..., T, T)``, row i the order for task i).
+    per call, drawn by ``ops.solvers.pcgrad_orders`` from the counter-based state
+    ``rng_state = [seed, step]`` (a buffer, in ``state_dict()``; ``seed`` None draws one from
+    torch's global RNG). The state moves to the Gram's device on first use and advances there:
+    the same orders on CPU and CUDA for the same seed and step, no host sync, and a replayed
+    CUDA graph draws new orders. The orders of the last call are kept in ``last_orders``
+    (``(..., T, T)``, row i the order for task i).
     """
 
     deterministic = False
@@ -38,21 +41,39 @@ class PCGrad(GramMethod):
         self.reduction = reduction
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
-        self.generator = torch.Generator().manual_seed(seed)
+        if not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be an int in [0, 2^63), got {seed!r}")
+        self.register_buffer("rng_state", torch.tensor([seed, 0], dtype=torch.int64))
         self.last_orders: torch.Tensor | None = None
 
-    def get_extra_state(self) -> Any:
-        return {**super().get_extra_state(), "generator": self.generator.get_state()}
-
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        self.generator.set_state(state["generator"])
+    def _state_on(self, device: torch.device) -> torch.Tensor:
+        if self.rng_state.device != device:
+            self.rng_state = host_to_device(self.rng_state, device).contiguous()
+        return self.rng_state
 
     def draw_orders(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
-        """Random task orders ``(*shape, T)`` (T = shape[-1]): one permutation per row, drawn on
-        the host and copied without a host sync (a CUDA graph replays the captured orders)."""
-        keys = torch.rand(tuple(shape) + (shape[-1],), generator=self.generator)
-        return host_to_device(keys.argsort(-1), device)
+        """Random task orders ``(*shape, T)`` (T = shape[-1]): one permutation per row."""
+        T = shape[-1]
+        batch = 1
+        for n in shape[:-1]:
+            batch *= n
+        device = torch.device(device)
+        if device.type == "meta":  # shapes only; the state stays where it is
+            return torch.empty((*shape, T), dtype=torch.int64, device=device)
+        return solvers.pcgrad_orders(self._state_on(device), batch, T).reshape(*shape, T)
+
+    def weights(self, gram: torch.Tensor, losses: torch.Tensor | None = None, *,
+                finite: torch.Tensor | None = None) -> torch.Tensor:
+        # A skipped step (skip policy, non-finite input) leaves the RNG state as it was, on the
+        # device: the step counter is put back with torch.where, never read.
+        if finite is None and self.on_nonfinite == "skip":
+            finite = self._all_finite(gram, losses)
+        if finite is None or gram.device.type == "meta":
+            return super().weights(gram, losses, finite=finite)
+        before = self._state_on(gram.device).clone()
+        w = super().weights(gram, losses, finite=finite)
+        self.rng_state.copy_(torch.where(finite, self.rng_state, before))
+        return w
 
     def _weights(self, gram: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         K, _ = solvers.normalize_gram(gram)

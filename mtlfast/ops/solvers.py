@@ -42,6 +42,8 @@ __all__ = [
     "nnqp_reference",
     "nnqp_steps",
     "normalize_gram",
+    "pcgrad_orders",
+    "pcgrad_orders_reference",
     "pcgrad_weights",
     "pcgrad_weights_reference",
 ]
@@ -244,6 +246,70 @@ def pcgrad_weights(K: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
         return torch.ops.mtlfast.pcgrad(K, orders)  # csrc/cuda/solvers.cu, one block/problem
     return pcgrad_weights_reference(K, orders)
 
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _philox4x32_10(ctr: list[int], key: int) -> list[int]:
+    """Philox4x32-10 (Salmon et al., SC 2011) in Python integers (csrc/common/philox.h's spec)."""
+    c0, c1, c2, c3 = ctr
+    k0, k1 = key & _M32, (key >> 32) & _M32
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & _M32, p1 & _M32, ((p0 >> 32) ^ c3 ^ k1) & _M32, \
+            p0 & _M32
+        k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
+    return [c0, c1, c2, c3]
+
+
+def _check_orders_state(state: torch.Tensor) -> None:
+    if not (isinstance(state, torch.Tensor) and state.dtype == torch.int64
+            and state.shape == (2,) and state.is_contiguous()):
+        raise ValueError("pcgrad_orders: state must be a contiguous int64 tensor [seed, step], "
+                         f"got {getattr(state, 'dtype', type(state))} "
+                         f"{tuple(getattr(state, 'shape', ()))}")
+
+
+def pcgrad_orders_reference(state: torch.Tensor, batch: int, T: int) -> torch.Tensor:
+    """PCGrad's random task orders ``(batch, T, T)`` (row i: a permutation of the T tasks for
+    task i) from the counter-based state ``[seed, step]``, then ``step += 1`` in place.
+
+    Row ``r`` of problem ``b`` is a Fisher-Yates shuffle of ``0..T-1`` (position ``j = T-1 ..
+    1`` takes draw ``d = T-1-j``, index ``floor(u_d (j + 1) / 2^32)``) where ``u_d`` is word
+    ``d % 4`` of Philox4x32-10 at counter ``(d // 4, r, b, step mod 2^32)`` with key
+    ``seed ^ (step & ~(2^32 - 1))``. Python integers: slow, the spec of the kernels.
+    """
+    _check_orders_state(state)
+    seed, step = (int(v) & ((1 << 64) - 1) for v in state.tolist())
+    key = seed ^ (step & ~_M32 & ((1 << 64) - 1))
+    out = []
+    for b in range(batch):
+        for r in range(T):
+            order = list(range(T))
+            words: list[int] = []
+            for d, j in enumerate(range(T - 1, 0, -1)):
+                if d % 4 == 0:
+                    words = _philox4x32_10([d // 4, r, b, step & _M32], key)
+                pick = (words[d % 4] * (j + 1)) >> 32
+                order[j], order[pick] = order[pick], order[j]
+            out.append(order)
+    state[1] = state[1] + 1
+    return torch.tensor(out, dtype=torch.int64, device=state.device).reshape(batch, T, T)
+
+
+def pcgrad_orders(state: torch.Tensor, batch: int, T: int) -> torch.Tensor:
+    """``pcgrad_orders_reference`` by the C++ kernel on CPU or the CUDA kernel on CUDA, which
+    read and advance ``state`` where it lives: no host sync, and a replayed CUDA graph draws
+    new orders each time. Without the extension, the reference (which reads the state)."""
+    _check_orders_state(state)
+    if not (isinstance(batch, int) and isinstance(T, int) and batch >= 1 and T >= 1):
+        raise ValueError(f"pcgrad_orders: batch and T must be positive ints, got {batch}, {T}")
+    if _kernel("pcgrad_orders", state) or (
+            state.device.type == "cuda" and _ext.has_cuda_kernels()
+            and hasattr(torch.ops.mtlfast, "pcgrad_orders")):
+        return torch.ops.mtlfast.pcgrad_orders(state, batch, T)
+    return pcgrad_orders_reference(state, batch, T)
 
 def _affine_simplex_path(A: torch.Tensor, a: torch.Tensor, S: torch.Tensor):
     """On the support ``S``: ``w(beta) = w0 + beta w1`` solves ``min 1/2 w^T A w + beta a^T w``
