@@ -46,3 +46,15 @@ def no_host_sync():
         yield
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def _gram_methods() -> list[type]:
+    import mtlfast.methods as M
+
+    return sorted((getattr(M, n) for n in M.__all__
+                   if isinstance(getattr(M, n), type) and issubclass(getattr(M, n), M.GramMethod)
+                   and getattr(M, n) is not M.GramMethod), key=lambda c: c.__name__)
+
+
+#: Every exported Gram method class, by name.
+GRAM_METHODS = _gram_methods()

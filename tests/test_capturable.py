@@ -4,7 +4,6 @@ step can be captured in a CUDA graph and replayed (the recipe in ``mtlfast.api``
 On the CPU: no Python-level host read of a tensor during the same step."""
 
 import copy
-import inspect
 
 import pytest
 import torch
@@ -13,13 +12,8 @@ from torch import nn
 import mtlfast
 from mtlfast import methods
 
-from .conftest import no_host_sync, rel_err
+from .conftest import GRAM_METHODS, no_host_sync, rel_err
 
-GRAM_METHODS = sorted(
-    (c for c in vars(methods).values()
-     if inspect.isclass(c) and issubclass(c, methods.GramMethod) and c is not methods.GramMethod),
-    key=lambda c: c.__name__,
-)
 # Without host-side state: what a replayed graph reproduces exactly (PCGrad: its orders come
 # from a device-side counter, so each replay draws the orders an eager step would).
 CAPTURABLE = ["UPGrad", "DualProj", "MGDA", "CAGrad", "IMTLG", "FairGrad", "AlignedMTL",

@@ -1,20 +1,11 @@
 """Issue 6: on CUDA, every Gram method's weights(K) makes no host synchronization (with the
 "skip" non-finite policy, the one that promises never to read the device)."""
 
-import inspect
 
 import pytest
 import torch
 
-from mtlfast import methods
-
-from ..conftest import no_host_sync
-
-GRAM_METHODS = sorted(
-    (c for c in vars(methods).values()
-     if inspect.isclass(c) and issubclass(c, methods.GramMethod) and c is not methods.GramMethod),
-    key=lambda c: c.__name__,
-)
+from ..conftest import GRAM_METHODS, no_host_sync
 
 
 @pytest.mark.cuda

@@ -11,12 +11,8 @@ import torch
 
 import mtlfast.methods as M
 
-GRAM_METHODS = sorted(
-    (getattr(M, n) for n in M.__all__
-     if isinstance(getattr(M, n), type) and issubclass(getattr(M, n), M.GramMethod)
-     and getattr(M, n) is not M.GramMethod),
-    key=lambda c: c.__name__,
-)
+from ..conftest import GRAM_METHODS
+
 ids = [c.__name__ for c in GRAM_METHODS]
 
 
