@@ -3,8 +3,8 @@
 Their state tensors are buffers created on first use, when T (and the Gram's batch shape,
 dtype and device) are known; ``load_state_dict`` into a fresh instance resizes them first.
 Under ``on_nonfinite="skip"`` a skipped step must leave the state as it was: the base class
-hands ``_weights`` a harmless stand-in Gram then, so the step's finiteness flag is kept in
-``_step_ok`` and every state write goes through :meth:`_keep_if_skipped`.
+hands ``_weights`` a harmless stand-in Gram then and keeps the step's finiteness flag in
+``_step_ok``, so every state write goes through :meth:`GramMethod._keep_if_skipped`.
 """
 
 from __future__ import annotations
@@ -27,27 +27,9 @@ class StatefulGramMethod(GramMethod):
         super().__init__(**kwargs)
         for name in self.lazy_buffers:
             self.register_buffer(name, None)
-        self._step_ok: torch.Tensor | None = None
 
     def stateful(self) -> bool:
         return True
-
-    def weights(self, gram: torch.Tensor, losses: torch.Tensor | None = None, *,
-                finite: torch.Tensor | None = None) -> torch.Tensor:
-        # Computed on the device, never read: only used to mask state writes.
-        if finite is None and self.on_nonfinite == "skip":
-            finite = self._all_finite(gram, losses)
-        self._step_ok = finite
-        try:
-            return super().weights(gram, losses, finite=finite)
-        finally:
-            self._step_ok = None
-
-    def _keep_if_skipped(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-        """``new``, or ``old`` when this step is skipped for non-finite input."""
-        if self._step_ok is None:
-            return new
-        return torch.where(self._step_ok, new, old)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         for name in self.lazy_buffers:

@@ -105,6 +105,8 @@ class GramMethod(Method):
     non_conflicting: ClassVar[bool] = False
     #: False when the weights ignore the Gram (Mean, Sum): ``method(G)`` then never forms it.
     reads_gram: ClassVar[bool] = True
+    #: The step's finiteness flag while ``_weights`` runs under the skip policy, else None.
+    _step_ok: torch.Tensor | None = None
 
     def weights(self, gram: torch.Tensor, losses: torch.Tensor | None = None, *,
                 finite: torch.Tensor | None = None) -> torch.Tensor:
@@ -132,12 +134,23 @@ class GramMethod(Method):
             safe_gram = torch.where(ok, gram, torch.eye(num_tasks, dtype=gram.dtype,
                                                         device=gram.device))
             safe_losses = None if losses is None else torch.where(ok, losses, 1.0)
-            w = self._weights(safe_gram, safe_losses)
+            self._step_ok = ok  # on the device, never read: masks state writes in _weights
+            try:
+                w = self._weights(safe_gram, safe_losses)
+            finally:
+                self._step_ok = None
             return torch.where(ok & torch.isfinite(w).all(), w, 0.0)
         return self._weights(gram, losses)
 
     def _weights(self, gram: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
+
+    def _keep_if_skipped(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        """For state written in ``_weights``: ``new``, or ``old`` when this step is skipped for
+        non-finite input (skip policy; selected on the device)."""
+        if self._step_ok is None:
+            return new
+        return torch.where(self._step_ok, new, old)
 
     def forward(self, G: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
         """Aggregate a ``(T, P)`` matrix: ``weights(gram(G)) @ G``."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -54,26 +55,15 @@ class PCGrad(GramMethod):
     def draw_orders(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
         """Random task orders ``(*shape, T)`` (T = shape[-1]): one permutation per row."""
         T = shape[-1]
-        batch = 1
-        for n in shape[:-1]:
-            batch *= n
         device = torch.device(device)
         if device.type == "meta":  # shapes only; the state stays where it is
             return torch.empty((*shape, T), dtype=torch.int64, device=device)
-        return solvers.pcgrad_orders(self._state_on(device), batch, T).reshape(*shape, T)
-
-    def weights(self, gram: torch.Tensor, losses: torch.Tensor | None = None, *,
-                finite: torch.Tensor | None = None) -> torch.Tensor:
-        # A skipped step (skip policy, non-finite input) leaves the RNG state as it was, on the
-        # device: the step counter is put back with torch.where, never read.
-        if finite is None and self.on_nonfinite == "skip":
-            finite = self._all_finite(gram, losses)
-        if finite is None or gram.device.type == "meta":
-            return super().weights(gram, losses, finite=finite)
-        before = self._state_on(gram.device).clone()
-        w = super().weights(gram, losses, finite=finite)
-        self.rng_state.copy_(torch.where(finite, self.rng_state, before))
-        return w
+        state = self._state_on(device)
+        before = None if self._step_ok is None else state.clone()
+        orders = solvers.pcgrad_orders(state, math.prod(shape[:-1]), T).reshape(*shape, T)
+        if before is not None:  # a skipped step leaves the counter as it was (on the device)
+            state.copy_(self._keep_if_skipped(state, before))
+        return orders
 
     def _weights(self, gram: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         K, _ = solvers.normalize_gram(gram)
