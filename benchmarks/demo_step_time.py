@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mtlfast  # noqa: E402
 from mtlfast import data as datasets  # noqa: E402
 from mtlfast import demo  # noqa: E402
-from mtlfast.baselines import per_task_backward  # noqa: E402
 from mtlfast.engine.vjp import AUTO_TRIALS  # noqa: E402
 
 VARIANTS = ("ls", "slow", "batched", "loop", "auto")
@@ -39,21 +38,24 @@ def _model(data: datasets.MTLData, fused: bool) -> demo.MTLModel:
 
 
 def _step_fn(variant: str, data: datasets.MTLData, method_name: str):
+    """The demo's own backward steps (``mtlfast.demo``); mtlfast's with the given vjp strategy."""
     model = _model(data, fused=variant != "slow")
     method = demo.resolve_method(method_name, len(data.tasks))
-    engine = (None if variant in ("ls", "slow")
-              else mtlfast.MTLBackward(model.trunk, method, vjp=variant))
+    engine = None
+    if variant == "ls":
+        backward_step = demo.ls_step
+    elif variant == "slow":
+        backward_step = demo.slow_step(method)
+    else:
+        engine = mtlfast.MTLBackward(model.trunk, method, vjp=variant)
+
+        def backward_step(losses, z, model):
+            engine.backward(losses, z)
 
     def step(x, y) -> None:
         model.zero_grad(set_to_none=True)
         z, out = model(x)
-        losses = demo.task_losses(data.tasks, out, y)
-        if variant == "ls":
-            sum(losses.values()).backward()
-        elif variant == "slow":
-            per_task_backward(losses, model.trunk, method)
-        else:
-            engine.backward(losses, z)
+        backward_step(demo.task_losses(data.tasks, out, y), z, model)
 
     return model, engine, step
 
