@@ -101,14 +101,7 @@ def test_bad_arguments():
 
 
 def test_demo_methods_script_runs_and_tabulates(tmp_path, capsys):
-    import pathlib
-    import sys
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
-    try:
-        import demo_methods
-    finally:
-        sys.path.pop(0)
+    demo_methods = _benchmark_script("demo_methods")
     out = tmp_path / "runs.json"
     assert demo_methods.main(["--data", "digits", "--size", "tiny", "--methods", "ls", "upgrad",
                               "--seeds", "0", "--epochs", "1", "--out", str(out)]) == 0
@@ -124,14 +117,7 @@ def test_demo_methods_script_runs_and_tabulates(tmp_path, capsys):
 
 
 def test_demo_step_time_script_checks_and_times_every_variant(capsys):
-    import pathlib
-    import sys
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
-    try:
-        import demo_step_time
-    finally:
-        sys.path.pop(0)
+    demo_step_time = _benchmark_script("demo_step_time")
     assert demo_step_time.main(["--data", "digits", "--rounds", "1", "--steps", "1"]) == 0
     captured = capsys.readouterr()
     rows = [line for line in captured.out.splitlines() if line.startswith("| digits |")]
@@ -140,3 +126,16 @@ def test_demo_step_time_script_checks_and_times_every_variant(capsys):
     errors = [float(line.rsplit(" ", 1)[-1]) for line in captured.err.splitlines()
               if "rel err" in line]
     assert len(errors) == 2 and max(errors) < 1e-4
+
+
+def _benchmark_script(name):
+    """A script of benchmarks/ imported as a module (the folder is not a package on the path)."""
+    import importlib
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
