@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.solvers_nonlinear import SCALE_MODES, aligned_mtl_weights
-from ._common import check_pref_vector, pref_on_device
+from ._state import as_pref_vector, pref_on_device
 from .base import GramMethod
 
 __all__ = ["AlignedMTL"]
@@ -33,7 +33,7 @@ class AlignedMTL(GramMethod):
         super().__init__(on_nonfinite=on_nonfinite)
         if scale_mode not in SCALE_MODES:
             raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
-        self.pref_vector = check_pref_vector(pref_vector)
+        self.pref_vector = as_pref_vector(pref_vector)
         self.scale_mode = scale_mode
 
     def _weights(self, gram: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.solvers_nonlinear import config_weights
-from ._common import check_pref_vector, pref_on_device
+from ._state import as_pref_vector, pref_on_device
 from .base import GramMethod
 
 __all__ = ["ConFIG"]
@@ -28,7 +28,7 @@ class ConFIG(GramMethod):
         self, *, pref_vector: torch.Tensor | None = None, on_nonfinite: str = "raise"
     ) -> None:
         super().__init__(on_nonfinite=on_nonfinite)
-        self.pref_vector = check_pref_vector(pref_vector)
+        self.pref_vector = as_pref_vector(pref_vector)
 
     def _weights(self, gram: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         return config_weights(gram, pref_on_device(self.pref_vector, gram))

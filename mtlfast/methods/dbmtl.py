@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from ._common import LazyStateMixin, check_matrix, check_task_losses, state_dtype
+from ._state import state_dtype
 from .base import JacobianMethod, NonFinitePolicy
 
 __all__ = ["DBMTL"]
 
 
-class DBMTL(LazyStateMixin, JacobianMethod):
+class DBMTL(JacobianMethod):
     """DB-MTL: loss-scale balancing by the log transform, ``h_i = grad log(L_i + eps) =
     g_i / (L_i + eps)``, an EMA ``m_i <- h_i + beta_t (m_i - h_i)`` with
     ``beta_t = beta / t^beta_sigma`` (t = 1, 2, ... counts steps, m = 0 at the start), and
@@ -29,7 +29,7 @@ class DBMTL(LazyStateMixin, JacobianMethod):
     """
 
     deterministic = False
-    lazy_buffers = ("ema", "step")
+    state_names = ("ema", "step")
 
     def __init__(self, *, beta: float = 0.9, beta_sigma: float = 0.0, eps: float = 1e-8,
                  on_nonfinite: NonFinitePolicy = "raise") -> None:
@@ -41,50 +41,33 @@ class DBMTL(LazyStateMixin, JacobianMethod):
         if not eps >= 0:
             raise ValueError(f"eps must be >= 0, got {eps}")
         self.beta, self.beta_sigma, self.eps = beta, beta_sigma, eps
-        self._register_lazy_buffers()
 
-    def stateful(self) -> bool:
-        return True
+    def _initial_state(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        dtype = state_dtype(like.dtype)
+        return {"ema": torch.zeros(like.shape, dtype=dtype, device=like.device),
+                "step": torch.zeros((), dtype=dtype, device=like.device)}
 
-    def _allocate(self, G: torch.Tensor) -> None:
-        T, P = G.shape
-        if self.ema.numel() == 0:
-            dtype = state_dtype(G.dtype)
-            self.ema = torch.zeros(T, P, dtype=dtype, device=G.device)
-            self.step = torch.zeros((), dtype=dtype, device=G.device)
-        elif self.ema.shape != (T, P):
-            raise ValueError(f"DBMTL tracks gradients of shape {tuple(self.ema.shape)}; "
-                             f"got G of shape {(T, P)} (build a new method for another model)")
-
-    @torch.no_grad()
-    def aggregate(self, G: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
-        T = check_matrix(self, G)
+    def _check_inputs(self, G: torch.Tensor, losses: torch.Tensor | None) -> None:
         if losses is None:
             raise ValueError("DBMTL needs the losses (gradients of log-losses): "
                              "aggregate(G, losses)")
-        losses = check_task_losses(self, losses, T)
-        self.bind_tasks(T)
-        self._raise_if_nonfinite(G=G, losses=losses)
-        self._allocate(G)
-        ema, step = self.ema, self.step
+        if self.ema is not None and self.ema.shape != G.shape:
+            raise ValueError(f"DBMTL tracks gradients of shape {tuple(self.ema.shape)}; "
+                             f"got G of shape {tuple(G.shape)} (build a new method for another "
+                             "model)")
+
+    @torch.no_grad()
+    def _step(self, G, losses, state, proposal):
+        ema, step = state["ema"], state["step"]
         t = step + 1
         beta_t = self.beta / t**self.beta_sigma
-        skip = self.on_nonfinite == "skip"
-        # m <- beta_t m + (1 - beta_t) g_i / (L_i + eps): one scale and one row-scaled add (in
-        # place: no T x P temporary) unless a skipped step must keep m.
+        # m <- beta_t m + (1 - beta_t) g_i / (L_i + eps): a new (T, P) tensor, committed only
+        # once the step succeeded.
         coef = (1 - beta_t) / (losses.to(ema.dtype) + self.eps)
-        ema_new = ema * beta_t if skip else ema.mul_(beta_t)
-        ema_new.addcmul_(G, coef[:, None])
+        ema_new = torch.addcmul(ema * beta_t, G, coef[:, None])
         norms = ema_new.norm(dim=1)
         alpha = norms.max() / (norms + 1e-8)
-        update = alpha @ ema_new
-        if skip:
-            ok = self._all_finite(G, losses)
-            ema.copy_(torch.where(ok, ema_new, ema))
-            t = torch.where(ok, t, step)
-            update = torch.where(ok, update, 0)
-        step.copy_(t)
-        return update.to(G.dtype)
+        return (alpha @ ema_new).to(G.dtype), {"ema": ema_new, "step": t}
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, beta_sigma={self.beta_sigma}, eps={self.eps}, "

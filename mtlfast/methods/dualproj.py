@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from ..ops import solvers
-from .upgrad import PreferenceProjection, pref_weights
+from ._state import pref_weights
+from .upgrad import PreferenceProjection
 
 __all__ = ["DualProj"]
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ._common import OwnedGeneratorMixin, check_matrix, check_task_losses, state_dtype
+from ._state import RandomStream, state_dtype
 from .base import JacobianMethod, NonFinitePolicy
 
 __all__ = ["GradDrop", "graddrop_torch"]
@@ -54,7 +54,7 @@ def _graddrop_block(G: torch.Tensor, u: torch.Tensor, W: torch.Tensor,
         + torch.where(purity < u, kept_negative, 0)
 
 
-class GradDrop(OwnedGeneratorMixin, JacobianMethod):
+class GradDrop(JacobianMethod):
     """GradDrop: keep, per coordinate, only the gradients of one sign, picked at random with
     probability given by the sign purity: ``d = sum_i (l_i + (1 - l_i) M_i) g_i`` with
     ``M_i = [P > U][g_i > 0] + [P < U][g_i < 0]``, ``P = (1 + sum g_i / sum |g_i|) / 2``,
@@ -94,23 +94,26 @@ class GradDrop(OwnedGeneratorMixin, JacobianMethod):
         if purity_fn is not None and not callable(purity_fn):
             raise TypeError(f"purity_fn must be callable or None, got {type(purity_fn).__name__}")
         self.purity_fn = purity_fn
-        self._init_generator(seed)
+        self.rng = RandomStream(seed)
+
+    @property
+    def seed(self) -> int:
+        return self.rng.seed
 
     def stateful(self) -> bool:
         return self.leak.dim() == 1
 
-    def aggregate(self, G: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
-        T = check_matrix(self, G)
-        losses = check_task_losses(self, losses, T)
-        self.bind_tasks(T)
-        self._raise_if_nonfinite(G=G, losses=losses)
-        u = torch.rand(G.shape[1], generator=self.generator(G.device), dtype=state_dtype(G.dtype),
-                       device=G.device)
-        leak = self.leak.to(G.device).expand(T)
-        out = graddrop_torch(G, u, leak, self.purity_fn)
-        if self.on_nonfinite == "skip":
-            out = torch.where(self._all_finite(G, losses), out, 0)
-        return out
+    def _check_inputs(self, G: torch.Tensor, losses: torch.Tensor | None) -> None:
+        if self.leak.dim() == 1 and self.leak.numel() != G.shape[0]:
+            raise ValueError(f"GradDrop has {self.leak.numel()} per-task leaks; got G with "
+                             f"{G.shape[0]} tasks")
+
+    @torch.no_grad()
+    def _step(self, G, losses, state, proposal):
+        u = self.rng.draw(proposal, G.device, lambda gen: torch.rand(
+            G.shape[1], generator=gen, dtype=state_dtype(G.dtype), device=G.device))
+        leak = self.leak.to(G.device).expand(G.shape[0])
+        return graddrop_torch(G.detach(), u, leak, self.purity_fn), {}
 
     def extra_repr(self) -> str:
         leak = self.leak.tolist()

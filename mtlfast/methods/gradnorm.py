@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 
 from ..ops.solvers_nonlinear import gradnorm_update
-from ._stateful import StatefulGramMethod
+from .base import GramMethod
 
 __all__ = ["GradNorm"]
 
 
-class GradNorm(StatefulGramMethod):
+class GradNorm(GramMethod):
     """Learned task weights ``w`` pulled toward ``w_i |g_i| = mean_j(w_j |g_j|) r_i^alpha``.
 
     Each call returns the current weights ``w`` (the update is ``w @ G``), then takes one step
@@ -32,7 +32,8 @@ class GradNorm(StatefulGramMethod):
     and ``has_initial``.
     """
 
-    lazy_buffers = ("task_weights", "initial_losses", "has_initial")
+    state_names = ("task_weights", "initial_losses", "has_initial")
+    deterministic = False
 
     def __init__(self, *, alpha: float = 1.5, lr: float = 0.025, on_nonfinite: str = "raise"):
         super().__init__(on_nonfinite=on_nonfinite)
@@ -42,29 +43,24 @@ class GradNorm(StatefulGramMethod):
             raise ValueError(f"lr must be > 0, got {lr}")
         self.alpha = float(alpha)
         self.lr = float(lr)
-        self.task_weights: torch.Tensor | None
-        self.initial_losses: torch.Tensor | None
-        self.has_initial: torch.Tensor | None
 
-    def _weights(self, gram: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
-        shape = gram.shape[:-1]
-        if self.task_weights is None:
-            self.task_weights = torch.ones(shape, dtype=gram.dtype, device=gram.device)
-            self.initial_losses = torch.ones(shape, dtype=gram.dtype, device=gram.device)
-            self.has_initial = torch.zeros(shape[:-1] + (1,), dtype=torch.bool,
-                                           device=gram.device)
-        elif self.task_weights.shape != shape:
-            raise ValueError(f"GradNorm keeps task weights of shape "
-                             f"{tuple(self.task_weights.shape)}; got a Gram of shape "
-                             f"{tuple(gram.shape)}")
-        w = self.task_weights.to(gram.dtype)
+    def _initial_state(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        shape = like.shape[:-1]
+        return {"task_weights": torch.ones(shape, dtype=like.dtype, device=like.device),
+                "initial_losses": torch.ones(shape, dtype=like.dtype, device=like.device),
+                "has_initial": torch.zeros(shape[:-1] + (1,), dtype=torch.bool,
+                                           device=like.device)}
+
+    def _step(self, gram, losses, state):
+        w = state["task_weights"]
+        if w.shape != gram.shape[:-1]:
+            raise ValueError(f"GradNorm keeps task weights of shape {tuple(w.shape)}; got a "
+                             f"Gram of shape {tuple(gram.shape)}")
+        w = w.to(gram.dtype)
         new, initial, has_initial = gradnorm_update(
-            gram, w, losses, self.initial_losses.to(gram.dtype), self.has_initial,
+            gram, w, losses, state["initial_losses"].to(gram.dtype), state["has_initial"],
             self.alpha, self.lr)
-        self.task_weights = self._keep_if_skipped(new, self.task_weights)
-        self.initial_losses = self._keep_if_skipped(initial, self.initial_losses)
-        self.has_initial = self._keep_if_skipped(has_initial, self.has_initial)
-        return w
+        return w, {"task_weights": new, "initial_losses": initial, "has_initial": has_initial}
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, lr={self.lr}, {super().extra_repr()}"

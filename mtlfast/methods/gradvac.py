@@ -3,20 +3,18 @@ in Massively Multilingual Models", ICLR 2021)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ..ops.solvers_nonlinear import gradvac_sweep
-from ._common import host_to_device
-from ._stateful import StatefulGramMethod
+from ._state import RandomStream, host_to_device
+from .base import GramMethod
 
 __all__ = ["GradVac"]
 
 GRANULARITIES = ("model", "parameter")
 
 
-class GradVac(StatefulGramMethod):
+class GradVac(GramMethod):
     """Gradient vaccine: raise each pair's cosine to its EMA target ``phi_hat`` (``w @ G``).
 
     For each task i, the others j in a random order: ``cos = g_i^PC . g_j / (|g_i^PC| |g_j|)``;
@@ -35,11 +33,13 @@ class GradVac(StatefulGramMethod):
 
     The EMA targets ``phi_hat`` (buffer, zeros at first use) have the Gram's shape, so the
     number of blocks L is fixed by the first call. The visiting orders (one per task i, shared
-    by all blocks, as LibMTL) come from the method's own ``torch.Generator`` (seed ``seed``),
-    whose state is saved in ``state_dict``; they are drawn on the host, so no device read.
+    by all blocks, as LibMTL) come from the counter-based state ``rng_state = [seed, step]``
+    (``seed`` None: drawn from torch's global generator), advanced on the Gram's device: no
+    host read, and a skipped step keeps the counter.
     """
 
-    lazy_buffers = ("phi_hat",)
+    state_names = ("phi_hat",)
+    deterministic = False
 
     def __init__(
         self,
@@ -60,37 +60,42 @@ class GradVac(StatefulGramMethod):
         self.beta = float(beta)
         self.eps = float(eps)
         self.granularity = granularity
-        self.generator = torch.Generator()
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(seed)
-        self.phi_hat: torch.Tensor | None
+        self.rng = RandomStream(seed)
+        self.rng.register(self)
 
-    def get_extra_state(self) -> Any:
-        return {**super().get_extra_state(), "generator": self.generator.get_state()}
+    def _current_state(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        state = super()._current_state(like)
+        state["rng_state"] = host_to_device(self.rng_state, like.device)
+        return state
 
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        self.generator.set_state(state["generator"])
+    def _initial_state(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"phi_hat": torch.zeros_like(like)}
+
+    @staticmethod
+    def _orders(counter: torch.Tensor, T: int, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Visiting orders ``(T, T-1)`` and the advanced counter: row i is a random permutation
+        of the positions in ``[j for j in range(T) if j != i]`` (task ``j = p + (p >= i)``)."""
+        perms, counter = RandomStream.orders(counter, (T,), device)
+        own = torch.arange(T, device=perms.device)[:, None]
+        # Drop task i from row i (moved last by a stable sort), then tasks -> positions.
+        rank = torch.where(perms == own, T, torch.arange(T, device=perms.device))
+        others = perms.gather(1, rank.argsort(dim=1, stable=True))[:, : T - 1]
+        return others - (others > own).to(others.dtype), counter
 
     def draw_orders(self, num_tasks: int) -> torch.Tensor:
-        """Next visiting orders ``(T, T-1)`` (CPU int64): row i is a random permutation of the
-        positions in ``[j for j in range(T) if j != i]`` (task ``j = p + (p >= i)``)."""
-        return torch.rand(num_tasks, num_tasks - 1, generator=self.generator).argsort(-1)
+        """Next visiting orders ``(T, T-1)`` (advances the counter)."""
+        orders, self.rng_state = self._orders(self.rng_state, num_tasks, self.rng_state.device)
+        return orders
 
-    def _weights(self, gram: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
-        if self.phi_hat is None:
-            self.phi_hat = torch.zeros_like(gram)
-        elif self.phi_hat.shape != gram.shape:
-            raise ValueError(f"GradVac keeps EMA targets of shape {tuple(self.phi_hat.shape)}; "
+    def _step(self, gram, losses, state):
+        phi = state["phi_hat"]
+        if phi.shape != gram.shape:
+            raise ValueError(f"GradVac keeps EMA targets of shape {tuple(phi.shape)}; "
                              f"got a Gram of shape {tuple(gram.shape)}")
-        orders = self.draw_orders(gram.shape[-1])
-        if gram.device.type != "cpu":  # the torch reference reads them on the Gram's device
-            orders = host_to_device(orders, gram.device)
-        w, phi = gradvac_sweep(gram, self.phi_hat, orders, self.beta, self.eps)
-        self.phi_hat = self._keep_if_skipped(phi.to(self.phi_hat), self.phi_hat)
-        return w
+        orders, counter = self._orders(state["rng_state"], gram.shape[-1], gram.device)
+        w, new_phi = gradvac_sweep(gram, phi, orders, self.beta, self.eps)
+        return w, {"phi_hat": new_phi.to(phi), "rng_state": counter}
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, eps={self.eps}, granularity={self.granularity!r}, "

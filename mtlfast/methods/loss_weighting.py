@@ -1,23 +1,21 @@
 """Loss weighting methods: UW, DWA, RLW, GLS. The engine does one backward of ``method(losses)``.
 
 Each call of ``method(losses)`` (or ``method.loss_weights(losses)``) is one training step; see
-``LossStepMethod`` in _common.py for the shared contract and the non-finite policy.
+``LossMethod`` in base.py for the shared contract and the non-finite policy.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-from ._common import LazyStateMixin, LossStepMethod, OwnedGeneratorMixin, state_dtype
-from .base import NonFinitePolicy
+from ._state import RandomStream, state_dtype
+from .base import LossMethod, NonFinitePolicy
 
 __all__ = ["DWA", "GLS", "RLW", "UW"]
 
 
-class UW(LossStepMethod):
+class UW(LossMethod):
     """Uncertainty weighting (Kendall et al., CVPR 2018): learnable log-variances
     ``s_i = log sigma_i^2``, total ``sum_i (exp(-s_i) L_i / 2 + s_i / 2)``.
 
@@ -44,12 +42,12 @@ class UW(LossStepMethod):
     def stateful(self) -> bool:
         return True
 
-    def _step(self, losses, ok):
+    def _step(self, losses, state, proposal):
         weights = 0.5 * torch.exp(-self.log_var)
-        return (weights * losses + 0.5 * self.log_var).sum(), weights
+        return ((weights * losses + 0.5 * self.log_var).sum(), weights), {}
 
 
-class DWA(LazyStateMixin, LossStepMethod):
+class DWA(LossMethod):
     """Dynamic Weight Average (Liu et al., CVPR 2019): ``w_i = T softmax(r / temperature)_i``
     with ``r_i = Lbar_i(e-1) / Lbar_i(e-2)``, the ratio of task i's mean loss over the two
     previous epochs; ``w = 1`` during the first two epochs. Total ``sum_i w_i L_i``.
@@ -63,7 +61,8 @@ class DWA(LazyStateMixin, LossStepMethod):
     """
 
     deterministic = False
-    lazy_buffers = ("epoch_loss_sum", "epoch_batches", "epoch_means")
+    state_names = ("epoch_loss_sum", "epoch_batches", "epoch_means")
+    host_state = ("epochs_done",)
 
     def __init__(self, *, temperature: float = 2.0,
                  on_nonfinite: NonFinitePolicy = "raise") -> None:
@@ -72,42 +71,31 @@ class DWA(LazyStateMixin, LossStepMethod):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
         self.epochs_done = 0
-        self._register_lazy_buffers()
 
-    def stateful(self) -> bool:
-        return True
+    def _initial_state(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        T, dtype = like.shape[0], state_dtype(like.dtype)
+        return {"epoch_loss_sum": torch.zeros(T, dtype=dtype, device=like.device),
+                "epoch_batches": torch.zeros((), dtype=dtype, device=like.device),
+                "epoch_means": torch.ones(2, T, dtype=dtype, device=like.device)}
 
-    def get_extra_state(self) -> Any:
-        return {**super().get_extra_state(), "epochs_done": self.epochs_done}
-
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        self.epochs_done = state["epochs_done"]
-
-    def _step(self, losses, ok):
+    def _step(self, losses, state, proposal):
         T = losses.shape[0]
-        if self.epoch_loss_sum.numel() == 0:
-            dtype = state_dtype(losses.dtype)
-            self.epoch_loss_sum = torch.zeros(T, dtype=dtype, device=losses.device)
-            self.epoch_batches = torch.zeros((), dtype=dtype, device=losses.device)
-            self.epoch_means = torch.ones(2, T, dtype=dtype, device=losses.device)
+        means = state["epoch_means"]
         if self.epochs_done >= 2:
-            rates = self.epoch_means[1] / self.epoch_means[0]
-            weights = T * torch.softmax(rates / self.temperature, dim=0)
+            weights = T * torch.softmax(means[1] / means[0] / self.temperature, dim=0)
         else:
-            weights = torch.ones_like(self.epoch_loss_sum)
+            weights = torch.ones_like(state["epoch_loss_sum"])
         weights = weights.to(losses.dtype)
-        with torch.no_grad():
-            counted = 1.0 if ok is None else ok.to(self.epoch_batches.dtype)
-            self.epoch_loss_sum.add_(losses.detach().to(self.epoch_loss_sum.dtype) * counted)
-            self.epoch_batches.add_(counted)
-        return (weights * losses).sum(), weights
+        total = state["epoch_loss_sum"] + losses.detach().to(state["epoch_loss_sum"].dtype)
+        new = {"epoch_loss_sum": total, "epoch_batches": state["epoch_batches"] + 1,
+               "epoch_means": means}
+        return ((weights * losses).sum(), weights), new
 
     @torch.no_grad()
     def epoch_end(self) -> None:
         """Close the epoch: its mean losses become the newest of the two kept; reset the sums.
         An epoch without any counted step (none run, or all skipped) changes nothing."""
-        if self.epoch_batches.numel() == 0 or float(self.epoch_batches) == 0:
+        if self.epoch_batches is None or float(self.epoch_batches) == 0:
             return
         mean = self.epoch_loss_sum / self.epoch_batches
         self.epoch_means.copy_(torch.stack([self.epoch_means[1], mean]))
@@ -119,7 +107,7 @@ class DWA(LazyStateMixin, LossStepMethod):
         return f"temperature={self.temperature}, {super().extra_repr()}"
 
 
-class RLW(OwnedGeneratorMixin, LossStepMethod):
+class RLW(LossMethod):
     """Random loss weighting (Lin et al., TMLR 2022, "Reasonable Effectiveness of Random
     Weighting"): ``w = softmax(z)``, ``z ~ N(0, I_T)`` drawn anew every step; total
     ``sum_i w_i L_i``.
@@ -129,6 +117,8 @@ class RLW(OwnedGeneratorMixin, LossStepMethod):
             losses' dtype, on their device); None draws one from torch's global generator.
 
     Engine contract: ``needs = "losses"``; back-propagate ``method(losses)`` once per step.
+    A skipped or failed step leaves the generator where it was; on a CUDA device under the
+    engine's sync-free skip mode that decision reads the step's flag (one synchronization).
     """
 
     deterministic = False
@@ -136,19 +126,23 @@ class RLW(OwnedGeneratorMixin, LossStepMethod):
     def __init__(self, *, seed: int | None = None,
                  on_nonfinite: NonFinitePolicy = "raise") -> None:
         super().__init__(on_nonfinite=on_nonfinite)
-        self._init_generator(seed)
+        self.rng = RandomStream(seed)
 
-    def _step(self, losses, ok):
-        z = torch.randn(losses.shape[0], generator=self.generator(losses.device),
-                        dtype=losses.dtype, device=losses.device)
+    @property
+    def seed(self) -> int:
+        return self.rng.seed
+
+    def _step(self, losses, state, proposal):
+        z = self.rng.draw(proposal, losses.device, lambda gen: torch.randn(
+            losses.shape[0], generator=gen, dtype=losses.dtype, device=losses.device))
         weights = torch.softmax(z, dim=0)
-        return (weights * losses).sum(), weights
+        return ((weights * losses).sum(), weights), {}
 
     def extra_repr(self) -> str:
         return f"seed={self.seed}, {super().extra_repr()}"
 
 
-class GLS(LossStepMethod):
+class GLS(LossMethod):
     """Geometric loss strategy (Chennupati et al., CVPR-W 2019): total
     ``(prod_i L_i)^(1/T) = exp(mean_i log L_i)``; its gradient is ``sum_i w_i grad L_i`` with
     ``w_i = GM / (T L_i)``.
@@ -162,12 +156,10 @@ class GLS(LossStepMethod):
     def _valid(self, losses):
         return (torch.isfinite(losses) & (losses > 0)).all()
 
-    def _raise_if_invalid(self, losses):
-        super()._raise_if_invalid(losses)
-        if self.on_nonfinite == "raise" and losses.device.type != "meta" \
-                and not bool((losses > 0).all()):
+    def _check_valid(self, losses):
+        if losses.device.type != "meta" and not bool((losses > 0).all()):
             raise ValueError("GLS: losses must be positive (the geometric mean takes their log)")
 
-    def _step(self, losses, ok):
+    def _step(self, losses, state, proposal):
         total = torch.exp(torch.log(losses).mean())
-        return total, total.detach() / (losses.shape[0] * losses.detach())
+        return (total, total.detach() / (losses.shape[0] * losses.detach())), {}

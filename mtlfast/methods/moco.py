@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from ._common import LazyStateMixin, check_matrix, check_task_losses, state_dtype
+from ._state import state_dtype
 from .base import JacobianMethod, NonFinitePolicy
 
 __all__ = ["MoCo", "project_simplex"]
@@ -33,7 +33,7 @@ def project_simplex(v: torch.Tensor) -> torch.Tensor:
     return (v - theta).clamp_min(0)
 
 
-class MoCo(LazyStateMixin, JacobianMethod):
+class MoCo(JacobianMethod):
     """MoCo: track each task's gradient, ``y_i <- y_i - beta_t (y_i - g_i)``, update the task
     weights ``lambda <- Proj_simplex(lambda - gamma_t (Y Y^T + rho I) lambda)`` and return
     ``d = lambda @ Y``, with ``beta_t = beta / t^beta_sigma``, ``gamma_t = gamma / t^gamma_sigma``
@@ -55,7 +55,7 @@ class MoCo(LazyStateMixin, JacobianMethod):
     """
 
     deterministic = False
-    lazy_buffers = ("tracked", "task_weights", "step")
+    state_names = ("tracked", "task_weights", "step")
 
     def __init__(self, *, beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1,
                  gamma_sigma: float = 0.5, rho: float = 0.0,
@@ -77,57 +77,39 @@ class MoCo(LazyStateMixin, JacobianMethod):
         self.rho = rho
         self.lambda_update = lambda_update
         self.normalize_grads = normalize_grads
-        self._register_lazy_buffers()
 
-    def stateful(self) -> bool:
-        return True
+    def _initial_state(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        T, dtype = like.shape[0], state_dtype(like.dtype)
+        return {"tracked": torch.zeros(like.shape, dtype=dtype, device=like.device),
+                "task_weights": torch.full((T,), 1.0 / T, dtype=dtype, device=like.device),
+                "step": torch.zeros((), dtype=dtype, device=like.device)}
 
-    def _allocate(self, G: torch.Tensor) -> None:
-        T, P = G.shape
-        if self.tracked.numel() == 0:
-            dtype = state_dtype(G.dtype)
-            self.tracked = torch.zeros(T, P, dtype=dtype, device=G.device)
-            self.task_weights = torch.full((T,), 1.0 / T, dtype=dtype, device=G.device)
-            self.step = torch.zeros((), dtype=dtype, device=G.device)
-        elif self.tracked.shape != (T, P):
-            raise ValueError(f"MoCo tracks gradients of shape {tuple(self.tracked.shape)}; "
-                             f"got G of shape {(T, P)} (build a new method for another model)")
-
-    @torch.no_grad()
-    def aggregate(self, G: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
-        T = check_matrix(self, G)
+    def _check_inputs(self, G: torch.Tensor, losses: torch.Tensor | None) -> None:
         if self.normalize_grads and losses is None:
             raise ValueError("MoCo(normalize_grads=True) needs the losses: aggregate(G, losses)")
-        losses = check_task_losses(self, losses, T)
-        self.bind_tasks(T)
-        self._raise_if_nonfinite(G=G, losses=losses)
-        self._allocate(G)
-        y, lam, step = self.tracked, self.task_weights, self.step
-        # y <- (1 - beta_t) y + beta_t s_i g_i, s_i = 1 or L_i / (|g_i| + 1e-8), as one scale and
-        # one row-scaled add (in place: no T x P temporary) unless a skipped step must keep y.
+        if self.tracked is not None and self.tracked.shape != G.shape:
+            raise ValueError(f"MoCo tracks gradients of shape {tuple(self.tracked.shape)}; "
+                             f"got G of shape {tuple(G.shape)} (build a new method for another "
+                             "model)")
+
+    @torch.no_grad()
+    def _step(self, G, losses, state, proposal):
+        y, lam, step = state["tracked"], state["task_weights"], state["step"]
+        T = G.shape[0]
+        # y <- (1 - beta_t) y + beta_t s_i g_i, s_i = 1 or L_i / (|g_i| + 1e-8): a new (T, P)
+        # tensor, committed only once the step succeeded.
         scale = torch.ones(T, dtype=y.dtype, device=y.device)
         if self.normalize_grads:
             scale = losses.to(y.dtype) / (G.to(y.dtype).norm(dim=1) + 1e-8)
         t = step + 1
         beta_t = self.beta / t**self.beta_sigma
         gamma_t = self.gamma / t**self.gamma_sigma
-        skip = self.on_nonfinite == "skip"
-        y_new = y * (1 - beta_t) if skip else y.mul_(1 - beta_t)
-        y_new.addcmul_(G, (beta_t * scale)[:, None])
+        y_new = torch.addcmul(y * (1 - beta_t), G, (beta_t * scale)[:, None])
         lam_new = lam - gamma_t * (y_new @ (y_new.T @ lam) + self.rho * lam)
         lam_new = project_simplex(lam_new) if self.lambda_update == "simplex" \
             else torch.softmax(lam_new, dim=-1)
-        if skip:
-            ok = self._all_finite(G, losses)
-            y.copy_(torch.where(ok, y_new, y))
-            lam_new = torch.where(ok, lam_new, lam)
-            t = torch.where(ok, t, step)
-        lam.copy_(lam_new)
-        step.copy_(t)
-        update = lam @ y
-        if skip:
-            update = torch.where(ok, update, 0)
-        return update.to(G.dtype)
+        update = (lam_new @ y_new).to(G.dtype)
+        return update, {"tracked": y_new, "task_weights": lam_new, "step": t}
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, beta_sigma={self.beta_sigma}, gamma={self.gamma}, "

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ..ops.solvers_nonlinear import clip_update_norm, power_fixed_point
-from ._stateful import StatefulGramMethod
+from .base import GramMethod
 
 __all__ = ["NashMTL"]
 
 
-class NashMTL(StatefulGramMethod):
+class NashMTL(GramMethod):
     """Nash bargaining solution: ``w = alpha`` with ``K alpha = 1 / alpha``, alpha > 0.
 
     As in the official code, the solution is recomputed every ``update_weights_every`` calls
@@ -29,11 +27,14 @@ class NashMTL(StatefulGramMethod):
     (a zero gradient, or tasks with a non-negative combination equal to 0, e.g. g and -g),
     the weights along that direction grow 2x per step and stay finite; their update is 0.
 
-    State (in ``state_dict``): the call counter and the cached ``alpha`` (buffer
-    ``cached_alpha``, created on first use).
+    State (buffers, in ``state_dict``): the step counter ``calls`` and the cached ``alpha``
+    (``cached_alpha``). Both live on the Gram's device and the reuse is selected there, so a
+    step never reads the device (with ``update_weights_every > 1`` the root is computed every
+    step and the cached one kept where due).
     """
 
-    lazy_buffers = ("cached_alpha",)
+    state_names = ("cached_alpha", "calls")
+    deterministic = False
 
     def __init__(
         self,
@@ -53,29 +54,27 @@ class NashMTL(StatefulGramMethod):
         self.max_norm = float(max_norm)
         self.update_weights_every = int(update_weights_every)
         self.optim_niter = int(optim_niter)
-        self.cached_alpha: torch.Tensor | None
-        self._calls = 0
 
-    def get_extra_state(self) -> Any:
-        return {**super().get_extra_state(), "calls": self._calls}
+    @property
+    def _calls(self) -> int:
+        """Steps taken so far (reads the device)."""
+        return 0 if self.calls is None else int(self.calls)
 
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        self._calls = state["calls"]
+    def _initial_state(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"cached_alpha": torch.ones(like.shape[:-1], dtype=like.dtype, device=like.device),
+                "calls": torch.zeros((), dtype=torch.int64, device=like.device)}
 
-    def _weights(self, gram: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
-        if self.cached_alpha is None or self._calls % self.update_weights_every == 0:
-            alpha = power_fixed_point(gram, 1.0, self.optim_niter)
-            if self._step_ok is not None:  # skip mode: a skipped step keeps the old cache
-                previous = (torch.ones_like(alpha) if self.cached_alpha is None
-                            else self.cached_alpha.to(alpha))
-                alpha = self._keep_if_skipped(alpha, previous)
-            self.cached_alpha = alpha
-        self._calls += 1
-        alpha = self.cached_alpha.to(gram.dtype)
+    def _step(self, gram, losses, state):
+        alpha = power_fixed_point(gram, 1.0, self.optim_niter)
+        calls = state["calls"]
+        if self.update_weights_every > 1:
+            due = calls % self.update_weights_every == 0
+            alpha = torch.where(due, alpha, state["cached_alpha"].to(alpha))
+        new = {"cached_alpha": alpha, "calls": calls + 1}
+        w = alpha.to(gram.dtype)
         if self.max_norm > 0:
-            alpha = clip_update_norm(alpha, gram, self.max_norm)
-        return alpha
+            w = clip_update_norm(w, gram, self.max_norm)
+        return w, new
 
     def extra_repr(self) -> str:
         return (f"max_norm={self.max_norm}, update_weights_every={self.update_weights_every}, "

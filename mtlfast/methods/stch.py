@@ -4,17 +4,15 @@ point estimated during a warm-up."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from ._common import LazyStateMixin, LossStepMethod, check_loss_vector, state_dtype
-from .base import NonFinitePolicy
+from ._state import state_dtype
+from .base import LossMethod, NonFinitePolicy, check_loss_vector
 
 __all__ = ["STCH"]
 
 
-class STCH(LazyStateMixin, LossStepMethod):
+class STCH(LossMethod):
     """Smooth Tchebycheff: ``T mu log sum_i exp(p_i f_i / mu)``, ``f_i = log(L_i / n_i + eps)``,
     a smooth ``T max_i p_i f_i`` (the ideal point is 0 in this normalized log space; n is the
     nadir point); its gradient weights are ``w_i = T s_i p_i / (L_i + eps n_i)`` with
@@ -40,7 +38,9 @@ class STCH(LazyStateMixin, LossStepMethod):
     """
 
     deterministic = False
-    lazy_buffers = ("nadir_sum", "nadir_batches", "nadir")
+    state_names = ("nadir_sum", "nadir_batches")
+    lazy_names = ("nadir",)
+    host_state = ("epoch",)
 
     def __init__(self, *, mu: float = 1.0, warmup_epochs: int = 5,
                  nadir: torch.Tensor | None = None, preference: torch.Tensor | None = None,
@@ -57,7 +57,7 @@ class STCH(LazyStateMixin, LossStepMethod):
             raise ValueError(f"eps must be >= 0, got {eps}")
         self.mu, self.warmup_epochs, self.eps = mu, warmup_epochs, eps
         self.epoch = 0
-        self._register_lazy_buffers()
+        self.register_buffer("nadir", None)
         self.fixed_nadir = nadir is not None
         for name, value in (("nadir", nadir), ("preference", preference)):
             if value is None:
@@ -78,36 +78,27 @@ class STCH(LazyStateMixin, LossStepMethod):
     def stateful(self) -> bool:
         return True
 
-    def get_extra_state(self) -> Any:
-        return {**super().get_extra_state(), "epoch": self.epoch}
+    def _initial_state(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        dtype = state_dtype(like.dtype)
+        return {"nadir_sum": torch.zeros(like.shape[0], dtype=dtype, device=like.device),
+                "nadir_batches": torch.zeros((), dtype=dtype, device=like.device)}
 
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        self.epoch = state["epoch"]
-
-    def _step(self, losses, ok):
+    def _step(self, losses, state, proposal):
         T = losses.shape[0]
         if self.epoch < self.warmup_epochs:
+            new = {}
             if not self.fixed_nadir and self.epoch == self.warmup_epochs - 1:
-                self._accumulate_nadir(losses, ok)
+                new = {"nadir_sum": state["nadir_sum"]
+                       + losses.detach().to(state["nadir_sum"].dtype),
+                       "nadir_batches": state["nadir_batches"] + 1}
             shifted = losses + self.eps
-            return torch.log(shifted).sum(), 1 / shifted.detach()
+            return (torch.log(shifted).sum(), 1 / shifted.detach()), new
         nadir = self.nadir.to(losses.dtype)
         pref = self.preference.to(losses.dtype) if self.preference.numel() else 1.0
         f = torch.log(losses / nadir + self.eps)
         total = T * self.mu * torch.logsumexp(pref * f / self.mu, dim=0)
         s = torch.softmax(pref * f.detach() / self.mu, dim=0)
-        return total, T * s * pref / (losses.detach() + self.eps * nadir)
-
-    @torch.no_grad()
-    def _accumulate_nadir(self, losses: torch.Tensor, ok: torch.Tensor | None) -> None:
-        if self.nadir_sum.numel() == 0:
-            dtype = state_dtype(losses.dtype)
-            self.nadir_sum = torch.zeros(losses.shape[0], dtype=dtype, device=losses.device)
-            self.nadir_batches = torch.zeros((), dtype=dtype, device=losses.device)
-        counted = 1.0 if ok is None else ok.to(self.nadir_batches.dtype)
-        self.nadir_sum.add_(losses.detach().to(self.nadir_sum.dtype) * counted)
-        self.nadir_batches.add_(counted)
+        return (total, T * s * pref / (losses.detach() + self.eps * nadir)), {}
 
     @torch.no_grad()
     def epoch_end(self) -> None:
@@ -115,7 +106,7 @@ class STCH(LazyStateMixin, LossStepMethod):
         losses; if no step of that epoch was counted (none run, or all skipped), the warm-up
         is extended by one epoch instead."""
         if self.epoch == self.warmup_epochs - 1 and not self.fixed_nadir:
-            if self.nadir_batches.numel() == 0 or float(self.nadir_batches) == 0:
+            if self.nadir_batches is None or float(self.nadir_batches) == 0:
                 return
             self.nadir = self.nadir_sum / self.nadir_batches
         self.epoch += 1

@@ -7,29 +7,10 @@ from collections.abc import Sequence
 import torch
 
 from ..ops import solvers
-from ._common import host_to_device
+from ._state import as_pref_vector, pref_weights
 from .base import GramMethod, NonFinitePolicy
 
 __all__ = ["UPGrad"]
-
-
-def pref_weights(pref_vector: torch.Tensor | None, K: torch.Tensor) -> torch.Tensor:
-    """The preference vector broadcast to ``K``'s batch (``1/T`` each when None)."""
-    T = K.shape[-1]
-    if pref_vector is None:
-        return torch.full(K.shape[:-1], 1.0 / T, dtype=K.dtype, device=K.device)
-    if pref_vector.shape != (T,):
-        raise ValueError(f"pref_vector has shape {tuple(pref_vector.shape)}, the Gram T={T}")
-    return host_to_device(pref_vector.to(K.dtype), K.device).expand(K.shape[:-1])
-
-
-def as_pref_vector(pref_vector: Sequence[float] | torch.Tensor | None) -> torch.Tensor | None:
-    if pref_vector is None:
-        return None
-    p = torch.as_tensor(pref_vector, dtype=torch.float64)
-    if p.dim() != 1 or not bool(torch.isfinite(p).all()) or bool((p < 0).any()):
-        raise ValueError("pref_vector must be a 1-D sequence of finite non-negative numbers")
-    return p
 
 
 class PreferenceProjection(GramMethod):
