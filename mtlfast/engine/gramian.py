@@ -2,10 +2,11 @@
 
 During the batched backward each shared parameter's ``(T, n)`` block adds its ``g g^T`` to K
 (or, for layer-wise methods, becomes its own ``(T, T)`` Gram) and is dropped. The update is then
-one ordinary backward of ``sum_t w_t L_t`` (layer-wise: a second batched backward in which each
-parameter's block is combined with its own weights). Peak memory: one backward with T
-cotangents plus T x (largest parameter). Under the loop fallback (or with ``chunk_size``) blocks
-arrive a few tasks at a time, so they are kept per parameter until all T are in.
+one ordinary backward of ``sum_t w_t L_t``, done by the pipeline (layer-wise: a second batched
+backward in which each parameter's block is combined with its own weights). Peak memory: one
+backward with T cotangents plus T x (largest parameter). Under the loop fallback (or with
+``chunk_size``) blocks arrive a few tasks at a time, so they are kept per parameter until all T
+are in.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .. import ops
 from .flat import SharedParams
 from .vjp import Batching, per_task_vjp
 
-__all__ = ["gramian", "layerwise_update", "weighted_update"]
+__all__ = ["gramian", "layerwise_update"]
 
 
 class _GramSink:
@@ -77,20 +78,6 @@ def gramian(
     per_task_vjp(outputs, cotangents, shared.params, sink, batching=batching,
                  chunk_size=chunk_size, retain_graph=True, on_restart=sink.restart)
     return sink.result(cotangents[0].device)
-
-
-def weighted_update(
-    shared: SharedParams,
-    outputs: Sequence[torch.Tensor],
-    cotangents: Sequence[torch.Tensor],
-    weights: torch.Tensor,
-    *,
-    retain_graph: bool,
-) -> list[torch.Tensor | None]:
-    """``w @ G`` per parameter by one ordinary backward of the cotangents mixed by ``w``."""
-    mixed = [torch.tensordot(weights.to(c.dtype), c, dims=1) for c in cotangents]
-    return list(torch.autograd.grad(outputs, shared.params, grad_outputs=mixed,
-                                    retain_graph=retain_graph, allow_unused=True))
 
 
 class _CombineSink:

@@ -4,12 +4,12 @@ A step of a method is a pure function of its inputs and its current state; it re
 :class:`Proposal` (the result plus the state it *would* leave). The caller commits the proposal
 only once the step has succeeded (:func:`commit`), so a failed or skipped step changes nothing:
 
-- ``ok`` known on the host (``None``/``True``/``False``, or a CPU flag, read for free): the
-  new state is assigned, or nothing happens at all;
-- ``ok`` a flag on an accelerator (the engine's sync-free skip mode): each state tensor becomes
+- ``ok`` known on the host (``None``/``True``/``False``): the new state is assigned, or
+  nothing happens at all;
+- ``ok`` a flag tensor (the sync-free skip policy): each state tensor becomes
   ``torch.where(ok, new, old)`` on the device, with no host read. Host-side state (a
   ``torch.Generator``'s position) cannot be selected on the device, so a method that has any
-  reads the flag then: one synchronization, documented on the method.
+  reads the flag then: one synchronization on an accelerator, documented on the method.
 
 State tensors are buffers named in ``state_names``; they are ``None`` (absent from
 ``state_dict``) until the first step, which sizes them from its inputs, and ``load_state_dict``
@@ -37,7 +37,6 @@ __all__ = [
     "RandomStream",
     "as_pref_vector",
     "commit",
-    "decide",
     "discard",
     "host_to_device",
     "pref_on_device",
@@ -63,23 +62,16 @@ class Proposal:
     rollback: list[Callable[[], None]] = field(default_factory=list)
 
 
-def decide(ok: torch.Tensor | bool | None) -> bool | None:
-    """The step's outcome when the host can know it for free; None for a flag on another
-    device (an accelerator's, or a meta tensor's, which has no value)."""
-    if ok is None:
-        return True
-    if isinstance(ok, bool):
-        return ok
-    if ok.device.type == "cpu":
-        return bool(ok)
-    return None
-
-
 def commit(module: torch.nn.Module, proposal: Proposal, ok: torch.Tensor | bool | None) -> None:
-    """Apply ``proposal`` to ``module`` if the step succeeded (``ok``), else undo its effects."""
-    outcome = decide(ok)
+    """Apply ``proposal`` to ``module`` if the step succeeded (``ok``), else undo its effects.
+
+    A flag tensor is never read for tensor state (selected on its device, even on the CPU, so
+    a step reads nothing back); host state needs the value: one read (none for meta tensors,
+    which have no value: their host state is applied).
+    """
+    outcome = True if ok is None else ok if isinstance(ok, bool) else None
     if outcome is None and (proposal.host or proposal.rollback) and ok.device.type != "meta":
-        outcome = bool(ok)  # host state cannot follow a device flag: one read
+        outcome = bool(ok)
     if outcome is False:
         discard(proposal)
         return

@@ -115,9 +115,11 @@ class Method(nn.Module):
 
     def commit(self, proposal: Proposal, ok: torch.Tensor | bool | None,
                num_tasks: int) -> None:
-        """Keep what a successful step computed (``ok``: see ``_state.commit``); else undo it."""
-        proposal.host.setdefault("num_tasks", num_tasks)
+        """Keep what a successful step computed (``ok``: see ``_state.commit``); else undo it.
+        T is bound by any step that is not known to have failed (a device-side skip too)."""
         commit(self, proposal, ok)
+        if ok is not False:
+            self.num_tasks = num_tasks
 
     def discard(self, proposal: Proposal) -> None:
         """Undo a proposal whose step failed."""
