@@ -93,7 +93,11 @@ class _ShardedLayout(SharedParams):
         self.offsets = self.shards.offsets
         self.numels = [b - a for a, b in zip(self.offsets, self.offsets[1:], strict=False)]
         self.size = self.offsets[-1]
-        self.grad_dtype = None  # the sharded .grad are DTensors: written per parameter
+
+    def add_flat(self, write) -> None:
+        tmp = torch.empty(self.size, dtype=self.work_dtype, device=self.device)
+        write(tmp, False)
+        self.add_list([tmp[self.slice(i)] for i in range(len(self.params))])
 
     def add_list(self, grads: Sequence[torch.Tensor | None]) -> None:
         for fp, g in zip(self.fsdp_params, grads, strict=True):

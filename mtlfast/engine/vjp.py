@@ -109,11 +109,8 @@ def _unbatch(g: torch.Tensor, batch: int, level: int) -> torch.Tensor:
 
     ``level`` is computed on the calling thread before the backward starts: the hooks of CUDA
     tensors run on autograd's device thread, whose vmap nesting counter (a plain thread-local,
-    not part of the state autograd propagates) reads 0 there. Unbatching at that wrong level
-    returned the gradient still wrapped, and the sink's ``copy_`` into the flat buffer failed
-    with "vmap: aten::copy_ ... other being vmapped over but self wasn't" (jacobian mode) or a
-    wrapped Gram escaped the backward (gramian mode), failing later in ``bool(ok)`` with
-    "Batching rule not implemented for aten::is_nonzero" (H200, 2026-11-26).
+    not part of the state autograd propagates) reads 0 there, and unbatching at that level
+    would leave the gradient wrapped (a sink's ``copy_`` or a later read would then fail).
     """
     if is_legacy_batchedtensor(g):
         g = torch._remove_batch_dim(g, level, batch, 0)
@@ -194,14 +191,21 @@ def per_task_vjp(
         except (RuntimeError, NotImplementedError) as exc:
             if batching.verified:
                 raise  # batched passes worked for this graph before: a real error
-            batching.fall_back(exc)
             if on_restart is not None:
                 on_restart()
+            _loop(outputs, cotangents, params, sink, retain_graph)  # its error is the user's
+            batching.fall_back(exc)  # the loop works where batching did not: keep the loop
+            return
+    _loop(outputs, cotangents, params, sink, retain_graph)
+    if batching.enabled:  # a fallback's time says nothing about the loop's speed
+        batching.record(False, time.perf_counter() - start)
+
+
+def _loop(outputs, cotangents, params, sink, retain_graph: bool) -> None:
+    num_tasks = cotangents[0].shape[0]
     for t in range(num_tasks):
         _run(outputs, cotangents, params, sink, slice(t, t + 1), batched=False,
              retain_graph=retain_graph or t < num_tasks - 1)
-    if batching.enabled:  # a fallback's time says nothing about the loop's speed
-        batching.record(False, time.perf_counter() - start)
 
 
 def per_task_grads(
@@ -215,7 +219,6 @@ def per_task_grads(
 
     Always retains the graph: the trunk pass that follows needs it.
     """
-    num_tasks = cotangents[0].shape[0]
     start = time.perf_counter()
     if batching.use_batched(cotangents[0].device):
         try:
@@ -227,13 +230,19 @@ def per_task_grads(
         except (RuntimeError, NotImplementedError) as exc:
             if batching.verified:
                 raise
+            grads = _grads_loop(outputs, cotangents, inputs)  # its error is the user's
             batching.fall_back(exc)
-    rows = [
-        torch.autograd.grad(outputs, inputs, grad_outputs=[c[t] for c in cotangents],
-                            retain_graph=True)
-        for t in range(num_tasks)
-    ]
-    grads = [torch.stack([r[j] for r in rows]) for j in range(len(inputs))]
+            return grads
+    grads = _grads_loop(outputs, cotangents, inputs)
     if batching.enabled:
         batching.record(False, time.perf_counter() - start)
     return grads
+
+
+def _grads_loop(outputs, cotangents, inputs) -> list[torch.Tensor]:
+    rows = [
+        torch.autograd.grad(outputs, inputs, grad_outputs=[c[t] for c in cotangents],
+                            retain_graph=True)
+        for t in range(cotangents[0].shape[0])
+    ]
+    return [torch.stack([r[j] for r in rows]) for j in range(len(inputs))]
