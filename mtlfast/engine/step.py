@@ -27,6 +27,7 @@ reducer, the batching decisions); :class:`_Step` is one call.
 from __future__ import annotations
 
 import copy
+import warnings
 import weakref
 from collections.abc import Sequence
 
@@ -59,6 +60,8 @@ class Engine:
         self.vjp = vjp
         self._consumed: list[weakref.ref] = []  # losses of the last call that freed its graph
         self._checked_tasks = False  # the per-task reach of the shared parameters was checked
+        self._versions: tuple[int, list[int]] | None = None  # see _check_method_optimized
+        self._warned_unoptimized = False
 
     def layerwise(self) -> bool:
         return getattr(self.method, "granularity", "matrix") == "parameter"
@@ -129,7 +132,26 @@ class Engine:
         self.method.commit(proposal, ok, T)
         self._consumed = [] if retain_graph else lv.refs()
         self._checked_tasks = True
+        self._check_method_optimized(layout)
         return info
+
+
+    def _check_method_optimized(self, layout: SharedParams) -> None:
+        """Warn once when the method's own parameters (UW's log-variances) stay untouched
+        between two steps while the shared parameters moved: they are not in the optimizer.
+        Reads only the tensors' version counters (no device access)."""
+        own = [p for p in self.method.parameters() if p.requires_grad]
+        if not own or self._warned_unoptimized:
+            return
+        now = (sum(p._version for p in layout.params), [p._version for p in own])
+        before, self._versions = self._versions, now
+        if before is not None and now[0] != before[0] and now[1] == before[1]:
+            self._warned_unoptimized = True
+            warnings.warn(
+                f"mtlfast: {type(self.method).__name__}'s own parameters did not change since the "
+                "last step while the shared parameters did: they are not being optimized. Add "
+                "method.parameters() to the optimizer, e.g. torch.optim.Adam([*model.parameters(), "
+                "*method.parameters()])", RuntimeWarning, stacklevel=3)
 
 
 class _Step:
