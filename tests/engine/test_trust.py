@@ -252,28 +252,25 @@ def test_gradvac_default_seed_follows_torch_manual_seed():
 
 
 def test_famo_used_as_a_drop_in_learns():
-    torch.manual_seed(0)
-    model = MLPModel()
     method = M.FAMO(lr=0.1)
-    engine = mtlfast.MTLBackward(model.trunk, method)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with pytest.warns(RuntimeWarning, match="update"):
-        for step in range(5):
-            opt.zero_grad()
-            losses, _ = model(*data(model, seed=step))
-            engine.backward(losses)
-            opt.step()
+        _train(method, steps=5)
     assert method.logits.abs().sum() > 0
 
 
 def test_uw_parameters_outside_the_optimizer_are_detected():
+    with pytest.warns(RuntimeWarning, match="not being optimized"):
+        _train(M.UW(T), steps=3)  # the optimizer gets the model only, not UW's log-variances
+
+
+def _train(method, steps):
+    """``steps`` SGD steps of the model alone (not the method's parameters) with ``method``."""
     torch.manual_seed(0)
     model = MLPModel()
-    engine = mtlfast.MTLBackward(model.trunk, M.UW(T))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)  # UW's log-variances left out
-    with pytest.warns(RuntimeWarning, match="not being optimized"):
-        for step in range(3):
-            opt.zero_grad()
-            losses, _ = model(*data(model, seed=step))
-            engine.backward(losses)
-            opt.step()
+    engine = mtlfast.MTLBackward(model.trunk, method)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(steps):
+        opt.zero_grad()
+        losses, _ = model(*data(model, seed=step))
+        engine.backward(losses)
+        opt.step()
