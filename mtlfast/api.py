@@ -120,15 +120,27 @@ class MTLBackward(nn.Module):
         vjp: Strategy = "auto",
     ) -> None:
         super().__init__()
-        config = EngineConfig(mode=mode, chunk_size=chunk_size, jacobian_dtype=jacobian_dtype,
-                              jacobian_budget=jacobian_budget, on_nonfinite=on_nonfinite,
-                              process_group=process_group, distributed_mode=distributed_mode,
-                              bucket_cap_mb=bucket_cap_mb, vjp=vjp)
+        self._build(shared, method, EngineConfig(
+            mode=mode, chunk_size=chunk_size, jacobian_dtype=jacobian_dtype,
+            jacobian_budget=jacobian_budget, on_nonfinite=on_nonfinite,
+            process_group=process_group, distributed_mode=distributed_mode,
+            bucket_cap_mb=bucket_cap_mb, vjp=vjp))
+
+    def _build(self, shared: Shared, method: Method | None, config: EngineConfig) -> None:
         self.method = _method(method)
         self.config = config
         params = as_shared(shared)
         reject_sharded(params)
         self._engine = Engine(self.method, config, _reducer(config, params))
+
+    @classmethod
+    def from_config(cls, shared: Shared, method: Method | None,
+                    config: EngineConfig) -> MTLBackward:
+        """An engine built from an already checked :class:`~mtlfast.engine.EngineConfig`."""
+        engine = cls.__new__(cls)
+        nn.Module.__init__(engine)
+        engine._build(shared, method, config)
+        return engine
 
     def __setattr__(self, name: str, value: object) -> None:
         super().__setattr__(name, value)
@@ -212,11 +224,7 @@ def backward(
     if engine is None or engine.config.key() != config.key() \
             or not engine._shared.same_as(params):
         _CACHE.clear()  # drop the old engine (and its buffers) before building the new one
-        engine = MTLBackward(params, method, mode=mode, chunk_size=chunk_size,
-                             jacobian_dtype=jacobian_dtype, jacobian_budget=jacobian_budget,
-                             on_nonfinite=on_nonfinite, process_group=process_group,
-                             distributed_mode=distributed_mode, bucket_cap_mb=bucket_cap_mb,
-                             vjp=vjp)
+        engine = MTLBackward.from_config(params, method, config)
         _CACHE.append(engine)
     elif engine.method is not _method(method):
         engine.method = _method(method)  # buffers depend on the parameters only: keep them
