@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks import make_results
-from benchmarks.baselines import ConcatBmmHeads, heads_loop, pcgrad_pairwise
+from mtlfast.baselines import ConcatBmmHeads, heads_loop, pcgrad_pairwise
 from mtlfast.bench import SUITES, Case, Config, Contender, run_case
 from mtlfast.bench.heads_suite import make_heads
 from mtlfast.cli import main

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import baselines
 from . import _contenders
 from .harness import Case, Config, Contender
 
@@ -91,30 +92,25 @@ def _contenders_for(in_features: int, hidden: int | None, widths: tuple[int, ...
         out.append(Contender("mtlfast FusedHeads", run=_step(fused, list(fused.parameters()), z,
                                                              cotangent), reference=True))
 
-    loop = _step(lambda x: {n: h(x) for n, h in heads.items()}, list(heads.parameters()), z,
-                 cotangent)
+    loop = _step(lambda x: baselines.heads_loop(heads, x), list(heads.parameters()), z, cotangent)
     out.append(Contender("ModuleDict loop", run=loop))
 
-    base, why = _contenders.baselines()
     if cfg.sizes != "full":
         out.append(Contender("torch.compile(loop)",
                              unavailable="skipped below --sizes full (compiling takes ~1 min)"))
     else:
-        compiled = torch.compile(lambda x: {n: h(x) for n, h in heads.items()})
+        compiled = torch.compile(lambda x: baselines.heads_loop(heads, x))
         out.append(Contender("torch.compile(loop)",
                              run=_step(compiled, list(heads.parameters()), z, cotangent),
                              note="default inductor settings; compile time not counted"))
 
-    if base is None:
-        out.append(Contender("concat Linear + bmm", unavailable=why))
+    try:
+        cat = baselines.ConcatBmmHeads(heads)
+    except ValueError as exc:
+        out.append(Contender("concat Linear + bmm", unavailable=str(exc)))
     else:
-        try:
-            cat = base.ConcatBmmHeads(heads)
-        except ValueError as exc:
-            out.append(Contender("concat Linear + bmm", unavailable=str(exc)))
-        else:
-            out.append(Contender("concat Linear + bmm",
-                                 run=_step(cat, list(cat.parameters()), z, cotangent)))
+        out.append(Contender("concat Linear + bmm",
+                             run=_step(cat, list(cat.parameters()), z, cotangent)))
     return out
 
 

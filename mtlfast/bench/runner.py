@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import heads_suite, methods_suite, step_suite
+from . import heads_suite, methods_suite, ops_suite, step_suite
 from .harness import Case, Config, Record, run_cases
 from .report import fmt_time, print_tables, write_json
 
@@ -19,8 +19,10 @@ __all__ = ["SUITES", "add_arguments", "run"]
 #: suite name -> the function yielding its cases for a config (tests may add entries)
 SUITES: dict[str, Callable[[Config], Iterator[Case]]] = {
     "methods": methods_suite.cases,
+    "weights": methods_suite.weights_cases,
     "heads": heads_suite.cases,
     "step": step_suite.cases,
+    "ops": ops_suite.cases,
 }
 
 
