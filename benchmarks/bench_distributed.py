@@ -32,11 +32,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -45,11 +43,9 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import mtlfast  # noqa: E402
-from mtlfast.distributed import FSDPBackward, no_sync  # noqa: E402
-from mtlfast.distributed.buckets import bucket_ranges  # noqa: E402
+import mtlfast
+from mtlfast.distributed import FSDPBackward, no_sync
+from mtlfast.distributed.buckets import bucket_ranges
 
 COUNTED = ("all_reduce", "reduce_scatter_tensor", "all_gather_single", "broadcast")
 COUNTS: dict[str, int] = defaultdict(int)

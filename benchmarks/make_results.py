@@ -14,15 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere: use this checkout's mtlfast
-    sys.path.insert(0, str(ROOT))
+from mtlfast.bench.report import fmt_time
 
-from mtlfast.bench.report import fmt_time  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cell(r: dict[str, Any]) -> str:
