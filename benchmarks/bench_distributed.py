@@ -22,8 +22,9 @@ reduce-scatter: the input; all-gather: the gathered output), counted by wrapping
 so its buckets go through the stock ``allreduce_hook`` comm hook (which calls
 ``dist.all_reduce``). A ring moves about ``2 (W-1)/W`` (all-reduce) or ``(W-1)/W``
 (reduce-scatter, all-gather) times these bytes per rank.
-The variants' steps are timed interleaved (round k runs every variant once), so a load change
-on a shared machine hits them alike; the table gives each variant's median.
+The variants' steps are timed interleaved (round k runs every variant once, timed by the bench
+timer ``mtlfast.bench.harness.measure``), so a load change on a shared machine hits them alike;
+the table gives each variant's median.
 Run: ``python benchmarks/bench_distributed.py [--steps 10] [--bucket-cap-mb 0.25]``.
 """
 
@@ -33,7 +34,6 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 from collections import defaultdict
 
 import torch
@@ -44,6 +44,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 
 import mtlfast
+from mtlfast.bench.harness import Config, measure
 from mtlfast.distributed import FSDPBackward, no_sync
 from mtlfast.distributed.buckets import bucket_ranges
 
@@ -143,13 +144,13 @@ def _worker(rank, world, folder, T, width, batch, steps, bucket_cap_mb):
     steps_of = {v: _variant(v, rank, T, width, batch, bucket_cap_mb) for v in VARIANTS}
     counts = {v: defaultdict(int) for v in VARIANTS}
     times = {v: [] for v in VARIANTS}
+    one_call = Config(torch.device("cpu"), "quick", warmup=0, min_reps=1, max_reps=1,
+                      budget_s=0.0)  # the same single call on every rank: collectives match
     for _ in range(steps):
         for v, step in steps_of.items():
             dist.barrier()
             COUNTS.clear()
-            t0 = time.perf_counter()
-            step()
-            times[v].append(time.perf_counter() - t0)
+            times[v] += measure(step, one_call)
             for k, n in COUNTS.items():
                 counts[v][k] += n
     out = {v: ({k: n / steps for k, n in counts[v].items()}, statistics.median(times[v]))
