@@ -79,9 +79,10 @@ else
 fi
 
 # Most telling first: a suite that no longer fits the budget is the one skipped.
-for suite in ops methods heads step weights; do
-  step "bench_$suite" 90 "$PY" -m mtlfast bench --device cuda --quick --suite "$suite" \
-    --out "$OUT/bench_$suite"
+for suite_limit in ops:90 methods:90 heads:45 step:75 weights:30; do
+  suite=${suite_limit%:*}
+  step "bench_$suite" "${suite_limit#*:}" "$PY" -m mtlfast bench --device cuda --quick \
+    --suite "$suite" --out "$OUT/bench_$suite"
 done
 "$PY" benchmarks/gpu_report.py --out "$OUT"
 RC=$?

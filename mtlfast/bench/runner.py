@@ -89,11 +89,19 @@ def _run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     records: list[Record] = []
+    show = _progress(start)
+
+    def progress(i: int, n: int, case: Case, recs: list[Record]) -> None:
+        show(i, n, case, recs)
+        # a run stopped from outside (a time limit) keeps the cases it finished
+        write_json(args.out / "bench.json", records + recs, cfg.device, sizes, _command(args),
+                   time.perf_counter() - start)
+
     for name in names:
         cases = list(SUITES[name](cfg))
         print(f"suite {name}: {len(cases)} cases on {cfg.device} ({sizes} sizes)",
               file=sys.stderr, flush=True)
-        records += run_cases(cases, cfg, progress=_progress(start))
+        records += run_cases(cases, cfg, progress=progress)
     elapsed = time.perf_counter() - start
     print_tables(records)
     write_json(args.out / "bench.json", records, cfg.device, sizes, _command(args), elapsed)
