@@ -7,7 +7,10 @@
   ``gram_multi``: one call over per-parameter blocks (ResNet-18-like widths) vs ``torch.cat``
   then ``ops.gram``; ``graddrop``: ``ops.graddrop`` vs its torch reference;
 - the T x T solvers (``mtlfast.ops.solvers``): each kernel vs its torch reference path, on one
-  Gram and on a batch of 64.
+  Gram and on a batch (of 64 on CUDA);
+- ``grouped_linear`` (the fused heads' layers, forward): a dense first layer with ReLU vs
+  ``torch._addmm_activation`` and ``addmm`` + ``relu_``; ragged second layers vs one
+  zero-padded ``bmm`` and a loop of ``addmm`` (the choices its torch dispatch makes).
 
 Each case's ``params["bytes"]`` is the memory its operation must move at least (G read, the
 output written), so a report can put a time next to its floor at the measured copy rate.
@@ -48,6 +51,14 @@ CUDA_SIZES: dict[str, Any] = {
     "batch": 64,
 }
 _ESIZE = {torch.float32: 4, torch.bfloat16: 2}
+#: grouped_linear cases: name -> (batch, in width per group, out widths); one group: layer 1
+LINEAR: dict[str, dict[str, tuple[int, int, tuple[int, ...]]]] = {
+    "tiny": {"layer 1 (dense, relu)": (8, 16, (32,)), "layer 2 ragged": (8, 8, (1, 2, 5))},
+    "quick": {"layer 1 (dense, relu)": (256, 512, (2048,)),
+              "layer 2 ragged 8 MLP": (256, 256, (1, 2, 5, 10, 20, 50, 100, 200)),
+              "layer 2 100x 64-1": (1024, 64, (1,) * 100)},
+}
+LINEAR["full"] = LINEAR["quick"]
 
 
 def _sizes(cfg: Config) -> dict[str, Any]:
@@ -118,6 +129,48 @@ def _graddrop(T: int, P: int, dtype: torch.dtype, device: torch.device) -> list[
     G = _randn((T, P), device, dtype)
     return [Contender("mtlfast", run=lambda: ops.graddrop(G, 7), reference=True),
             Contender("torch reference", run=lambda: ops.graddrop_reference(G, 7))]
+
+
+def _grouped_linear(batch: int, k: int, widths: tuple[int, ...], device: torch.device
+                    ) -> list[Contender]:
+    from .. import ops
+
+    T = 1 if len(widths) == 1 else len(widths)
+    x = _randn((batch, T * k if T > 1 else k), device)
+    Ws = [_randn((n, k), device, seed=1 + t) for t, n in enumerate(widths)]
+    bs = [_randn((n,), device, seed=100 + t) for t, n in enumerate(widths)]
+    w, b = torch.cat([W.reshape(-1) for W in Ws]), torch.cat(bs)
+    in_widths = [k] * len(widths)
+    if len(widths) == 1:
+        W = Ws[0]
+        return [Contender("mtlfast", reference=True, run=lambda: ops.grouped_linear(
+                    x, w, b, in_widths, list(widths), activation="relu")),
+                Contender("torch._addmm_activation",
+                          run=lambda: torch._addmm_activation(b, x, W.T)),
+                Contender("addmm + relu_", run=lambda: torch.relu_(torch.addmm(b, x, W.T)))]
+    xs = x.split(in_widths, dim=1)
+    widest = max(widths)
+    padded = torch.zeros(len(widths), k, widest, device=device)
+    for t, W in enumerate(Ws):
+        padded[t, :, : widths[t]] = W.T
+    bias_padded = torch.zeros(len(widths), 1, widest, device=device)
+    for t, bt in enumerate(bs):
+        bias_padded[t, 0, : widths[t]] = bt
+
+    def bmm() -> torch.Tensor:
+        return torch.baddbmm(bias_padded, x.view(batch, len(widths), k).transpose(0, 1), padded)
+
+    def bmm_sliced() -> torch.Tensor:
+        out = bmm()
+        return torch.cat([out[t, :, :n] for t, n in enumerate(widths)], dim=1)
+
+    return [Contender("mtlfast", reference=True,
+                      run=lambda: ops.grouped_linear(x, w, b, in_widths, list(widths))),
+            Contender("padded bmm", run=bmm, check=bmm_sliced,
+                      note="(T, B, widest) output, sliced per task for the check only"),
+            Contender("addmm loop", run=lambda: torch.cat(
+                [torch.addmm(bt, xt, W.T) for xt, W, bt in zip(xs, Ws, bs, strict=True)],
+                dim=1))]
 
 
 def _solver_pairs(K: torch.Tensor) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
@@ -192,6 +245,10 @@ def cases(cfg: Config) -> Iterator[Case]:
                    {"T": T, "P": sum(widths), "blocks": len(widths),
                     "bytes": T * sum(widths) * 4}, rtol=1e-3,
                    build=lambda T=T: _gram_multi(T, widths, device))
+    for label, (batch, k, widths) in LINEAR[cfg.sizes].items():
+        yield Case("ops", "grouped_linear", label,
+                   {"B": batch, "in": k, "widths": list(widths), "T": len(widths)},
+                   build=lambda b=batch, k=k, w=widths: _grouped_linear(b, k, w, device))
     probe = torch.zeros(1, 1, 1, dtype=torch.float64)
     for name in _solver_pairs(probe):
         for T in sizes["solver_T"]:
