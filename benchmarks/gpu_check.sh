@@ -25,6 +25,8 @@ mkdir -p "$OUT"
 BUDGET="${MTLFAST_GPU_BUDGET:-420}"
 START=$(date +%s)
 PY="${PYTHON:-python}"
+# mtlfast is built in place, not installed: the scripts import it from this checkout.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # step NAME LIMIT_SECONDS CMD... : runs CMD with the smaller of LIMIT and the budget left.
 step() {
