@@ -161,11 +161,11 @@ def _worker(rank, world, folder, T, width, batch, steps, bucket_cap_mb):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tasks", type=int, default=4)
-    ap.add_argument("--width", type=int, default=256)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", type=int, default=4, help="number of tasks T")
+    ap.add_argument("--width", type=int, default=256, help="trunk width (P grows as width^2)")
     ap.add_argument("--batch", type=int, default=32, help="per rank")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=10, help="timed rounds (every variant once)")
     ap.add_argument("--bucket-cap-mb", type=float, default=0.25,
                     help="exact: MiB per Jacobian all-reduce bucket")
     a = ap.parse_args()

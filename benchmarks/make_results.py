@@ -121,8 +121,9 @@ def readme_block(doc: dict[str, Any], plot: str | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("bench_json", type=Path)
-    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    p.add_argument("bench_json", type=Path, help="a bench.json of python -m mtlfast bench")
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md",
+                   help="the results file whose section is replaced")
     p.add_argument("--note", default="", help="a line about the run (e.g. a shared machine)")
     p.add_argument("--readme", type=Path, default=None, help="also update this README")
     p.add_argument("--plot", default=None, help="plot path (relative to the README) to show")
