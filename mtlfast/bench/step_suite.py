@@ -45,7 +45,8 @@ SIZES: dict[str, dict[str, Any]] = {
 class TrunkModel(nn.Module):
     """An MLP trunk (D -> widths[0] -> widths[1] ..., ReLU) with T regression heads
     Linear(widths[-1], 1); or, with ``conv``, a conv trunk with BatchNorm on (3, 64, 64)
-    images and T binary heads."""
+    images (stride-2 convolutions to ``widths`` channels, pooled, one Linear) and T binary
+    heads."""
 
     def __init__(self, in_features: int, widths: tuple[int, ...], num_tasks: int,
                  conv: bool = False) -> None:
@@ -57,7 +58,8 @@ class TrunkModel(nn.Module):
             for c_in, c_out in zip(channels, channels[1:], strict=False):
                 layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
                            nn.BatchNorm2d(c_out), nn.ReLU()]
-            layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+            layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], widths[-1]),
+                       nn.ReLU()]
         else:
             for d_in, d_out in zip((in_features, *widths), widths, strict=False):
                 layers += [nn.Linear(d_in, d_out), nn.ReLU()]
@@ -76,6 +78,7 @@ class TrunkModel(nn.Module):
 
     def batch(self, size: int, in_features: int, device: torch.device
               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fixed batch ``(x, y)`` of ``size`` samples for this model's tasks."""
         gen = torch.Generator().manual_seed(1)
         T = len(self.heads)
         if self.conv:
