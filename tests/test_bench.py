@@ -191,6 +191,26 @@ def test_a_wrong_contender_is_flagged_and_not_timed(monkeypatch, tmp_path):
     assert recs["right"]["status"] == "ok" and len(right_calls) >= 2  # checked, then timed
 
 
+def test_bench_json_holds_every_finished_case_during_the_run(monkeypatch, tmp_path):
+    """A run stopped from outside (gpu_check.sh's time limits) keeps the cases it finished."""
+    seen = []
+
+    def second() -> torch.Tensor:
+        seen.append([r["case"] for r in json.loads((tmp_path / "bench.json").read_text())
+                     ["records"]])
+        return torch.ones(2)
+
+    def suite(cfg):
+        for label, fn in (("first", lambda: torch.ones(2)), ("second", second)):
+            yield Case("two", "Ones", label, {"T": 1},
+                       build=lambda fn=fn: [Contender("mtlfast", run=fn, reference=True)])
+
+    monkeypatch.setitem(SUITES, "two", suite)
+    assert main(["bench", "--sizes", "tiny", "--suite", "two", "--out", str(tmp_path),
+                 "--no-plots"]) == 0
+    assert seen and seen[0] == ["first"]
+
+
 def test_nothing_is_compared_with_a_random_answer():
     case = Case("s", "Random", "T=2", {"T": 2}, build=lambda: [
         Contender("mtlfast", run=lambda: torch.rand(3), reference=True),
