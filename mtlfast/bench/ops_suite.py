@@ -234,25 +234,30 @@ def cases(cfg: Config) -> Iterator[Case]:
                        build=lambda T=T, P=P, d=dtype: _combine(T, P, d, device))
             yield Case("ops", "gram+combine", f"T={T} P={human(P)} {tag}",
                        {**params, "bytes": (2 * T + 1) * P * es}, rtol=rtol,
+                       headline=(T, P) == max(sizes["gram"]) and dtype == torch.float32,
                        build=lambda T=T, P=P, d=dtype: _gram_combine(T, P, d, device))
         for T, P in sizes["graddrop"]:
             yield Case("ops", "graddrop", f"T={T} P={human(P)} {tag}",
                        {"T": T, "P": P, "dtype": tag, "bytes": (T + 1) * P * es}, rtol=rtol,
+                       headline=(T, P) == max(sizes["graddrop"]) and dtype == torch.float32,
                        build=lambda T=T, P=P, d=dtype: _graddrop(T, P, d, device))
     blocks = [max(1, w // sizes["multi_div"]) for w in RESNET18_WIDTHS]
     for T in sizes["multi_T"]:
         yield Case("ops", "gram_multi", f"T={T} {len(blocks)} blocks P={human(sum(blocks))}",
                    {"T": T, "P": sum(blocks), "blocks": len(blocks),
                     "bytes": T * sum(blocks) * 4}, rtol=1e-3,
+                   headline=T == max(sizes["multi_T"]),
                    build=lambda T=T: _gram_multi(T, blocks, device))
     for label, (batch, k, widths) in LINEAR[cfg.sizes].items():
         yield Case("ops", "grouped_linear", label,
                    {"B": batch, "in": k, "widths": list(widths), "T": len(widths)},
+                   headline=label.startswith("layer 2 ragged"),
                    build=lambda b=batch, k=k, w=widths: _grouped_linear(b, k, w, device))
     probe = torch.zeros(1, 1, 1, dtype=torch.float64)
     for name in _solver_pairs(probe):
         for T in sizes["solver_T"]:
             for batch in (1, sizes["batch"]) if T == max(sizes["solver_T"]) else (1,):
                 yield Case("ops", name, f"T={T} batch={batch}", {"T": T, "batch": batch},
-                           rtol=1e-5, headline=T == max(sizes["solver_T"]) and batch == 1,
+                           rtol=1e-5, headline=name.startswith("nnqp x T") and batch == 1
+                           and T == max(sizes["solver_T"]),
                            build=lambda name=name, T=T, b=batch: _solver(name, T, b, device))

@@ -218,7 +218,7 @@ def cases(cfg: Config) -> Iterator[Case]:
             yield Case(
                 suite="step", method=name, label=label,
                 params={"T": T, "widths": list(widths), "in_features": d, "B": batch},
-                rtol=1e-3,
+                rtol=1e-3, headline=True,
                 build=lambda name=name, a=(d, widths, T, conv), b=batch: _contenders_for(
                     name, found[name], a, b, cfg),
             )
