@@ -22,8 +22,9 @@ reduce-scatter: the input; all-gather: the gathered output), counted by wrapping
 so its buckets go through the stock ``allreduce_hook`` comm hook (which calls
 ``dist.all_reduce``). A ring moves about ``2 (W-1)/W`` (all-reduce) or ``(W-1)/W``
 (reduce-scatter, all-gather) times these bytes per rank.
-The variants' steps are timed interleaved (round k runs every variant once), so a load change
-on a shared machine hits them alike; the table gives each variant's median.
+The variants' steps are timed interleaved (round k runs every variant once, timed by the bench
+timer ``mtlfast.bench.harness.measure``), so a load change on a shared machine hits them alike;
+the table gives each variant's median.
 Run: ``python benchmarks/bench_distributed.py [--steps 10] [--bucket-cap-mb 0.25]``.
 """
 
@@ -32,11 +33,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
-import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -45,11 +43,10 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import mtlfast  # noqa: E402
-from mtlfast.distributed import FSDPBackward, no_sync  # noqa: E402
-from mtlfast.distributed.buckets import bucket_ranges  # noqa: E402
+import mtlfast
+from mtlfast.bench.harness import Config, measure
+from mtlfast.distributed import FSDPBackward, no_sync
+from mtlfast.distributed.buckets import bucket_ranges
 
 COUNTED = ("all_reduce", "reduce_scatter_tensor", "all_gather_single", "broadcast")
 COUNTS: dict[str, int] = defaultdict(int)
@@ -147,13 +144,13 @@ def _worker(rank, world, folder, T, width, batch, steps, bucket_cap_mb):
     steps_of = {v: _variant(v, rank, T, width, batch, bucket_cap_mb) for v in VARIANTS}
     counts = {v: defaultdict(int) for v in VARIANTS}
     times = {v: [] for v in VARIANTS}
+    one_call = Config(torch.device("cpu"), "quick", warmup=0, min_reps=1, max_reps=1,
+                      budget_s=0.0)  # the same single call on every rank: collectives match
     for _ in range(steps):
         for v, step in steps_of.items():
             dist.barrier()
             COUNTS.clear()
-            t0 = time.perf_counter()
-            step()
-            times[v].append(time.perf_counter() - t0)
+            times[v] += measure(step, one_call)
             for k, n in COUNTS.items():
                 counts[v][k] += n
     out = {v: ({k: n / steps for k, n in counts[v].items()}, statistics.median(times[v]))
@@ -164,11 +161,11 @@ def _worker(rank, world, folder, T, width, batch, steps, bucket_cap_mb):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tasks", type=int, default=4)
-    ap.add_argument("--width", type=int, default=256)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", type=int, default=4, help="number of tasks T")
+    ap.add_argument("--width", type=int, default=256, help="trunk width (P grows as width^2)")
     ap.add_argument("--batch", type=int, default=32, help="per rank")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=10, help="timed rounds (every variant once)")
     ap.add_argument("--bucket-cap-mb", type=float, default=0.25,
                     help="exact: MiB per Jacobian all-reduce bucket")
     a = ap.parse_args()

@@ -14,15 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere: use this checkout's mtlfast
-    sys.path.insert(0, str(ROOT))
+from mtlfast.bench.report import fmt_time
 
-from mtlfast.bench.report import fmt_time  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cell(r: dict[str, Any]) -> str:
@@ -124,8 +121,9 @@ def readme_block(doc: dict[str, Any], plot: str | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("bench_json", type=Path)
-    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    p.add_argument("bench_json", type=Path, help="a bench.json of python -m mtlfast bench")
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md",
+                   help="the results file whose section is replaced")
     p.add_argument("--note", default="", help="a line about the run (e.g. a shared machine)")
     p.add_argument("--readme", type=Path, default=None, help="also update this README")
     p.add_argument("--plot", default=None, help="plot path (relative to the README) to show")

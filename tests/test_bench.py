@@ -7,10 +7,12 @@ import json
 import pytest
 import torch
 
-from benchmarks import make_results
-from benchmarks.baselines import ConcatBmmHeads, heads_loop, pcgrad_pairwise
+from benchmarks import gpu_report, make_results
+from mtlfast.baselines import ConcatBmmHeads, heads_loop, pcgrad_pairwise
 from mtlfast.bench import SUITES, Case, Config, Contender, run_case
 from mtlfast.bench.heads_suite import make_heads
+from mtlfast.bench.methods_suite import discover_methods
+from mtlfast.bench.step_suite import NAMED, _contenders_for
 from mtlfast.cli import main
 
 pytest.importorskip("matplotlib")
@@ -50,6 +52,88 @@ def test_every_suite_ran_and_every_available_contender_was_timed(bench_out):
     # the methods suite has its reference everywhere, so every other timed contender has a ratio
     methods = [r for r in records if r["suite"] == "methods" and r["status"] == "ok"]
     assert methods and all(r["speedup"] is not None for r in methods)
+
+
+def _records(out, suite):
+    return [r for r in json.loads((out / "bench.json").read_text())["records"]
+            if r["suite"] == suite]
+
+
+def test_every_kernel_equals_its_torch_path(bench_out):
+    records = _records(bench_out, "ops")
+    assert {"copy", "gram", "combine", "gram+combine", "gram_multi", "graddrop", "grouped_linear",
+            "nnqp x T (UPGrad)", "sym_eig (AlignedMTL, ConFIG)"} <= {r["method"] for r in records}
+    for r in records:
+        assert r["status"] == "ok", r  # checked equal (or the reference), then timed
+        assert r["params"].get("bytes", 1) > 0
+
+
+def test_methods_have_their_floor_and_weights_their_solver(bench_out):
+    methods = _records(bench_out, "methods")
+    cases = {(r["method"], r["case"]) for r in methods}
+    floors = {(r["method"], r["case"]) for r in methods if r["contender"] == "floor"}
+    assert floors == cases and all(r["status"] == "floor" for r in methods
+                                   if r["contender"] == "floor")
+    weights = _records(bench_out, "weights")
+    assert {"UPGrad", "MGDA"} <= {r["method"] for r in weights}
+    upgrad = [r for r in weights if r["method"] == "UPGrad" and r["contender"] == "torchjd"]
+    if upgrad[0]["status"] != "unavailable":  # torchjd installed: same weights, timed
+        assert all(r["status"] == "ok" and r["rel_err"] <= 1e-2 for r in upgrad)
+
+
+def test_demo_suite_checks_every_strategy_against_auto(bench_out):
+    demo = {r["contender"]: r for r in _records(bench_out, "demo")}
+    assert demo["mtlfast vjp=auto"]["reference"] and "chose " in demo["mtlfast vjp=auto"]["note"]
+    for name in ("slow way", "mtlfast vjp=batched", "mtlfast vjp=loop"):
+        assert demo[name]["status"] == "ok" and demo[name]["rel_err"] <= 1e-4, demo[name]
+    assert demo["LS (sum().backward())"]["status"] == "floor"
+
+
+@pytest.mark.parametrize("method", ["UPGrad", "PCGrad"])
+@pytest.mark.parametrize("named", list(NAMED))
+def test_named_step_models_at_tiny_size(method, named):
+    """The celeba / dense3 models (CUDA or full runs) scaled down: PCGrad's seeded orders let
+    the per-task loop be checked against mtlfast."""
+    _, widths, _, conv, _ = NAMED[named]
+    args = (3 if conv else 8, tuple(max(2, w // 64) for w in widths), 3, conv)
+    cfg = Config.for_sizes("tiny", "cpu")
+    case = Case("step", method, named, {}, rtol=1e-3, build=lambda: _contenders_for(
+        method, discover_methods()[method], args, 4, cfg))
+    recs = {r.contender: r for r in run_case(case, cfg)}
+    for name in ("mtlfast jacobian", "mtlfast gramian", "per-task loop"):
+        assert recs[name].status == "ok" and recs[name].median_s is not None, recs[name]
+    assert recs["per-task loop"].rel_err <= 1e-3
+
+
+def test_gpu_report_gathers_steps_tests_and_suites(bench_out, tmp_path):
+    run = tmp_path / "bench_ops"
+    run.mkdir()
+    doc = json.loads((bench_out / "bench.json").read_text())
+    doc["records"] = [r for r in doc["records"] if r["suite"] in ("ops", "methods")]
+    (run / "bench.json").write_text(json.dumps(doc))
+    (tmp_path / "steps.tsv").write_text("build\t0\t12\nbench_ops\t0\t30\n")
+    (tmp_path / "pytest_cuda.xml").write_text(
+        '<testsuite tests="3" failures="0" errors="0" skipped="1"><testcase classname="t" '
+        'name="a"/></testsuite>')
+    assert gpu_report.main(["--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_report.json").read_text())
+    assert report["bandwidth_bytes_per_s"] > 0
+    assert [c["check"] for c in report["checks"]] == ["build", "bench_ops", "pytest_cuda"]
+    md = (tmp_path / "gpu_report.md").read_text()
+    assert "## Pass / fail" in md and "| ops | gram |" in md and "measured copy bandwidth" in md
+
+    # a kernel that disagrees with its torch path, and a missed target, fail the report
+    gram = next(r for r in doc["records"] if r["method"] == "gram" and not r["reference"])
+    gram.update(status="differs", median_s=None, note="rel err 1e-1")
+    solve = next(r for r in doc["records"] if r["method"] == "nnqp x T (UPGrad)"
+                 and r["reference"])
+    solve["params"].update(T=32, batch=1)
+    solve["median_s"] = 1.0
+    (run / "bench.json").write_text(json.dumps(doc))
+    assert gpu_report.main(["--out", str(tmp_path)]) == 1
+    failed = [c["check"] for c in json.loads((tmp_path / "gpu_report.json").read_text())
+              ["checks"] if not c["ok"]]
+    assert any("gram" in c for c in failed) and any("20 us" in c for c in failed)
 
 
 def test_plots_and_json_are_written(bench_out):
@@ -105,6 +189,26 @@ def test_a_wrong_contender_is_flagged_and_not_timed(monkeypatch, tmp_path):
     assert recs["wrong"]["rel_err"] == pytest.approx(0.01, rel=1e-3)
     assert len(wrong_calls) == 1  # the check only, never timed
     assert recs["right"]["status"] == "ok" and len(right_calls) >= 2  # checked, then timed
+
+
+def test_bench_json_holds_every_finished_case_during_the_run(monkeypatch, tmp_path):
+    """A run stopped from outside (gpu_check.sh's time limits) keeps the cases it finished."""
+    seen = []
+
+    def second() -> torch.Tensor:
+        seen.append([r["case"] for r in json.loads((tmp_path / "bench.json").read_text())
+                     ["records"]])
+        return torch.ones(2)
+
+    def suite(cfg):
+        for label, fn in (("first", lambda: torch.ones(2)), ("second", second)):
+            yield Case("two", "Ones", label, {"T": 1},
+                       build=lambda fn=fn: [Contender("mtlfast", run=fn, reference=True)])
+
+    monkeypatch.setitem(SUITES, "two", suite)
+    assert main(["bench", "--sizes", "tiny", "--suite", "two", "--out", str(tmp_path),
+                 "--no-plots"]) == 0
+    assert seen and seen[0] == ["first"]
 
 
 def test_nothing_is_compared_with_a_random_answer():

@@ -1,7 +1,9 @@
 """``python -m mtlfast bench``: mtlfast against the tools users would otherwise pick.
 
-Three suites (``methods``, ``heads``, ``step``) each yield cases; on every case each
-contender's answer is checked against mtlfast's before it is timed (see ``harness``).
+Suites (``methods``, ``weights``, ``heads``, ``step``, ``ops``, ``demo``) each yield cases;
+on every case each contender's answer is checked against mtlfast's before it is timed by the
+one timer, ``harness.measure`` (see ``harness``). The slow ways it times mtlfast against live
+in :mod:`mtlfast.baselines`.
 """
 
 from .harness import Case, Config, Contender, Record, run_case, run_cases

@@ -122,6 +122,7 @@ class Record:
     times_s: list[float] = field(default_factory=list)
     rel_err: float | None = None
     speedup: float | None = None  # this contender's median / the reference's median
+    peak_bytes: int | None = None  # CUDA: memory allocated above the inputs while timed
     note: str = ""
 
     def as_dict(self) -> dict[str, Any]:
@@ -256,12 +257,19 @@ def run_case(case: Case, cfg: Config) -> list[Record]:
         timed.append(c)
 
     for c in timed:
+        on_cuda = cfg.device.type == "cuda"
+        if on_cuda:
+            torch.cuda.synchronize(cfg.device)
+            torch.cuda.reset_peak_memory_stats(cfg.device)
+            allocated = torch.cuda.memory_allocated(cfg.device)
         try:
             times = measure(c.run, cfg)  # type: ignore[arg-type]
         except Exception as exc:
             records[c.name] = record(c, "error", note=_error_text(exc))
             continue
         rec = records.get(c.name) or record(c, "floor" if c.floor else "ok")
+        if on_cuda:
+            rec.peak_bytes = torch.cuda.max_memory_allocated(cfg.device) - allocated
         rec.times_s = times
         rec.median_s = statistics.median(times)
         records[c.name] = rec

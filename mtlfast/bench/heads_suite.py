@@ -2,8 +2,10 @@
 
 Contenders on the same weights: mtlfast ``FusedHeads`` (built by ``mtlfast.fuse_heads`` from
 the loop's heads), the ``nn.ModuleDict`` loop every MTL codebase writes, ``torch.compile`` of
-that loop (full runs only: compiling takes about a minute per case on a 2-core CPU), and the
-hand fusion: first layers concatenated into one Linear, second layers as one padded bmm.
+that loop with default inductor options and with its ``batch_linear_lhs`` fusion (full runs
+only: compiling takes about a minute per case on a 2-core CPU), the hand fusion (first layers
+concatenated into one Linear, second layers as one padded bmm), and the floor: the first
+layers' three GEMMs as one dense layer.
 Each call runs the heads forward, a loss on all outputs, and the backward of every head
 parameter and of z; the outputs and dL/dz are compared before timing.
 """
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import baselines
 from . import _contenders
 from .harness import Case, Config, Contender
 
@@ -41,7 +44,6 @@ SWEEP: dict[str, dict[str, Any]] = {
     "quick": {"T": (4, 16, 64), "D": 512, "B": 256},
     "full": {"T": (4, 16, 64, 256), "D": 512, "B": 256},
 }
-HEADLINE = "celeba 40x Linear(512,1)"
 
 
 def make_heads(in_features: int, hidden: int | None, widths: tuple[int, ...],
@@ -91,31 +93,51 @@ def _contenders_for(in_features: int, hidden: int | None, widths: tuple[int, ...
         out.append(Contender("mtlfast FusedHeads", run=_step(fused, list(fused.parameters()), z,
                                                              cotangent), reference=True))
 
-    loop = _step(lambda x: {n: h(x) for n, h in heads.items()}, list(heads.parameters()), z,
-                 cotangent)
+    loop = _step(lambda x: baselines.heads_loop(heads, x), list(heads.parameters()), z, cotangent)
     out.append(Contender("ModuleDict loop", run=loop))
 
-    base, why = _contenders.baselines()
-    if cfg.sizes != "full":
-        out.append(Contender("torch.compile(loop)",
-                             unavailable="skipped below --sizes full (compiling takes ~1 min)"))
-    else:
-        compiled = torch.compile(lambda x: {n: h(x) for n, h in heads.items()})
-        out.append(Contender("torch.compile(loop)",
-                             run=_step(compiled, list(heads.parameters()), z, cotangent),
-                             note="default inductor settings; compile time not counted"))
+    #: inductor options -> contender name: default, and batch_linear_lhs, inductor's pre-grad
+    #: fusion of Linear layers reading one input (the options apply to that compile only)
+    compiles = {"torch.compile(loop)": {},
+                "torch.compile(loop, batch_linear_lhs)":
+                    {"pre_grad_fusion_options": {"batch_linear_lhs": {}}}}
+    for name, options in compiles.items():
+        if cfg.sizes != "full":
+            out.append(Contender(name, unavailable="skipped below --sizes full (compiling "
+                                                   "takes ~1 min)"))
+            continue
+        compiled = torch.compile(lambda x: baselines.heads_loop(heads, x), options=options)
+        out.append(Contender(name, run=_step(compiled, list(heads.parameters()), z, cotangent),
+                             note="compile time not counted"))
 
-    if base is None:
-        out.append(Contender("concat Linear + bmm", unavailable=why))
+    try:
+        cat = baselines.ConcatBmmHeads(heads)
+    except ValueError as exc:
+        out.append(Contender("concat Linear + bmm", unavailable=str(exc)))
     else:
-        try:
-            cat = base.ConcatBmmHeads(heads)
-        except ValueError as exc:
-            out.append(Contender("concat Linear + bmm", unavailable=str(exc)))
-        else:
-            out.append(Contender("concat Linear + bmm",
-                                 run=_step(cat, list(cat.parameters()), z, cotangent)))
+        out.append(Contender("concat Linear + bmm",
+                             run=_step(cat, list(cat.parameters()), z, cotangent)))
+    out.append(_gemm_floor(in_features, hidden, widths, batch, device))
     return out
+
+
+def _gemm_floor(in_features: int, hidden: int | None, widths: tuple[int, ...], batch: int,
+                device: torch.device) -> Contender:
+    """The first layer of every head as one dense GEMM, forward and both backward GEMMs
+    (dL/dz, dL/dW): the least work any fusion of these heads does."""
+    n = sum(widths) if hidden is None else hidden * len(widths)
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(batch, in_features, generator=gen).to(device)
+    w = torch.randn(in_features, n, generator=gen).to(device)
+    g = torch.randn(batch, n, generator=gen).to(device)
+
+    def gemms() -> torch.Tensor:
+        torch.mm(a, w)
+        torch.mm(g, w.T)
+        return torch.mm(a.T, g)
+
+    return Contender("GEMM floor", run=gemms, floor=True,
+                     note="the first layers' forward + backward GEMMs as one dense layer")
 
 
 def cases(cfg: Config) -> Iterator[Case]:
@@ -125,7 +147,7 @@ def cases(cfg: Config) -> Iterator[Case]:
             suite="heads", method="Linear" if hidden is None else "MLP", label=label,
             params={"T": len(widths), "D": d, "hidden": hidden, "widths": list(widths),
                     "B": batch},
-            headline=label == HEADLINE,
+            headline=True,  # model-shaped: every one is a bar of the speedup plot
             build=lambda d=d, h=hidden, w=widths, b=batch: _contenders_for(d, h, w, b, cfg),
         )
     sweep = SWEEP[cfg.sizes]

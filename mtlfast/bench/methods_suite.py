@@ -1,10 +1,17 @@
-"""Suite ``methods``: aggregating a ``(T, P)`` matrix of per-task gradients into one update.
+"""Suites ``methods`` and ``weights``: a method on per-task gradients, whole and solver alone.
 
-Contenders for each method mtlfast has (discovered from ``mtlfast.methods``): mtlfast's
-``method(G)`` (Gram, T x T solve, combination), torchjd's aggregator of the same name, and
-for PCGrad the pairwise projection loop of the common reference code. Random methods
-(PCGrad's task order) are checked at T = 2, where the order cannot matter, and timed at
-every T.
+``methods``: aggregating a ``(T, P)`` matrix of per-task gradients into one update. Contenders
+for each method mtlfast has (discovered from ``mtlfast.methods``): mtlfast's ``method(G)``
+(Gram, T x T solve, combination), torchjd's aggregator of the same name, for PCGrad the
+pairwise projection loop of the common reference code, and the floor: the least any method
+reads and writes (``ops.gram`` + ``ops.combine`` for a Gram method, one ``G.sum(0)`` for a
+whole-matrix method). Random methods (PCGrad's task order) are checked at T = 2, where the
+order cannot matter, or replaying mtlfast's orders, and timed at every T. On CUDA the P sweep
+adds P = 100M, where a step is bound by memory traffic (``params["bytes"]``: the bytes a Gram
+method must move, for a floor at the measured copy bandwidth).
+
+``weights``: the T x T solve alone, ``method.weights(K)`` of each Gram method against
+torchjd's ``gramian_weighting(K)`` on the same Gram.
 """
 
 from __future__ import annotations
@@ -15,10 +22,11 @@ from typing import Any
 
 import torch
 
+from .. import baselines
 from . import _contenders
 from .harness import Case, Config, Contender, human
 
-__all__ = ["cases", "discover_methods", "make_gradients"]
+__all__ = ["cases", "discover_methods", "make_gradients", "weights_cases"]
 
 #: Methods measured in --quick runs (whichever of them exist); full runs measure them all.
 QUICK_METHODS = ("Mean", "UPGrad", "PCGrad", "MGDA", "CAGrad")
@@ -32,6 +40,10 @@ SIZES: dict[str, dict[str, Any]] = {
              "P": (10_000, 100_000, 1_000_000, 10_000_000), "T_at_P": 8,
              "headline": (32, 1_000_000)},
 }
+#: the P sweep's extra point on CUDA: large enough that memory traffic, not launches, decides
+CUDA_P = 100_000_000
+#: the Gram sizes of the ``weights`` suite
+WEIGHTS_T = {"tiny": (2, 4), "quick": (8, 32), "full": (2, 8, 32, 64)}
 
 # torchjd's constructor keywords for an mtlfast method instance (its hyper-parameters, read
 # from the instance where mtlfast stores them, else the paper's defaults).
@@ -68,13 +80,14 @@ def discover_methods() -> dict[str, type]:
 
 def make_gradients(T: int, P: int, device: torch.device, seed: int = 0) -> torch.Tensor:
     """``(T, P)`` float32 gradients with real conflicts: a shared direction whose sign
-    alternates between tasks, plus independent noise of varied scale."""
-    gen = torch.Generator().manual_seed(seed)
-    shared = torch.randn(P, generator=gen)
-    signs = torch.tensor([1.0 if t % 2 == 0 else -0.6 for t in range(T)])
-    scales = torch.linspace(0.5, 2.0, T)
-    G = scales[:, None] * torch.randn(T, P, generator=gen) + 2.0 * signs[:, None] * shared
-    return G.to(device)
+    alternates between tasks, plus independent noise of varied scale. Drawn on ``device``
+    (a GPU draws P = 100M in milliseconds; the same numbers on every run of one device)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shared = torch.randn(P, generator=gen, device=device)
+    signs = torch.tensor([1.0 if t % 2 == 0 else -0.6 for t in range(T)], device=device)
+    scales = torch.linspace(0.5, 2.0, T, device=device)
+    G = torch.randn(T, P, generator=gen, device=device).mul_(scales[:, None])
+    return G.add_(2.0 * signs[:, None] * shared)
 
 
 def _torchjd_factory(name: str, method: Any, T: int) -> tuple[Callable[[], Any] | None, str]:
@@ -107,7 +120,24 @@ def _case_contenders(name: str, cls: type, G: torch.Tensor, G_check: torch.Tenso
                              note=_RTOL_NOTE if name in _RTOL else ""))
     if name == "PCGrad":
         out.append(_pairwise_loop(cls, timed_method, G, G_check))
+    out.append(_floor(cls, G))
     return out
+
+
+def _floor(cls: type, G: torch.Tensor) -> Contender:
+    """The cheapest pass any method of this kind makes over G (timed, not checked)."""
+    if cls.needs == "jacobian":
+        return Contender("floor", run=lambda: G.sum(0), floor=True, note="G.sum(0): one read of G")
+    from .. import ops
+
+    w = torch.full((G.shape[0],), 1.0 / G.shape[0], device=G.device, dtype=G.dtype)
+
+    def gram_combine() -> torch.Tensor:
+        K = ops.gram(G)
+        return ops.combine(w + 0 * K[0], G)  # the weights depend on K, as a method's do
+
+    return Contender("floor", run=gram_combine, floor=True,
+                     note="ops.gram + ops.combine: two reads of G, one write of P")
 
 
 def _pairwise_loop(cls: type, timed_method: Any, G: torch.Tensor, G_check: torch.Tensor
@@ -115,17 +145,14 @@ def _pairwise_loop(cls: type, timed_method: Any, G: torch.Tensor, G_check: torch
     """The pairwise PCGrad loop. When mtlfast's PCGrad exposes the task orders of its last
     call (``last_orders``), the loop replays them and is checked at full T; otherwise it is
     checked on ``G_check``, where the order cannot matter."""
-    base, why = _contenders.baselines()
-    if base is None:
-        return Contender("pairwise loop", unavailable=why)
     reduction = str(getattr(timed_method, "reduction", "sum"))
     note = "Python loop over task pairs, full-length projections"
-    run = lambda: base.pcgrad_pairwise(G, reduction=reduction)  # noqa: E731
+    run = lambda: baselines.pcgrad_pairwise(G, reduction=reduction)  # noqa: E731
     probe = cls()
     probe(G_check)
     if getattr(probe, "last_orders", None) is None:
         return Contender("pairwise loop", run=run, note=note,
-                         check=lambda: base.pcgrad_pairwise(G_check, reduction=reduction))
+                         check=lambda: baselines.pcgrad_pairwise(G_check, reduction=reduction))
     orders: list[torch.Tensor] = []
 
     def expect() -> torch.Tensor:
@@ -135,7 +162,7 @@ def _pairwise_loop(cls: type, timed_method: Any, G: torch.Tensor, G_check: torch
         return answer
 
     return Contender("pairwise loop", run=run, expect=expect,
-                     check=lambda: base.pcgrad_pairwise(G, orders=orders[0].tolist(),
+                     check=lambda: baselines.pcgrad_pairwise(G, orders=orders[0].tolist(),
                                                         reduction=reduction),
                      note=note + " (checked replaying mtlfast's task orders)")
 
@@ -146,7 +173,8 @@ def cases(cfg: Config) -> Iterator[Case]:
     sweeps: dict[tuple[int, int], tuple[str, ...]] = {}
     for T in sizes["T"]:
         sweeps[(T, sizes["P_at_T"])] = ("T",)
-    for P in sizes["P"]:
+    extra = (CUDA_P,) if cfg.device.type == "cuda" and cfg.sizes != "tiny" else ()
+    for P in (*sizes["P"], *extra):
         key = (sizes["T_at_P"], P)
         sweeps[key] = sweeps.get(key, ()) + ("P",)  # a point of both sweeps is run once
     methods = discover_methods()
@@ -156,7 +184,8 @@ def cases(cfg: Config) -> Iterator[Case]:
         for (T, P), sweep in sweeps.items():
             yield Case(
                 suite="methods", method=name, label=f"T={T} P={human(P)}",
-                params={"T": T, "P": P, "dtype": "float32"}, sweeps=sweep,
+                params={"T": T, "P": P, "dtype": "float32", "bytes": (2 * T + 1) * P * 4},
+                sweeps=sweep,
                 headline=(T, P) == tuple(sizes["headline"]),
                 build=_builder(name, cls, T, P, cfg.device), rtol=_RTOL.get(name, 1e-3),
             )
@@ -168,5 +197,50 @@ def _builder(name: str, cls: type, T: int, P: int, device: torch.device
         G = make_gradients(T, P, device)
         G_check = G if getattr(cls, "deterministic", True) else G[:2].contiguous()
         return _case_contenders(name, cls, G, G_check)
+
+    return build
+
+
+def _torchjd_weighting(name: str, cls: type, T: int) -> tuple[Callable[[], Any] | None, str]:
+    make_jd, why = _torchjd_factory(name, cls(), T)
+    if make_jd is None:
+        return None, why
+    if not hasattr(make_jd(), "gramian_weighting"):
+        return None, f"torchjd's {name} has no gramian_weighting"
+    return lambda: make_jd().gramian_weighting, ""
+
+
+def weights_cases(cfg: Config) -> Iterator[Case]:
+    """Every deterministic Gram method's weights from one Gram per T."""
+    from .. import methods as mm
+
+    for name, cls in discover_methods().items():
+        if not issubclass(cls, mm.GramMethod) or not getattr(cls, "deterministic", True):
+            continue
+        if cfg.sizes != "full" and name not in QUICK_METHODS:
+            continue
+        for T in WEIGHTS_T[cfg.sizes]:
+            yield Case(suite="weights", method=name, label=f"T={T}", params={"T": T},
+                       sweeps=("T",), headline=T == max(WEIGHTS_T[cfg.sizes]),
+                       build=_weights_builder(name, cls, T, cfg.device),
+                       rtol=_RTOL.get(name, 1e-3))
+
+
+def _weights_builder(name: str, cls: type, T: int, device: torch.device
+                     ) -> Callable[[], list[Contender]]:
+    def build() -> list[Contender]:
+        from .. import ops
+
+        K = ops.gram(make_gradients(T, 4096, device))
+        method = cls()
+        out = [Contender("mtlfast", run=lambda: method.weights(K), reference=True)]
+        make_jd, why = _torchjd_weighting(name, cls, T)
+        if make_jd is None:
+            out.append(Contender("torchjd", unavailable=why))
+        else:
+            weighting = make_jd()
+            out.append(Contender("torchjd", run=lambda: weighting(K),
+                                 note=_RTOL_NOTE if name in _RTOL else ""))
+        return out
 
     return build

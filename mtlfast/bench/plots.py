@@ -108,8 +108,7 @@ def _sweep_figure(records: Sequence[Record], suite: str, axis: str, device: str,
 
 def _speedup_figure(records: Sequence[Record], device: str, colors: dict[str, str],
                     path: Path) -> bool:
-    bars = [r for r in records if (r.headline or not r.sweeps) and r.speedup is not None
-            and not r.reference]
+    bars = [r for r in records if r.headline and r.speedup is not None and not r.reference]
     groups = list(dict.fromkeys((r.suite, r.method, r.case) for r in bars))
     if not groups:
         return False

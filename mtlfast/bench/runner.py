@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import heads_suite, methods_suite, step_suite
+from . import demo_suite, heads_suite, methods_suite, ops_suite, step_suite
 from .harness import Case, Config, Record, run_cases
 from .report import fmt_time, print_tables, write_json
 
@@ -19,8 +19,11 @@ __all__ = ["SUITES", "add_arguments", "run"]
 #: suite name -> the function yielding its cases for a config (tests may add entries)
 SUITES: dict[str, Callable[[Config], Iterator[Case]]] = {
     "methods": methods_suite.cases,
+    "weights": methods_suite.weights_cases,
     "heads": heads_suite.cases,
     "step": step_suite.cases,
+    "ops": ops_suite.cases,
+    "demo": demo_suite.cases,
 }
 
 
@@ -86,11 +89,19 @@ def _run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     records: list[Record] = []
+    show = _progress(start)
+
+    def progress(i: int, n: int, case: Case, recs: list[Record]) -> None:
+        show(i, n, case, recs)
+        # a run stopped from outside (a time limit) keeps the cases it finished
+        write_json(args.out / "bench.json", records + recs, cfg.device, sizes, _command(args),
+                   time.perf_counter() - start)
+
     for name in names:
         cases = list(SUITES[name](cfg))
         print(f"suite {name}: {len(cases)} cases on {cfg.device} ({sizes} sizes)",
               file=sys.stderr, flush=True)
-        records += run_cases(cases, cfg, progress=_progress(start))
+        records += run_cases(cases, cfg, progress=progress)
     elapsed = time.perf_counter() - start
     print_tables(records)
     write_json(args.out / "bench.json", records, cfg.device, sizes, _command(args), elapsed)

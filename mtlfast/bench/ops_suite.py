@@ -1,0 +1,263 @@
+"""Suite ``ops``: mtlfast's kernels against the torch code they replace, on the same inputs.
+
+- ``copy``: one device copy (``dst.copy_(src)``), the bandwidth every memory-bound floor is
+  measured against (``params["bytes"]``: bytes read + written);
+- ``gram``: ``ops.gram(G)`` vs ``G @ G.T``; ``combine``: ``ops.combine(w, G)`` vs ``w @ G``;
+  ``gram+combine``: both, the memory-bound part of every Gram method's step;
+  ``gram_multi``: one call over per-parameter blocks (ResNet-18-like widths) vs ``torch.cat``
+  then ``ops.gram``; ``graddrop``: ``ops.graddrop`` vs its torch reference;
+- the T x T solvers (``mtlfast.ops.solvers``): each kernel vs its torch reference path, on one
+  Gram and on a batch (of 64 on CUDA);
+- ``grouped_linear`` (the fused heads' layers, forward): a dense first layer with ReLU vs
+  ``torch._addmm_activation`` and ``addmm`` + ``relu_``; ragged second layers vs one
+  zero-padded ``bmm`` and a loop of ``addmm`` (the choices its torch dispatch makes).
+
+Each case's ``params["bytes"]`` is the memory its operation must move at least (G read, the
+output written), so a report can put a time next to its floor at the measured copy rate.
+On CUDA the sizes are those of a large model (P up to 100M) and bfloat16 is added.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from .harness import Case, Config, Contender, human
+
+__all__ = ["cases"]
+
+#: ResNet-18's parameter sizes: the blocks of a per-parameter Gram
+RESNET18_WIDTHS = ([9408, 64, 64] + [36864, 64, 64] * 4 + [73728, 147456, 8192, 128, 128]
+                   + [147456] * 3 + [294912, 589824, 32768] + [589824] * 3
+                   + [1179648, 2359296, 131072] + [2359296] * 3 + [512 * 1000, 1000])
+
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {"copy": 10_000, "gram": ((2, 300), (4, 1_000)), "multi_T": (3,), "multi_div": 1000,
+             "graddrop": ((3, 1_000),), "solver_T": (4,), "batch": 4},
+    "quick": {"copy": 10_000_000, "gram": ((8, 100_000), (32, 100_000), (8, 1_000_000)),
+              "multi_T": (8,), "multi_div": 10, "graddrop": ((8, 100_000),),
+              "solver_T": (8, 32), "batch": 8},
+    "full": {"copy": 100_000_000, "gram": ((8, 100_000), (32, 100_000), (8, 1_000_000),
+                                           (32, 1_000_000)),
+             "multi_T": (8, 32), "multi_div": 1, "graddrop": ((8, 1_000_000), (32, 1_000_000)),
+             "solver_T": (8, 32), "batch": 64},
+}
+#: on CUDA (quick and full): sizes where memory traffic, not launches, decides
+CUDA_SIZES: dict[str, Any] = {
+    "copy": 1 << 29, "gram": ((8, 10**7), (8, 10**8), (32, 10**7), (32, 10**8)),
+    "multi_T": (8, 32), "multi_div": 1, "graddrop": ((8, 10**7), (8, 10**8), (32, 10**7)),
+    "batch": 64,
+}
+_ESIZE = {torch.float32: 4, torch.bfloat16: 2}
+#: grouped_linear cases: name -> (batch, in width per group, out widths); one group: layer 1
+LINEAR: dict[str, dict[str, tuple[int, int, tuple[int, ...]]]] = {
+    "tiny": {"layer 1 (dense, relu)": (8, 16, (32,)), "layer 2 ragged": (8, 8, (1, 2, 5))},
+    "quick": {"layer 1 (dense, relu)": (256, 512, (2048,)),
+              "layer 2 ragged 8 MLP": (256, 256, (1, 2, 5, 10, 20, 50, 100, 200)),
+              "layer 2 100x 64-1": (1024, 64, (1,) * 100)},
+}
+LINEAR["full"] = LINEAR["quick"]
+
+
+def _sizes(cfg: Config) -> dict[str, Any]:
+    sizes = dict(SIZES[cfg.sizes])
+    if cfg.device.type == "cuda" and cfg.sizes != "tiny":
+        sizes.update(CUDA_SIZES)
+    return sizes
+
+
+def _randn(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32,
+           seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(shape, generator=gen, device=device, dtype=dtype)
+
+
+def _copy(n: int, device: torch.device) -> list[Contender]:
+    src = _randn((n,), device)
+    dst = torch.empty_like(src)
+    return [Contender("torch copy_", run=lambda: dst.copy_(src), reference=True)]
+
+
+def _gram(T: int, P: int, dtype: torch.dtype, device: torch.device) -> list[Contender]:
+    from .. import ops
+
+    G = _randn((T, P), device, dtype)
+    return [Contender("mtlfast", run=lambda: ops.gram(G), reference=True),
+            Contender("G @ G.T", run=lambda: G @ G.T)]
+
+
+def _combine(T: int, P: int, dtype: torch.dtype, device: torch.device) -> list[Contender]:
+    from .. import ops
+
+    G = _randn((T, P), device, dtype)
+    w = torch.rand(T, device=device)
+    out = torch.empty(P, device=device, dtype=dtype)
+    return [Contender("mtlfast", run=lambda: ops.combine(w, G, out), reference=True),
+            Contender("w @ G", run=lambda: torch.matmul(w.to(dtype), G))]
+
+
+def _gram_multi(T: int, widths: list[int], device: torch.device) -> list[Contender]:
+    from .. import ops
+
+    Gs = [_randn((T, p), device, seed=i) for i, p in enumerate(widths)]
+    return [Contender("mtlfast", run=lambda: ops.gram_multi(Gs), reference=True),
+            Contender("torch.cat + ops.gram", run=lambda: ops.gram(torch.cat(Gs, dim=1)))]
+
+
+def _gram_combine(T: int, P: int, dtype: torch.dtype, device: torch.device
+                  ) -> list[Contender]:
+    from .. import ops
+
+    G = _randn((T, P), device, dtype)
+    out = torch.empty(P, device=device, dtype=dtype)
+
+    def mtlfast_step() -> torch.Tensor:
+        return ops.combine(ops.gram(G)[0], G, out)
+
+    def torch_step() -> torch.Tensor:
+        return torch.matmul((G @ G.T)[0].to(dtype), G)
+
+    return [Contender("mtlfast", run=mtlfast_step, reference=True),
+            Contender("G @ G.T, w @ G", run=torch_step)]
+
+
+def _graddrop(T: int, P: int, dtype: torch.dtype, device: torch.device) -> list[Contender]:
+    from .. import ops
+
+    G = _randn((T, P), device, dtype)
+    return [Contender("mtlfast", run=lambda: ops.graddrop(G, 7), reference=True),
+            Contender("torch reference", run=lambda: ops.graddrop_reference(G, 7))]
+
+
+def _grouped_linear(batch: int, k: int, widths: tuple[int, ...], device: torch.device
+                    ) -> list[Contender]:
+    from .. import ops
+
+    T = 1 if len(widths) == 1 else len(widths)
+    x = _randn((batch, T * k if T > 1 else k), device)
+    Ws = [_randn((n, k), device, seed=1 + t) for t, n in enumerate(widths)]
+    bs = [_randn((n,), device, seed=100 + t) for t, n in enumerate(widths)]
+    w, b = torch.cat([W.reshape(-1) for W in Ws]), torch.cat(bs)
+    in_widths = [k] * len(widths)
+    if len(widths) == 1:
+        W = Ws[0]
+        return [Contender("mtlfast", reference=True, run=lambda: ops.grouped_linear(
+                    x, w, b, in_widths, list(widths), activation="relu")),
+                Contender("torch._addmm_activation",
+                          run=lambda: torch._addmm_activation(b, x, W.T)),
+                Contender("addmm + relu_", run=lambda: torch.relu_(torch.addmm(b, x, W.T)))]
+    xs = x.split(in_widths, dim=1)
+    widest = max(widths)
+    padded = torch.zeros(len(widths), k, widest, device=device)
+    for t, W in enumerate(Ws):
+        padded[t, :, : widths[t]] = W.T
+    bias_padded = torch.zeros(len(widths), 1, widest, device=device)
+    for t, bt in enumerate(bs):
+        bias_padded[t, 0, : widths[t]] = bt
+
+    def bmm() -> torch.Tensor:
+        return torch.baddbmm(bias_padded, x.view(batch, len(widths), k).transpose(0, 1), padded)
+
+    def bmm_sliced() -> torch.Tensor:
+        out = bmm()
+        return torch.cat([out[t, :, :n] for t, n in enumerate(widths)], dim=1)
+
+    return [Contender("mtlfast", reference=True,
+                      run=lambda: ops.grouped_linear(x, w, b, in_widths, list(widths))),
+            Contender("padded bmm", run=bmm, check=bmm_sliced,
+                      note="(T, B, widest) output, sliced per task for the check only"),
+            Contender("addmm loop", run=lambda: torch.cat(
+                [torch.addmm(bt, xt, W.T) for xt, W, bt in zip(xs, Ws, bs, strict=True)],
+                dim=1))]
+
+
+def _solver_pairs(K: torch.Tensor) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
+    """name -> (mtlfast's solver, the torch reference it is checked against)."""
+    from ..ops import solvers
+    from ..ops import solvers_nonlinear as nl
+
+    T = K.shape[-1]
+    p = torch.full(K.shape[:-1], 1.0 / T, dtype=K.dtype, device=K.device)
+    zero = K.new_zeros(*K.shape[:-2], 1, T)
+    upgrad_b = p.unsqueeze(-1) * K
+    dualproj_b = (K @ p.unsqueeze(-1)).mT
+    return {
+        "nnqp simplex (MGDA)": (lambda: solvers.nnqp(K, zero, True),
+                                lambda: solvers.nnqp_reference(K, zero, True)),
+        "nnqp x T (UPGrad)": (lambda: solvers.nnqp(K, upgrad_b),
+                              lambda: solvers.nnqp_reference(K, upgrad_b)),
+        "nnqp (DualProj)": (lambda: solvers.nnqp(K, dualproj_b),
+                            lambda: solvers.nnqp_reference(K, dualproj_b)),
+        "cagrad c=0.4": (lambda: solvers.cagrad_weights(K, p, 0.4),
+                         lambda: solvers.cagrad_weights_reference(K, p, 0.4)),
+        "power_fixed_point a=1 (NashMTL)": (lambda: nl.power_fixed_point(K, 1.0, 20),
+                                            lambda: nl.power_fixed_point_reference(K, 1.0, 20)),
+        "power_fixed_point a=2 (FairGrad)": (lambda: nl.power_fixed_point(K, 2.0, 25),
+                                             lambda: nl.power_fixed_point_reference(K, 2.0, 25)),
+        "imtl_weights (IMTLG)": (lambda: nl.imtl_weights(K),
+                                 lambda: nl.imtl_weights_reference(K)),
+        # eigenvectors are defined up to sign: the eigenvalues are compared
+        "sym_eig (AlignedMTL, ConFIG)": (lambda: nl.sym_eig(K)[0],
+                                         lambda: torch.linalg.eigvalsh(K)),
+    }
+
+
+def _solver(name: str, T: int, batch: int, device: torch.device) -> list[Contender]:
+    from ..ops import solvers
+
+    A = _randn((batch, T, 2 * T) if batch > 1 else (T, 2 * T), device, torch.float64)
+    K = solvers.normalize_gram(A @ A.mT)[0]
+    kernel, reference = _solver_pairs(K)[name]
+    return [Contender("mtlfast", run=kernel, reference=True),
+            Contender("torch reference", run=reference)]
+
+
+def cases(cfg: Config) -> Iterator[Case]:
+    sizes, device = _sizes(cfg), cfg.device
+    n = sizes["copy"]
+    yield Case("ops", "copy", f"n={human(n)}", {"n": n, "bytes": 2 * 4 * n},
+               build=lambda: _copy(n, device))
+    dtypes = (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,)
+    for dtype in dtypes:
+        tag = str(dtype).removeprefix("torch.")
+        rtol = 1e-3 if dtype == torch.float32 else 2e-2
+        es = _ESIZE[dtype]
+        for T, P in sizes["gram"]:
+            params = {"T": T, "P": P, "dtype": tag}
+            yield Case("ops", "gram", f"T={T} P={human(P)} {tag}", {**params, "bytes": T * P * es},
+                       sweeps=("P",) if T == sizes["gram"][0][0] else (), rtol=rtol,
+                       build=lambda T=T, P=P, d=dtype: _gram(T, P, d, device))
+            yield Case("ops", "combine", f"T={T} P={human(P)} {tag}",
+                       {**params, "bytes": (T + 1) * P * es}, rtol=rtol,
+                       build=lambda T=T, P=P, d=dtype: _combine(T, P, d, device))
+            yield Case("ops", "gram+combine", f"T={T} P={human(P)} {tag}",
+                       {**params, "bytes": (2 * T + 1) * P * es}, rtol=rtol,
+                       headline=(T, P) == max(sizes["gram"]) and dtype == torch.float32,
+                       build=lambda T=T, P=P, d=dtype: _gram_combine(T, P, d, device))
+        for T, P in sizes["graddrop"]:
+            yield Case("ops", "graddrop", f"T={T} P={human(P)} {tag}",
+                       {"T": T, "P": P, "dtype": tag, "bytes": (T + 1) * P * es}, rtol=rtol,
+                       headline=(T, P) == max(sizes["graddrop"]) and dtype == torch.float32,
+                       build=lambda T=T, P=P, d=dtype: _graddrop(T, P, d, device))
+    blocks = [max(1, w // sizes["multi_div"]) for w in RESNET18_WIDTHS]
+    for T in sizes["multi_T"]:
+        yield Case("ops", "gram_multi", f"T={T} {len(blocks)} blocks P={human(sum(blocks))}",
+                   {"T": T, "P": sum(blocks), "blocks": len(blocks),
+                    "bytes": T * sum(blocks) * 4}, rtol=1e-3,
+                   headline=T == max(sizes["multi_T"]),
+                   build=lambda T=T: _gram_multi(T, blocks, device))
+    for label, (batch, k, widths) in LINEAR[cfg.sizes].items():
+        yield Case("ops", "grouped_linear", label,
+                   {"B": batch, "in": k, "widths": list(widths), "T": len(widths)},
+                   headline=label.startswith("layer 2 ragged"),
+                   build=lambda b=batch, k=k, w=widths: _grouped_linear(b, k, w, device))
+    probe = torch.zeros(1, 1, 1, dtype=torch.float64)
+    for name in _solver_pairs(probe):
+        for T in sizes["solver_T"]:
+            for batch in (1, sizes["batch"]) if T == max(sizes["solver_T"]) else (1,):
+                yield Case("ops", name, f"T={T} batch={batch}", {"T": T, "batch": batch},
+                           rtol=1e-5, headline=name.startswith("nnqp x T") and batch == 1
+                           and T == max(sizes["solver_T"]),
+                           build=lambda name=name, T=T, b=batch: _solver(name, T, b, device))
