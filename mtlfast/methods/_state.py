@@ -78,7 +78,12 @@ def commit(module: torch.nn.Module, proposal: Proposal, ok: torch.Tensor | bool 
     for name, new in proposal.state.items():
         if outcome is None and name in proposal.before:  # else informational (last_orders)
             new = torch.where(ok, new, proposal.before[name])
-        setattr(module, name, new)
+        current = getattr(module, name, None)
+        if isinstance(current, torch.Tensor) and current.shape == new.shape \
+                and current.dtype == new.dtype and current.device == new.device:
+            current.copy_(new)  # in place: a captured CUDA graph keeps updating the same buffer
+        else:
+            setattr(module, name, new.clone())  # never the step's result itself (in-place later)
     for name, value in proposal.host.items():
         setattr(module, name, value)
     proposal.rollback.clear()

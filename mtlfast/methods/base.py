@@ -19,7 +19,9 @@ is kept when anything was non-finite.
 
 Writing a method: a stateless Gram method overrides ``_weights(gram, losses)``; a stateful one
 lists its buffers in ``state_names``, gives their start values in ``_initial_state`` and
-overrides ``_step(gram, losses, state) -> (w, new_state)`` without assigning attributes.
+overrides ``_step(gram, losses, state) -> (w, new_state)`` without assigning attributes (the
+result must not alias a state buffer: state is committed in place, so that a captured CUDA
+graph keeps updating the same buffers).
 (A ``_weights`` that assigns its own buffers still works, but commits even on failed steps.)
 """
 

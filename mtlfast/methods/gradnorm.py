@@ -60,7 +60,9 @@ class GradNorm(GramMethod):
         new, initial, has_initial = gradnorm_update(
             gram, w, losses, state["initial_losses"].to(gram.dtype), state["has_initial"],
             self.alpha, self.lr)
-        return w, {"task_weights": new, "initial_losses": initial, "has_initial": has_initial}
+        # The weights are returned as a copy: the state is committed in place.
+        return w.clone(), {"task_weights": new, "initial_losses": initial,
+                           "has_initial": has_initial}
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, lr={self.lr}, {super().extra_repr()}"
