@@ -51,15 +51,16 @@ _DEFAULT: list[Method] = []
 
 
 def _method(method: object) -> Method:
+    """A method object: None -> the shared default UPGrad(), a name -> methods.get(name)."""
     if method is None:
         if not _DEFAULT:
             _DEFAULT.append(methods.UPGrad())
         return _DEFAULT[0]
+    if isinstance(method, str):
+        return methods.get(method)
     if not isinstance(method, Method):
-        hint = (f" (for a method by name use mtlfast.methods.{method}(...))"
-                if isinstance(method, str) else "")
-        raise TypeError(f"method must be a mtlfast.methods.Method, got "
-                        f"{type(method).__name__}{hint}")
+        raise TypeError(f"method must be a mtlfast.methods.Method or a method name (one of "
+                        f"mtlfast.methods.available()), got {type(method).__name__}")
     return method
 
 
@@ -78,7 +79,8 @@ class MTLBackward(nn.Module):
     Args:
         shared: the shared parameters (an iterable, or the trunk ``nn.Module``): the ones every
             task uses; heads and any other parameter get their ordinary gradients.
-        method: a ``mtlfast.methods`` method (default ``UPGrad()``).
+        method: a ``mtlfast.methods`` method, or its name (``mtlfast.methods.get``; default
+            ``UPGrad()``).
         mode: ``"jacobian"`` (G in one flat (T, P) buffer), ``"gramian"`` (K streamed per
             parameter, G never whole, then one weighted backward), ``"features"`` (K of dL/dZ
             only: the MGDA-UB approximation, about the cost of ordinary training) or ``"auto"``
@@ -107,7 +109,7 @@ class MTLBackward(nn.Module):
     def __init__(
         self,
         shared: Shared,
-        method: Method | None = None,
+        method: Method | str | None = None,
         *,
         mode: Mode = "auto",
         chunk_size: int | None = None,
@@ -126,7 +128,9 @@ class MTLBackward(nn.Module):
             process_group=process_group, distributed_mode=distributed_mode,
             bucket_cap_mb=bucket_cap_mb, vjp=vjp))
 
-    def _build(self, shared: Shared, method: Method | None, config: EngineConfig) -> None:
+    def _build(self, shared: Shared, method: Method | str | None,
+               config: EngineConfig) -> None:
+        self._method_name = method if isinstance(method, str) else None
         self.method = _method(method)
         self.config = config
         params = as_shared(shared)
@@ -134,7 +138,7 @@ class MTLBackward(nn.Module):
         self._engine = Engine(self.method, config, _reducer(config, params))
 
     @classmethod
-    def from_config(cls, shared: Shared, method: Method | None,
+    def from_config(cls, shared: Shared, method: Method | str | None,
                     config: EngineConfig) -> MTLBackward:
         """An engine built from an already checked :class:`~mtlfast.engine.EngineConfig`."""
         engine = cls.__new__(cls)
@@ -192,7 +196,7 @@ _CACHE: list[MTLBackward] = []
 def backward(
     losses: Losses,
     shared: Shared,
-    method: Method | None = None,
+    method: Method | str | None = None,
     features: Features = None,
     mode: Mode = "auto",
     retain_graph: bool = False,
@@ -226,6 +230,10 @@ def backward(
         _CACHE.clear()  # drop the old engine (and its buffers) before building the new one
         engine = MTLBackward.from_config(params, method, config)
         _CACHE.append(engine)
+    elif isinstance(method, str):
+        if engine._method_name != method:  # a name keeps its method (and its state) across calls
+            engine.method = _method(method)
     elif engine.method is not _method(method):
         engine.method = _method(method)  # buffers depend on the parameters only: keep them
+    engine._method_name = method if isinstance(method, str) else None
     return engine.backward(losses, features, retain_graph=retain_graph, grad_scaler=grad_scaler)

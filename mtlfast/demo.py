@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
 import pathlib
 import time
@@ -131,19 +130,8 @@ def evaluate(model: MTLModel, data: datasets.MTLData, split: datasets.Split,
 
 
 def resolve_method(name: str, num_tasks: int) -> methods_module.Method:
-    """A method of :mod:`mtlfast.methods` by case-insensitive class name, paper defaults.
-
-    ``num_tasks`` is passed to methods whose constructor needs T (UW's log-variances).
-    """
-    classes = {n.lower(): getattr(methods_module, n) for n in methods_module.__all__}
-    abstract = {"method", "grammethod", "jacobianmethod", "lossmethod"}
-    known = sorted(k for k in classes if k not in abstract)
-    if name.lower() not in known:
-        raise ValueError(f"method must be one of {known}, got {name!r}")
-    cls = classes[name.lower()]
-    if "num_tasks" in inspect.signature(cls).parameters:
-        return cls(num_tasks=num_tasks)
-    return cls()
+    """The demo's ``--method``: ``mtlfast.methods.get`` with the data set's T."""
+    return methods_module.get(name, num_tasks=num_tasks)
 
 
 # One backward step: (losses by task, shared features z, model) -> None. The only place

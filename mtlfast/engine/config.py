@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -81,7 +81,9 @@ class EngineConfig:
 
 @dataclass
 class StepInfo:
-    """What one step computed. All tensors stay on the device (reading them syncs)."""
+    """What one step computed. All tensors stay on the device: the derived views
+    (:meth:`grad_norms`, :meth:`cosines`, :meth:`conflicting_pairs`) are computed there too, and
+    only :meth:`as_dict` reads anything back (one synchronization, when asked)."""
 
     #: (T,) combination weights (layer-wise methods: (L, T)); zeros for a skipped step; None
     #: for whole-Jacobian methods (their update is not a weighted sum of the rows).
@@ -95,3 +97,49 @@ class StepInfo:
     skipped: torch.Tensor
     #: The mode that ran: "jacobian", "gramian", "features" or "losses".
     mode: str
+    #: The task names, in order (the keys of a dict of losses, else "task 0", "task 1", ...).
+    tasks: list[str] = field(default_factory=list)
+
+    def _total_gram(self) -> torch.Tensor | None:
+        if self.gram is None:
+            return None
+        return self.gram.sum(0) if self.gram.dim() == 3 else self.gram  # layers add up
+
+    def grad_norms(self) -> torch.Tensor | None:
+        """(T,) per-task gradient norms ``sqrt(K_tt)`` (of dL/dZ in features mode)."""
+        K = self._total_gram()
+        return None if K is None else K.diagonal().clamp_min(0).sqrt()
+
+    def cosines(self) -> torch.Tensor | None:
+        """(T, T) cosine similarities of the per-task gradients (0 for a zero gradient)."""
+        K = self._total_gram()
+        if K is None:
+            return None
+        n = K.diagonal().clamp_min(0).sqrt()
+        inv = torch.where(n > 0, 1 / torch.where(n > 0, n, 1), 0)
+        return K * inv[:, None] * inv[None, :]
+
+    def conflicting_pairs(self) -> torch.Tensor | None:
+        """0-d: the number of task pairs whose gradients conflict (negative cosine)."""
+        cos = self.cosines()
+        return None if cos is None else (torch.triu(cos, 1) < 0).sum()
+
+    def as_dict(self) -> dict[str, object]:
+        """Plain Python values for a logger (reads the device once): losses, weights and
+        gradient norms per task, the cosine matrix, the number of conflicting pairs."""
+        def per_task(t: torch.Tensor | None) -> dict[str, object] | None:
+            return None if t is None else dict(zip(self.tasks, t.tolist(), strict=True))
+
+        weights = self.weights
+        cos = self.cosines()
+        conflicts = self.conflicting_pairs()
+        return {
+            "mode": self.mode,
+            "skipped": bool(self.skipped),
+            "losses": per_task(self.losses.float()),
+            "weights": per_task(weights.float()) if weights is not None and weights.dim() == 1
+            else None if weights is None else weights.float().tolist(),
+            "grad_norms": per_task(None if cos is None else self.grad_norms().float()),
+            "cosine": None if cos is None else cos.float().tolist(),
+            "conflicting_pairs": None if conflicts is None else int(conflicts),
+        }

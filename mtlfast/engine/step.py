@@ -263,7 +263,8 @@ class _Step:
         self.layout.add_list(grads)
         self.reducer.write_heads(self.others, head_grads)
         add_to_grads(own, policy.mask(own_grads, ok))
-        return StepInfo(policy.reported(w, ok), None, self.losses, ~ok, "losses"), ok
+        return StepInfo(policy.reported(w, ok), None, self.losses, ~ok, "losses",
+                        self.names), ok
 
     # -- Gram methods --------------------------------------------------------------------------
 
@@ -316,7 +317,7 @@ class _Step:
                                                      policy.mask(head_grads, ok))
             layout.add_list(grads)
         self.write_heads(head_grads, ok)
-        return StepInfo(policy.reported(w, ok), K, self.losses, ~ok, mode), ok
+        return StepInfo(policy.reported(w, ok), K, self.losses, ~ok, mode, self.names), ok
 
     def grams(self, G: torch.Tensor) -> torch.Tensor:
         return torch.stack([ops.gram(G[:, self.layout.slice(i)])
@@ -380,4 +381,4 @@ class _Step:
 
             layout.add_flat(write)
             self.write_heads(head_grads, ok)
-        return StepInfo(None, None, self.losses, ~ok, "jacobian"), ok
+        return StepInfo(None, None, self.losses, ~ok, "jacobian", self.names), ok

@@ -1,6 +1,7 @@
 """Multi-task gradient methods, one class per method (see base.py for the protocol).
 
-Gram-based (``needs == "gram"``), whole-matrix (``"jacobian"``) and loss-based (``"losses"``).
+Gram-based (``needs == "gram"``), whole-matrix (``"jacobian"``) and loss-based (``"losses"``);
+``get(name, **kwargs)`` builds one by name, ``available()`` lists the names.
 """
 
 from .aligned_mtl import AlignedMTL
@@ -21,6 +22,7 @@ from .mgda import MGDA
 from .moco import MoCo
 from .nash_mtl import NashMTL
 from .pcgrad import PCGrad
+from .registry import available, get
 from .stch import STCH
 from .upgrad import UPGrad
 
@@ -52,4 +54,6 @@ __all__ = [
     "Sum",
     "UPGrad",
     "UW",
+    "available",
+    "get",
 ]
