@@ -104,6 +104,11 @@ class MTLBackward(nn.Module):
             a CPU both are timed over the first eight steps and the faster kept). The values
             are the same either way, to rounding. With ``process_group``, ``"auto"`` means
             ``"batched"``.
+        accumulate: micro-batches per step (exact accumulation, jacobian mode): each call
+            adds its micro-batch's per-task gradients, losses and heads' gradients to running
+            sums, and every ``accumulate``-th call weighs their mean and writes the update, equal
+            to one batch of ``accumulate`` x B (equal micro-batch sizes). ``backward(...,
+            step=True)`` steps early (a short last group), ``step=False`` only accumulates.
     """
 
     def __init__(
@@ -120,13 +125,14 @@ class MTLBackward(nn.Module):
         distributed_mode: DistributedMode = "exact",
         bucket_cap_mb: float | None = DEFAULT_BUCKET_CAP_MB,
         vjp: Strategy = "auto",
+        accumulate: int = 1,
     ) -> None:
         super().__init__()
         self._build(shared, method, EngineConfig(
             mode=mode, chunk_size=chunk_size, jacobian_dtype=jacobian_dtype,
             jacobian_budget=jacobian_budget, on_nonfinite=on_nonfinite,
             process_group=process_group, distributed_mode=distributed_mode,
-            bucket_cap_mb=bucket_cap_mb, vjp=vjp))
+            bucket_cap_mb=bucket_cap_mb, vjp=vjp, accumulate=accumulate))
 
     def _build(self, shared: Shared, method: Method | str | None,
                config: EngineConfig) -> None:
@@ -180,14 +186,15 @@ class MTLBackward(nn.Module):
         *,
         retain_graph: bool = False,
         grad_scaler: torch.amp.GradScaler | None = None,
+        step: bool | None = None,
     ) -> StepInfo:
         """Write the step's gradients into ``.grad`` (accumulating) and report what it computed.
 
         A call that raises, or that the non-finite policy skips, leaves ``.grad``, the method's
-        state and the engine's state as they were.
+        state and the engine's state as they were. ``step``: see ``accumulate``.
         """
         return self._engine.backward(losses, features, retain_graph=retain_graph,
-                                     grad_scaler=grad_scaler)
+                                     grad_scaler=grad_scaler, step=step)
 
 
 _CACHE: list[MTLBackward] = []
@@ -210,6 +217,7 @@ def backward(
     distributed_mode: DistributedMode = "exact",
     bucket_cap_mb: float | None = DEFAULT_BUCKET_CAP_MB,
     vjp: Strategy = "auto",
+    accumulate: int = 1,
 ) -> StepInfo:
     """Multi-task ``loss.backward()``: ``.grad`` of ``shared`` += ``w @ G``, heads += their grads.
 
@@ -222,7 +230,7 @@ def backward(
     config = EngineConfig(mode=mode, chunk_size=chunk_size, jacobian_dtype=jacobian_dtype,
                           jacobian_budget=jacobian_budget, on_nonfinite=on_nonfinite,
                           process_group=process_group, distributed_mode=distributed_mode,
-                          bucket_cap_mb=bucket_cap_mb, vjp=vjp)
+                          bucket_cap_mb=bucket_cap_mb, vjp=vjp, accumulate=accumulate)
     params = as_shared(shared)
     engine = _CACHE[0] if _CACHE else None
     if engine is None or engine.config.key() != config.key() \

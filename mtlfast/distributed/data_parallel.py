@@ -228,12 +228,20 @@ class DataParallel(Reducer):
     def finish_jacobian(self, sink: JacobianSink) -> torch.Tensor:
         return sink.wait() if self.exact else sink.J
 
-    def agree(self, ok: torch.Tensor) -> torch.Tensor:
+    def agree(self, ok: torch.Tensor, *, per_rank: bool = False) -> torch.Tensor:
         # Exact: computed from reduced values, identical on every rank.
-        return ok if self.exact else self.comm.all_true(ok)
+        return ok if self.exact and not per_rank else self.comm.all_true(ok)
 
-    def explain(self, local: str | None) -> str:
-        return (local or "the gradients") if self.exact else self.comm.explain(local)
+    def explain(self, local: str | None, *, per_rank: bool = False) -> str:
+        if self.exact and not per_rank:
+            return local or "the gradients"
+        return self.comm.explain(local)
+
+    def reduce_jacobian(self, G: torch.Tensor) -> torch.Tensor:
+        if self.exact:
+            self.comm.start(G).wait()
+            G.div_(self.comm.world)
+        return G
 
     def average(self, layout, grads, others, head_grads):
         both = self.comm.mean([*layout.params, *others], [*grads, *head_grads])

@@ -48,6 +48,7 @@ class EngineConfig:
     distributed_mode: DistributedMode = "exact"
     bucket_cap_mb: float | None = DEFAULT_BUCKET_CAP_MB
     vjp: Strategy = "auto"
+    accumulate: int = 1
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, typing.get_args(Mode))
@@ -71,12 +72,16 @@ class EngineConfig:
             raise ValueError(f"bucket_cap_mb must be a positive number (MiB) or None, got "
                              f"{cap!r}")
         _choice("vjp", self.vjp, typing.get_args(Strategy))
+        if isinstance(self.accumulate, bool) or not isinstance(self.accumulate, int) \
+                or self.accumulate < 1:
+            raise ValueError(f"accumulate must be a positive int (micro-batches per step), got "
+                             f"{self.accumulate!r}")
 
     def key(self) -> tuple:
         """Identity of the options (the process group by object)."""
         return (self.mode, self.chunk_size, self.jacobian_dtype, self.jacobian_budget,
                 self.on_nonfinite, id(self.process_group), self.distributed_mode,
-                self.bucket_cap_mb, self.vjp)
+                self.bucket_cap_mb, self.vjp, self.accumulate)
 
 
 @dataclass
@@ -95,7 +100,8 @@ class StepInfo:
     losses: torch.Tensor
     #: 0-d bool: True when the step was non-finite and zeroed (or left to the grad scaler).
     skipped: torch.Tensor
-    #: The mode that ran: "jacobian", "gramian", "features" or "losses".
+    #: The mode that ran: "jacobian", "gramian", "features" or "losses"; "accumulating" for a
+    #: micro-batch that was added to the accumulated gradients (nothing written yet).
     mode: str
     #: The task names, in order (the keys of a dict of losses, else "task 0", "task 1", ...).
     tasks: list[str] = field(default_factory=list)

@@ -65,16 +65,19 @@ class Policy:
     def unscale_gram(self, K: torch.Tensor) -> torch.Tensor:
         return K if self.scale is None else K / (self.scale * self.scale)
 
-    def check(self, ok: torch.Tensor, what: Callable[[], str]) -> torch.Tensor:
+    def check(self, ok: torch.Tensor, what: Callable[[], str], *,
+              per_rank: bool = False) -> torch.Tensor:
         """The flag agreed over the ranks; under "raise", ValueError (naming ``what()``, per
-        rank) when it is False. Nothing has been written when this raises."""
-        agreed = self.reducer.agree(ok)
+        rank) when it is False. Nothing has been written when this raises. ``per_rank``: the
+        flag comes from this rank's values only (e.g. a micro-batch before any reduction)."""
+        agreed = self.reducer.agree(ok, per_rank=per_rank)
         if self.skip or bool(agreed):
             return agreed
         local = None if bool(ok) else what()
         raise ValueError(
-            f"mtlfast.backward: {self.reducer.explain(local)} contain NaN or Inf; nothing was "
-            "written to .grad (pass on_nonfinite='skip' to zero such steps without a host sync)"
+            f"mtlfast.backward: {self.reducer.explain(local, per_rank=per_rank)} contain NaN or "
+            "Inf; nothing was written to .grad (pass on_nonfinite='skip' to zero such steps "
+            "without a host sync)"
         )
 
     def marker(self, ok: torch.Tensor) -> torch.Tensor:

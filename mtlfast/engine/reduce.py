@@ -69,13 +69,18 @@ class Reducer:
         """The Gram of the global per-task gradients from this rank's part."""
         return K
 
-    def agree(self, ok: torch.Tensor) -> torch.Tensor:
-        """The step's finiteness flag, the same on every rank."""
+    def agree(self, ok: torch.Tensor, *, per_rank: bool = False) -> torch.Tensor:
+        """The step's finiteness flag, the same on every rank (``per_rank``: computed from this
+        rank's values alone, which an exact reducer otherwise has reduced already)."""
         return ok
 
-    def explain(self, local: str | None) -> str:
+    def explain(self, local: str | None, *, per_rank: bool = False) -> str:
         """What was non-finite, on every rank that saw it."""
         return local or "the gradients"
+
+    def reduce_jacobian(self, G: torch.Tensor) -> torch.Tensor:
+        """An accumulated (T, P) Jacobian of this rank made the global one (in place)."""
+        return G
 
     def shared_grads(self, layout: SharedParams, outputs: Sequence[torch.Tensor],
                      cotangents: Sequence[torch.Tensor], others: Sequence[torch.Tensor],

@@ -34,12 +34,13 @@ from collections.abc import Sequence
 import torch
 
 from .. import ops
+from .accumulate import Accumulator
 from .config import EngineConfig, StepInfo
 from .features import feature_gram
 from .flat import SharedParams, add_to_grads
 from .gramian import gramian, layerwise_update
 from .inputs import LossVector, as_features, as_losses, check_call, scan_graph
-from .jacobian import jacobian
+from .jacobian import JacobianSink, jacobian
 from .policy import Policy, check_scaler, finite
 from .reduce import Reducer
 from .vjp import Batching, per_task_grads
@@ -62,6 +63,7 @@ class Engine:
         self._checked_tasks = False  # the per-task reach of the shared parameters was checked
         self._versions: tuple[int, list[int]] | None = None  # see _check_method_optimized
         self._warned_unoptimized = False
+        self.accumulator = Accumulator(config.accumulate) if config.accumulate > 1 else None
 
     def layerwise(self) -> bool:
         return getattr(self.method, "granularity", "matrix") == "parameter"
@@ -94,7 +96,7 @@ class Engine:
                 raise ValueError(f"mode='features': {name} is layer-wise (granularity="
                                  "'parameter'); the feature Gram has no layers")
             resolved = "features"
-        elif mode == "auto" and self.reducer.needs_jacobian:
+        elif mode == "auto" and (self.reducer.needs_jacobian or self.accumulator is not None):
             resolved = "jacobian"
         elif mode == "auto":
             layout = self.reducer.layout()
@@ -102,12 +104,26 @@ class Engine:
             resolved = "jacobian" if need <= self.config.jacobian_budget else "gramian"
         else:
             resolved = mode
+        if self.accumulator is not None and resolved != "jacobian":
+            raise ValueError(
+                f"accumulate={self.config.accumulate} sums each micro-batch's per-task gradients "
+                f"and needs mode='jacobian' with a Gram or whole-Jacobian method; {name} runs in "
+                f"mode {resolved!r} (gramian and features modes never hold G, and a loss-based "
+                "method's total cannot be back-propagated again): use mode='jacobian' or "
+                "accumulate=1 (per-micro-batch weights)")
         self.reducer.check_mode(resolved, method)
         return resolved
 
     def backward(self, losses: object, features: object = None, *, retain_graph: bool = False,
-                 grad_scaler: torch.amp.GradScaler | None = None) -> StepInfo:
-        """One step: ``.grad`` += the method's update (heads: ordinary gradients)."""
+                 grad_scaler: torch.amp.GradScaler | None = None,
+                 step: bool | None = None) -> StepInfo:
+        """One step: ``.grad`` += the method's update (heads: ordinary gradients). With
+        accumulation, a micro-batch: ``step`` True weighs what was accumulated now, False only
+        accumulates, None (default) steps on every ``accumulate``-th call."""
+        if step is not None and not isinstance(step, bool):
+            raise TypeError(f"step must be a bool or None, got {type(step).__name__}")
+        if step is not None and self.accumulator is None:
+            raise ValueError("step= needs an engine built with accumulate > 1")
         lv = as_losses(losses)
         feats = as_features(features)
         scaler = check_scaler(grad_scaler)
@@ -123,18 +139,23 @@ class Engine:
                            method=self.method,
                            mode=f"{mode}, on_nonfinite={self.config.on_nonfinite}")
         saved = (copy.deepcopy(self.heads), copy.deepcopy(self.trunk))
-        step = _Step(self, lv, layout, scan.others, feats, scaler, retain_graph)
+        final = self.accumulator is None or self.accumulator.final(step)
+        run = _Step(self, lv, layout, scan.others, feats, scaler, retain_graph, final)
         try:
-            info, proposal, ok = step.run(mode)
+            info, proposal, ok = run.run(mode)
         except BaseException:
             self.heads, self.trunk = saved  # a failed call leaves the batching decisions too
             raise
-        self.method.commit(proposal, ok, T)
+        if not final:
+            self.accumulator.add(*run.contribution)
+        else:
+            self.method.commit(proposal, ok, T)
+            if self.accumulator is not None:
+                self.accumulator.reset()
         self._consumed = [] if retain_graph else lv.refs()
         self._checked_tasks = True
         self._check_method_optimized(layout)
         return info
-
 
     def _check_method_optimized(self, layout: SharedParams) -> None:
         """Warn once when the method's own parameters (UW's log-variances) stay untouched
@@ -159,8 +180,11 @@ class _Step:
 
     def __init__(self, engine: Engine, lv: LossVector, layout: SharedParams,
                  others: list[torch.Tensor], feats: tuple[torch.Tensor, ...] | None,
-                 scaler: torch.amp.GradScaler | None, retain_graph: bool) -> None:
+                 scaler: torch.amp.GradScaler | None, retain_graph: bool,
+                 final: bool = True) -> None:
         self.engine, self.layout, self.others, self.feats = engine, layout, others, feats
+        self.final = final
+        self.contribution: tuple | None = None  # a micro-batch's (G_i, losses, heads)
         self.method, self.reducer = engine.method, engine.reducer
         self.names = lv.names
         self.retain_graph = retain_graph
@@ -171,7 +195,9 @@ class _Step:
 
     def run(self, mode: str):
         try:
-            if mode == "losses":
+            if not self.final:
+                info, ok = self.run_micro_batch()
+            elif mode == "losses":
                 info, ok = self.run_losses()
             elif self.method.needs == "jacobian":
                 info, ok = self.run_whole_jacobian()
@@ -223,6 +249,11 @@ class _Step:
         """G (T, P) through the reducer's sink, with the losses and heads reduced beside it."""
         engine, layout = self.engine, self.layout
         T = cots[0].shape[0]
+        if engine.accumulator is not None:  # the micro-batches' mean, reduced once
+            G, losses, heads = engine.accumulator.mean_with(self.local_jacobian(outputs, cots),
+                                                            self.losses, head_grads)
+            self.losses, head_grads = self.reducer.start_inputs(losses, self.others, heads)()
+            return self.reducer.reduce_jacobian(G), head_grads
         inputs = self.reducer.start_inputs(self.losses, self.others, head_grads)
         J = layout.jacobian(T, engine.jacobian_dtype(layout))
         sink = self.reducer.sink(layout, J, overlap=not engine.trunk.may_replay(layout.device))
@@ -230,6 +261,28 @@ class _Step:
                  chunk_size=engine.config.chunk_size, retain_graph=self.retain_graph, sink=sink)
         self.losses, head_grads = inputs()
         return self.reducer.finish_jacobian(sink), head_grads
+
+    def local_jacobian(self, outputs, cots) -> torch.Tensor:
+        """This rank's G of this call, in the layout's scratch buffer (no reduction)."""
+        engine, layout = self.engine, self.layout
+        J = layout.jacobian(cots[0].shape[0], engine.jacobian_dtype(layout))
+        jacobian(layout, outputs, cots, batching=engine.trunk, dtype=J.dtype,
+                 chunk_size=engine.config.chunk_size, retain_graph=self.retain_graph,
+                 sink=JacobianSink(layout, J))
+        return J
+
+    def run_micro_batch(self):
+        """Accumulation: this micro-batch's per-task gradients, checked; the engine adds them
+        to the sums once the call succeeded."""
+        head_grads = self.head_grads(torch.ones_like(self.L))
+        outputs, cots = self.cotangents()
+        J = self.local_jacobian(outputs, cots)
+        # Under "raise" each micro-batch is checked (its values are this rank's only); under
+        # "skip" a NaN reaches the sums and the accumulated step is skipped as a whole.
+        ok = self.policy.check(finite(self.losses, J, grads=head_grads),
+                               lambda: self.describe(J, head_grads), per_rank=True)
+        self.contribution = (J, self.losses, head_grads)
+        return StepInfo(None, None, self.losses, ~ok, "accumulating", self.names), ok
 
     def write_heads(self, head_grads, ok) -> None:
         self.reducer.write_heads(self.others, self.policy.mask(head_grads, ok))

@@ -1,5 +1,6 @@
 """The non-finite policy across ranks: a NaN on one rank skips (or raises on) every rank, the
-replicas never drift, and the message names the rank and the task."""
+replicas never drift, and the message names the rank and the task. Exact accumulation
+composed with DDP exact equals one process on the global batch of all micro-batches."""
 
 from __future__ import annotations
 
@@ -33,3 +34,10 @@ def test_nan_on_one_rank_raises_on_every_rank_naming_it(runs, mode):
         assert "tasks [2]" in res["error"], res["error"]
         if mode == "local":
             assert "on rank 1" in res["error"] and "on rank 0" not in res["error"], res["error"]
+
+
+@pytest.mark.parametrize("name", ["UPGrad", "PCGrad", "MGDA", "Mean"])
+def test_accumulation_with_ddp_exact_equals_one_process_on_everything(runs, name):
+    for r in runs:
+        diffs = r["accumulate"][name]
+        assert len(diffs) == 2 and max(diffs) < 1e-10, diffs

@@ -1,4 +1,5 @@
-"""2-process workers for the distributed non-finite policy (importable by spawned processes)."""
+"""2-process workers for the distributed non-finite policy and exact accumulation (importable
+by spawned processes)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch.distributed as dist
 
 from mtlfast import MTLBackward, methods
 
-from .workers import Net, flat, gather, global_batch, local_part, losses_of
+from .workers import Net, flat, gather, global_batch, local_part, losses_of, make_method
 
 T = 3
 
@@ -35,6 +36,43 @@ def _bad_on_rank_one(rank: int, mode: str, policy: str) -> dict:
     return out
 
 
+def accumulated_vs_single(rank: int, world: int, names: list[str], steps: int = 2) -> dict:
+    """DDP exact with accumulate=2 vs one process on both micro-batches' global batch: the
+    max |parameter difference| after each optimizer step, per method."""
+    out: dict = {}
+    for name in names:
+        torch.manual_seed(0)
+        net = Net(T).double()
+        ref_net = Net(T).double()
+        ref_net.load_state_dict(net.state_dict())
+        torch.manual_seed(7)
+        method = make_method(name)
+        ref_method = make_method(name)
+        ref_method.load_state_dict(method.state_dict())
+        engine = MTLBackward(net.trunk.parameters(), method, process_group=dist.group.WORLD,
+                             accumulate=2)
+        ref = MTLBackward(ref_net.trunk.parameters(), ref_method)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        ref_opt = torch.optim.SGD(ref_net.parameters(), lr=0.1)
+        diffs = []
+        for step in range(steps):
+            opt.zero_grad()
+            ref_opt.zero_grad()
+            micro = [global_batch(2 * step + k, world, T) for k in range(2)]
+            for x, y in micro:
+                engine.backward(losses_of(net, local_part(x, rank), local_part(y, rank)))
+            x = torch.cat([m[0] for m in micro])
+            y = torch.cat([m[1] for m in micro])
+            ref.backward(losses_of(ref_net, x, y))
+            opt.step()
+            ref_opt.step()
+            diffs.append((flat(net.parameters()) - flat(ref_net.parameters())).abs().max().item())
+        out[name] = diffs
+    return out
+
+
 def suite(rank: int, world: int) -> dict:
-    return {f"{mode}-{policy}": _bad_on_rank_one(rank, mode, policy)
-            for mode in ("local", "exact") for policy in ("skip", "raise")}
+    out = {f"{mode}-{policy}": _bad_on_rank_one(rank, mode, policy)
+           for mode in ("local", "exact") for policy in ("skip", "raise")}
+    out["accumulate"] = accumulated_vs_single(rank, world, ["UPGrad", "PCGrad", "MGDA", "Mean"])
+    return out
