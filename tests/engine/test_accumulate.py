@@ -1,5 +1,7 @@
 """Exact gradient accumulation: k micro-batches, one solve == one batch of k x B."""
 
+import functools
+
 import pytest
 import torch
 
@@ -9,17 +11,16 @@ import mtlfast.methods as M
 from ..conftest import GRAM_METHODS
 from ..methods.test_properties_loss_jacobian import JACOBIAN_FACTORIES
 from .models import MLPModel, data
-from .test_trust import _same, _snapshot
+from .test_trust import _same, _snapshot, make_gram
 
 T = 3
 
 
 def _factories():
-    out = [pytest.param((lambda c: lambda: c(seed=5) if c in (M.PCGrad, M.GradVac) else c())(c),
-                        id=c.__name__) for c in GRAM_METHODS]
-    out.append(pytest.param(lambda: M.GradVac(granularity="parameter", seed=2),
+    out = [pytest.param(make_gram(c), id=c.__name__) for c in GRAM_METHODS]
+    out.append(pytest.param(functools.partial(M.GradVac, granularity="parameter", seed=2),
                             id="GradVac-parameter"))
-    out += [pytest.param((lambda f: lambda: f(T))(f), id=name)
+    out += [pytest.param(functools.partial(f, T), id=name)
             for name, f in JACOBIAN_FACTORIES.items()]
     return out
 
