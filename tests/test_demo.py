@@ -61,9 +61,14 @@ def test_demo_command_end_to_end(tmp_path, capsys):
                  "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "Delta_m%" in text and "speedup" in text
+    assert "Why these speeds" in text and "Why the slow way ends elsewhere" in text
     summary = json.loads((out / "results.json").read_text())
-    assert [r["name"] for r in summary["runs"]] == [
-        "mtlfast UPGrad", "linear scalarization", "slow UPGrad"]
+    names = ["mtlfast UPGrad", "linear scalarization", "slow UPGrad", "mtlfast UPGrad features"]
+    if importlib.util.find_spec("torchjd") is not None:
+        names.append("torchjd UPGrad")
+        assert summary["speedup_over_torchjd"] > 0
+    assert [r["name"] for r in summary["runs"]] == names
+    assert summary["notes"]["first_step_difference"] < 1e-4
     assert set(summary["single_task"]) == {"left", "right", "sum_parity", "larger"}
     for run in summary["runs"]:
         assert run["steps_per_second"] > 0

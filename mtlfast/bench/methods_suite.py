@@ -90,7 +90,9 @@ def make_gradients(T: int, P: int, device: torch.device, seed: int = 0) -> torch
     return G.add_(2.0 * signs[:, None] * shared)
 
 
-def _torchjd_factory(name: str, method: Any, T: int) -> tuple[Callable[[], Any] | None, str]:
+def torchjd_factory(name: str, method: Any, T: int) -> tuple[Callable[[], Any] | None, str]:
+    """A builder of torchjd's aggregator for mtlfast method ``name`` (its options carried over),
+    or None and why it is unavailable."""
     agg, why = _contenders.torchjd_aggregation()
     if agg is None:
         return None, why
@@ -111,7 +113,7 @@ def _case_contenders(name: str, cls: type, G: torch.Tensor, G_check: torch.Tenso
     timed_method = cls()
     out = [Contender("mtlfast", run=lambda: timed_method(G), check=lambda: cls()(G_check),
                      reference=True)]
-    make_jd, why = _torchjd_factory(name, timed_method, T)
+    make_jd, why = torchjd_factory(name, timed_method, T)
     if make_jd is None:
         out.append(Contender("torchjd", unavailable=why))
     else:
@@ -202,7 +204,7 @@ def _builder(name: str, cls: type, T: int, P: int, device: torch.device
 
 
 def _torchjd_weighting(name: str, cls: type, T: int) -> tuple[Callable[[], Any] | None, str]:
-    make_jd, why = _torchjd_factory(name, cls(), T)
+    make_jd, why = torchjd_factory(name, cls(), T)
     if make_jd is None:
         return None, why
     if not hasattr(make_jd(), "gramian_weighting"):

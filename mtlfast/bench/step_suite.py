@@ -25,7 +25,7 @@ from torch import nn
 from .. import baselines
 from . import _contenders
 from .harness import Case, Config, Contender, human
-from .methods_suite import _torchjd_factory, discover_methods
+from .methods_suite import discover_methods, torchjd_factory
 
 __all__ = ["TrunkModel", "cases"]
 
@@ -166,7 +166,7 @@ def _contenders_for(method_name: str, method_cls: type, model_args: tuple[Any, .
         note="T backward passes with retain_graph, flatten, method (LibMTL pattern)"))
 
     autojac, why = _contenders.torchjd_autojac()
-    make_jd, why_agg = _torchjd_factory(method_name, method_cls(), T)
+    make_jd, why_agg = torchjd_factory(method_name, method_cls(), T)
     if autojac is None or make_jd is None:
         out.append(Contender("torchjd", unavailable=why or why_agg))
     else:
