@@ -3,55 +3,19 @@ with Gradient Sign Dropout"), the combination step of Algorithm 1."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
+from .. import ops
+from ..ops.graddrop import PurityFn, graddrop_reference
 from ._common import OwnedGeneratorMixin, check_matrix, check_task_losses, state_dtype
 from .base import JacobianMethod, NonFinitePolicy
 
 __all__ = ["GradDrop", "graddrop_torch"]
 
-
-PurityFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def graddrop_torch(G: torch.Tensor, u: torch.Tensor, leak: torch.Tensor,
-                   purity_fn: PurityFn | None = None) -> torch.Tensor:
-    """The elementwise GradDrop combination for given uniform draws ``u`` (P,) and leaks (T,).
-
-    ``purity = (1 + sum_i g_i / sum_i |g_i|) / 2`` (1/2 where every g_i is 0), then
-    ``f(purity)`` when ``purity_fn`` is given;
-    ``M_i = [purity > u][g_i > 0] + [purity < u][g_i < 0]``;
-    result ``sum_i (l_i + (1 - l_i) M_i) g_i``, computed in float32 (float64 for float64 G)
-    and returned in G's dtype.
-    """
-    acc = state_dtype(G.dtype)
-    leak = leak.to(acc)
-    W = torch.stack([torch.ones_like(leak), 1 - leak, leak])
-    out = torch.empty(G.shape[1], dtype=G.dtype, device=G.device)
-    # On the CPU, column blocks of about 1 MiB keep the temporaries in cache (allocating and
-    # first-touching T x P temporaries costs more than the arithmetic); one block elsewhere.
-    block = max(4096, 2**18 // G.shape[0]) if G.device.type == "cpu" else G.shape[1]
-    for start in range(0, G.shape[1], block):
-        cols = slice(start, start + block)
-        out[cols] = _graddrop_block(G[:, cols].to(acc), u[cols], W, purity_fn)
-    return out
-
-
-def _graddrop_block(G: torch.Tensor, u: torch.Tensor, W: torch.Tensor,
-                    purity_fn: PurityFn | None) -> torch.Tensor:
-    # Two passes instead of one per quantity: rows (1, 1 - l, l) against G and (1, 1 - l)
-    # against relu(G); sum |g| = 2 sum relu(g) - sum g, and negatives = all - positives.
-    sums = W @ G
-    positives = W[:2] @ G.clamp_min(0)
-    abs_sum = 2 * positives[0] - sums[0]
-    purity = torch.where(abs_sum > 0, 0.5 * (1 + sums[0] / abs_sum), 0.5)
-    if purity_fn is not None:
-        purity = purity_fn(purity)
-    kept_positive, kept_negative = positives[1], sums[1] - positives[1]
-    return sums[2] + torch.where(purity > u, kept_positive, 0) \
-        + torch.where(purity < u, kept_negative, 0)
+#: The torch combination (``ops.graddrop_reference``) under the name the method tests import.
+graddrop_torch = graddrop_reference
 
 
 class GradDrop(OwnedGeneratorMixin, JacobianMethod):
@@ -107,7 +71,10 @@ class GradDrop(OwnedGeneratorMixin, JacobianMethod):
         u = torch.rand(G.shape[1], generator=self.generator(G.device), dtype=state_dtype(G.dtype),
                        device=G.device)
         leak = self.leak.to(G.device).expand(T)
-        out = graddrop_torch(G, u, leak, self.purity_fn)
+        if self.purity_fn is None:
+            out = ops.graddrop(G, u, leak)
+        else:
+            out = graddrop_reference(G, u, leak, self.purity_fn)
         if self.on_nonfinite == "skip":
             out = torch.where(self._all_finite(G, losses), out, 0)
         return out

@@ -194,11 +194,9 @@ def _check_pcgrad(K: torch.Tensor, orders: torch.Tensor) -> None:
     _validate.tensor("pcgrad_weights", "orders", orders, dtypes=(torch.int64,))
     _validate.trailing_batch("pcgrad_weights", "orders", orders, K.shape[:-2], (T, T))
     _validate.same_device("pcgrad_weights", K=K, orders=orders)
-    # Reading the orders costs no device sync on the CPU; elsewhere they come from
-    # pcgrad_orders, which only draws permutations.
-    if orders.device.type == "cpu" and orders.numel() and not bool(
-            ((orders >= 0) & (orders < T)).all()):
-        raise ValueError(f"pcgrad_weights: orders entries must lie in [0, {T})")
+    # The entries' range is checked where they are read (the C++ kernel raises RuntimeError,
+    # the reference's gather too): checking here would read the tensor on the host, a sync
+    # that a captured step must not make.
 
 
 def pcgrad_weights_reference(K: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
