@@ -43,7 +43,8 @@ grouped_linear            triton (several groups)       torch               cuBL
 op falls back to its reference ("torch" for ``grouped_linear`` and ``sym_eig``). Triton on CPU
 tensors runs only in the interpreter (``TRITON_INTERPRET=1``) and only when
 ``MTLFAST_HEADS_TRITON=1`` asks for it (a test switch: the interpreter is slow). The CUDA
-solver kernels keep a block's workspace in shared memory, hence ``CUDA_SOLVER_MAX_T``.
+solver kernels keep a block's workspace in shared memory, hence ``CUDA_SOLVER_MAX_T`` (the 64
+in the table).
 """
 
 from __future__ import annotations

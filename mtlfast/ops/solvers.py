@@ -180,8 +180,19 @@ def nnqp(
     A: torch.Tensor, b: torch.Tensor, simplex: bool = False, steps: int | None = None
 ) -> torch.Tensor:
     """``nnqp_reference``'s problem, by the C++ kernel on CPU or the CUDA kernel on CUDA
-    (``T <= 64``; both run csrc/common/solver_core.h and stop each problem as soon as it has
-    converged, within the same step budget), else by the torch reference."""
+    (``T <= _dispatch.CUDA_SOLVER_MAX_T``; both run csrc/common/solver_core.h and stop each
+    problem as soon as it has converged, within the same step budget), else by the torch
+    reference.
+
+    Cost: a problem whose support grows to ``k`` indices with ``d`` drops takes ``k + 2d``
+    active-set steps, each ``O(T k)`` (the multipliers) plus ``O(k^2)`` (the Cholesky row and
+    two triangular solves; a drop refactors, ``O(k^3)``), so ``O(T k^2)`` per problem and
+    ``O(m T k^2)`` for ``m`` right-hand sides. UPGrad solves ``m = T`` problems per Gram with
+    supports ``k ~ T/2`` on unrelated tasks: ``O(T^4)``. Measured for ``UPGrad().weights`` on
+    one CPU thread (Gram of a random ``(T, 1000)`` float64 matrix, benchmarks/RESULTS.md): T=8
+    0.3 ms, 32 0.3-0.5 ms, 64 7-11 ms, 128 80-95 ms, 200 0.47-0.57 s, 256 1.7-1.8 s. Above
+    T ~ 200 a step costs half a second or more; the problems of a batch split across threads.
+    """
     _check_qp(A, b, steps)
     steps = nnqp_steps(A.shape[-1]) if steps is None else steps
     if backend("nnqp", A) in ("cpu", "cuda"):
@@ -226,7 +237,7 @@ def pcgrad_weights_reference(K: torch.Tensor, orders: torch.Tensor) -> torch.Ten
 
 def pcgrad_weights(K: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
     """``pcgrad_weights_reference(K, orders)`` by the C++ kernel on CPU, the CUDA kernel on CUDA
-    (float64, T <= 64), else the reference."""
+    (float64, ``T <= _dispatch.CUDA_SOLVER_MAX_T``), else the reference."""
     _check_pcgrad(K, orders)
     if backend("pcgrad", K) in ("cpu", "cuda"):
         return torch.ops.mtlfast.pcgrad(K, orders)  # csrc/cuda/solvers.cu: one block/problem

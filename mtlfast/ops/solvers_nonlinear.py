@@ -98,8 +98,9 @@ def _check_float(op: str, name: str, x: object, low: float = float("-inf"),
 def sym_eig(K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lambda, V)`` with ``K = V diag(lambda) V^T``, ascending, for symmetric ``(..., T, T)``.
 
-    ``torch.linalg.eigh`` except on CUDA with the kernels built (T <= 64, float64): the Jacobi
-    kernel of csrc/cuda/solvers.cu, because eigh reads its error codes on the host (a sync).
+    ``torch.linalg.eigh`` except on CUDA with the kernels built (float64,
+    ``T <= _dispatch.CUDA_SOLVER_MAX_T``): the Jacobi kernel of csrc/cuda/solvers.cu, because
+    eigh reads its error codes on the host (a sync).
     """
     _validate.gram_batch("sym_eig", "K", K)
     if backend("sym_eig", K) == "cuda":
@@ -202,10 +203,10 @@ def imtl_weights(K: torch.Tensor, sum_tol: float = IMTL_SUM_TOL) -> torch.Tensor
     scaled to max diagonal 1 (``solvers.normalize_gram``); the pseudo-inverse drops eigenvalues
     below ``T eps`` times the largest; ``w = 0`` when ``|sum v| <= sum_tol sum |v|``.
 
-    CUDA (T <= 64): one kernel (Jacobi eigendecomposition + the rest, csrc/common/
-    solver_core.h). Elsewhere the reference: the same core on one CPU thread
-    (``torch.ops.mtlfast.imtl_weights``) measured 19 us vs 156 us at T=8 but 1.6 ms vs 0.43 ms
-    at T=32 (serial Jacobi is O(T^3) per sweep; benchmarks/RESULTS.md), so the CPU keeps eigh.
+    CUDA (``T <= _dispatch.CUDA_SOLVER_MAX_T``): one kernel (Jacobi eigendecomposition + the rest,
+    csrc/common/solver_core.h). Elsewhere the reference: the same core on one CPU thread
+    measured 19 us vs 156 us at T=8 but 1.6 ms vs 0.43 ms at T=32 (serial Jacobi is O(T^3)
+    per sweep; benchmarks/RESULTS.md), so the CPU keeps eigh.
     """
     _validate.gram_batch("imtl_weights", "K", K)
     _check_float("imtl_weights", "sum_tol", sum_tol, 0.0)
