@@ -190,8 +190,8 @@ def nnqp(
     ``O(m T k^2)`` for ``m`` right-hand sides. UPGrad solves ``m = T`` problems per Gram with
     supports ``k ~ T/2`` on unrelated tasks: ``O(T^4)``. Measured for ``UPGrad().weights`` on
     one CPU thread (Gram of a random ``(T, 1000)`` float64 matrix, benchmarks/RESULTS.md): T=8
-    0.3 ms, 32 0.3-0.5 ms, 64 7-11 ms, 128 80-95 ms, 200 0.47-0.57 s, 256 1.7-1.8 s. Above
-    T ~ 200 a step costs half a second or more; the problems of a batch split across threads.
+    0.13 ms, 32 0.32 ms, 64 2.6 ms, 128 29 ms, 200 0.15 s, 256 0.38 s; the problems of a batch
+    split across CPU threads. From T ~ 200 a step costs a sizeable fraction of a second.
     """
     _check_qp(A, b, steps)
     steps = nnqp_steps(A.shape[-1]) if steps is None else steps

@@ -8,6 +8,8 @@ test that needs them builds them into a small extension of their own (about a mi
 under build/test_ext, rebuilt only when the sources change)."""
 
 import functools
+import glob
+import hashlib
 import os
 import shutil
 
@@ -30,11 +32,16 @@ def _team_ops_missing() -> str:
         return "no C++ compiler to build the team-check extension"
     from torch.utils.cpp_extension import load
 
+    source = os.path.join(ROOT, "csrc", "test", "solver_team_check.cpp")
+    # torch's JIT cache keys on the .cpp alone; the headers it includes go into the name.
+    digest = hashlib.sha1()
+    for path in [source, *sorted(glob.glob(os.path.join(ROOT, "csrc", "common", "*.h")))]:
+        with open(path, "rb") as f:
+            digest.update(f.read())
     build_dir = os.path.join(ROOT, "build", "test_ext")
     os.makedirs(build_dir, exist_ok=True)
     try:
-        load(name="mtlfast_team_check",
-             sources=[os.path.join(ROOT, "csrc", "test", "solver_team_check.cpp")],
+        load(name=f"mtlfast_team_check_{digest.hexdigest()[:12]}", sources=[source],
              extra_cflags=["-O1", "-std=c++20"], build_directory=build_dir,
              is_python_module=False, verbose=False)
     except (OSError, RuntimeError, ImportError) as exc:
@@ -49,6 +56,7 @@ def team():
     if missing:
         pytest.skip(missing)
     return torch.ops.mtlfast_test
+
 
 T_RAGGED = [1, 2, 3, 7, 32, 64]
 
