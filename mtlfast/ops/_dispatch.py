@@ -15,7 +15,7 @@ op                        CUDA tensor                   CPU tensor          why
 gram                      cuda                          cpu                 beat torch's
                                                                             ``G @ G.T`` 2-8x
                                                                             (RESULTS)
-combine                   cuda                          torch (addmv)       BLAS gemv beat
+combine                   cuda                          torch (fp32/fp64)   BLAS addmv beat
                                                                             the C++ kernel
                                                                             1.5-5x (RESULTS)
 graddrop                  cuda (fp32/fp16/bf16)         reference           the reference is
