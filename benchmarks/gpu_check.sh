@@ -6,7 +6,7 @@
 # 1. builds mtlfast._C in place for this GPU's architecture and checks it has CUDA kernels,
 # 2. runs the CUDA tests (pytest -m cuda) and every Triton test file on the GPU (JUnit XML),
 # 3. runs the benchmark suites on the GPU, one step each (python -m mtlfast bench --device cuda
-#    --quick --suite S --out $OUT/bench_S): ops (copy bandwidth, gram / combine / gram_multi /
+#    --quick --suite S --out $OUT/bench_S): ops (copy bandwidth, gram / combine /
 #    graddrop vs torch in float32 and bfloat16, each solver kernel vs its torch path),
 #    methods (every method vs torchjd, the floor and PCGrad's pairwise loop, up to T=8
 #    P=1e8), heads (fused vs loop vs concat+bmm), step (full training steps, with peak

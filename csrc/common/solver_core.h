@@ -29,6 +29,27 @@ MTLFAST_HD MTLFAST_FORCEINLINE double max_(double a, double b) { return a < b ? 
 MTLFAST_HD MTLFAST_FORCEINLINE double min_(double a, double b) { return b < a ? b : a; }
 
 // The first index >= lo owned by rank rk of sz (owner of index i: i % sz).
+// sum_a row[idx[a]] * z[idx[a]] (idx null: sum_a row[a] * z[a]) over a < n, in four partial
+// sums: one running sum is a chain of dependent adds, latency-bound at large T.
+MTLFAST_HD MTLFAST_FORCEINLINE double dot4(const double* row, const double* z, const int* idx,
+                                           int n) {
+  double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+  int a = 0;
+  for (; a + 4 <= n; a += 4) {
+    const int i0 = idx ? idx[a] : a, i1 = idx ? idx[a + 1] : a + 1;
+    const int i2 = idx ? idx[a + 2] : a + 2, i3 = idx ? idx[a + 3] : a + 3;
+    s0 += row[i0] * z[i0];
+    s1 += row[i1] * z[i1];
+    s2 += row[i2] * z[i2];
+    s3 += row[i3] * z[i3];
+  }
+  for (; a < n; ++a) {
+    const int i = idx ? idx[a] : a;
+    s0 += row[i] * z[i];
+  }
+  return (s0 + s1) + (s2 + s3);
+}
+
 MTLFAST_HD MTLFAST_FORCEINLINE int first_owned(int lo, int rk, int sz) {
   return lo + ((rk - lo % sz) + sz) % sz;
 }
@@ -162,14 +183,11 @@ MTLFAST_HD bool chol_row(Team& tm, const double* A, int T, const int* ord, doubl
   const int rk = tm.rank(), sz = tm.size();
   double* row = L + k * T;
   double d;
-  if (sz == 1) {  // the original order: row-by-row dot products
-    for (int c = 0; c < k; ++c) {
-      double s = rebuild ? A[j * T + ord[c]] : A[ord[c] * T + j];
-      for (int m = 0; m < c; ++m) s -= L[c * T + m] * row[m];
-      row[c] = s / L[c * T + c];
-    }
-    d = A[j * T + j];
-    for (int c = 0; c < k; ++c) d -= row[c] * row[c];
+  if (sz == 1) {  // row-by-row dot products
+    for (int c = 0; c < k; ++c)
+      row[c] = ((rebuild ? A[j * T + ord[c]] : A[ord[c] * T + j]) -
+                dot4(L + c * T, row, nullptr, c)) / L[c * T + c];
+    d = A[j * T + j] - dot4(row, row, nullptr, k);
   } else {
     for (int c = rk; c < k; c += sz) row[c] = rebuild ? A[j * T + ord[c]] : A[ord[c] * T + j];
     tm.sync();
@@ -239,23 +257,16 @@ MTLFAST_HD void nnqp_solve(Team& tm, const double* A, const double* b, int T, bo
     } else if (chol) {
       idx = ord;
       k = nord;
-      for (int a = 0; a < k; ++a) {
-        double s = a % sz == rk ? -b[ord[a]] : 0.0;
-        for (int m = rk; m < a; m += sz) s -= big[a * T + m] * r[m];
-        s = tm.sum(s);
-        if (a % sz == rk) r[a] = s / big[a * T + a];
-      }
+      // One thread (sz == 1: the team path is the branch above).
+      for (int a = 0; a < k; ++a) r[a] = (-b[ord[a]] - dot4(big + a * T, r, nullptr, a)) /
+                                        big[a * T + a];
+      // L^T r = y by rows of L: contiguous reads and independent updates (no add chain).
       bool ok = true;
-      for (int a = k - 1; a >= 0; --a) {
-        double s = a % sz == rk ? r[a] : 0.0;
-        for (int m = first_owned(a + 1, rk, sz); m < k; m += sz) s -= big[m * T + a] * r[m];
-        s = tm.sum(s);
-        const double v = s / big[a * T + a];
-        if (!finite(v)) {
-          ok = false;
-          break;
-        }
-        if (a % sz == rk) r[a] = v;
+      for (int a = k - 1; a >= 0 && ok; --a) {
+        const double v = r[a] / big[a * T + a];
+        ok = finite(v);
+        r[a] = v;
+        for (int m = 0; m < a; ++m) r[m] -= big[a * T + m] * v;
       }
       if (!ok) break;  // step 4: freeze
     } else {
@@ -297,8 +308,7 @@ MTLFAST_HD void nnqp_solve(Team& tm, const double* A, const double* b, int T, bo
       double lam = 0.0;
       for (int i = rk; i < T; i += sz) {
         x[i] = z[i];
-        double g = b[i];
-        for (int a = 0; a < k; ++a) g += A[i * T + idx[a]] * z[idx[a]];
+        const double g = b[i] + dot4(A + i * T, z, idx, k);
         grad[i] = g;
         lam += z[i] * g;
       }

@@ -1,15 +1,13 @@
 // CUDA implementations of the torch.ops.mtlfast ops. Compiled by the host compiler against the
 // torch headers only (no CUDA headers, see DESIGN.md): the current stream comes through the
 // device-agnostic guard interface, the kernels through the C launchers in launchers.h.
-// gram_multi and graddrop have no C++ CPU kernel (their CPU path is the torch reference in
-// mtlfast/ops), so they are defined here, where their only kernels are.
+// combine_ and graddrop have no C++ CPU kernel (on the CPU, BLAS gemv and the torch reference
+// in mtlfast/ops serve them), so their schemas are defined here, where their only kernels are.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/library.h>
 
-#include <map>
-#include <mutex>
 #include <tuple>
 #include <vector>
 
@@ -62,78 +60,6 @@ at::Tensor gram_cuda(const at::Tensor& G_in) {
   return K;
 }
 
-// Host array -> device tensor without blocking the host: staged in pinned memory (the
-// caching host allocator keeps the staging buffer alive until the copy has run).
-at::Tensor upload(const std::vector<int64_t>& v, const at::Device& dev) {
-  at::Tensor h = at::empty({static_cast<int64_t>(v.size())},
-                           at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  std::copy(v.begin(), v.end(), h.data_ptr<int64_t>());
-  return h.to(dev, /*non_blocking=*/true);
-}
-
-// Chunk tables by (device, p_0, p_1, ...): built and uploaded once per list of shapes.
-at::Tensor chunk_table(const std::vector<int64_t>& cols, const at::Device& dev) {
-  static std::mutex mutex;
-  static std::map<std::vector<int64_t>, at::Tensor> cache;
-  std::vector<int64_t> key{dev.index()};
-  key.insert(key.end(), cols.begin(), cols.end());
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
-  const int64_t chunk = mtlfast_cuda_gram_multi_chunk();
-  std::vector<int64_t> table;
-  for (size_t i = 0; i < cols.size(); ++i)
-    for (int64_t c0 = 0; c0 < cols[i]; c0 += chunk) {
-      table.push_back(static_cast<int64_t>(i));
-      table.push_back(c0);
-    }
-  if (cache.size() >= 64) cache.clear();  // shape lists of one model are few
-  return cache.emplace(key, upload(table, dev)).first->second;
-}
-
-at::Tensor gram_multi_cuda(at::TensorList Gs) {
-  TORCH_CHECK(!Gs.empty(), "gram_multi: Gs must hold at least one tensor");
-  const at::Tensor& G0 = Gs[0];
-  const int64_t T = G0.dim() == 2 ? G0.size(0) : -1;
-  TORCH_CHECK(T > 0, "gram_multi: Gs[0] must be 2-D (T, p) with T > 0");
-  for (size_t i = 0; i < Gs.size(); ++i) {
-    TORCH_CHECK(Gs[i].dim() == 2 && Gs[i].size(0) == T, "gram_multi: Gs[", i,
-                "] must be 2-D with T=", T, " rows, got ", Gs[i].sizes());
-    TORCH_CHECK(Gs[i].device() == G0.device(), "gram_multi: Gs[", i, "] is on ",
-                Gs[i].device(), ", Gs[0] on ", G0.device());
-    TORCH_CHECK(Gs[i].scalar_type() == G0.scalar_type(), "gram_multi: Gs[", i, "] has dtype ",
-                Gs[i].scalar_type(), ", Gs[0] ", G0.scalar_type());
-  }
-  c10::OptionalDeviceGuard guard(G0.device());
-  at::Tensor K = at::zeros({T, T}, G0.options().dtype(at::kFloat));
-  if (G0.scalar_type() == at::kDouble || T > 64) {
-    for (const at::Tensor& G : Gs)
-      if (G.size(1) > 0) K.add_(gram_cuda(G).to(at::kFloat));
-    return K;
-  }
-  const int code = dtype_code(G0, "gram_multi");
-  std::vector<at::Tensor> keep;  // contiguous copies live until the launch is queued
-  std::vector<int64_t> desc, cols;
-  for (const at::Tensor& G_in : Gs) {
-    if (G_in.size(1) == 0) continue;
-    at::Tensor G = unit_col_stride(G_in);
-    keep.push_back(G);
-    const uintptr_t addr = reinterpret_cast<uintptr_t>(G.data_ptr());
-    const bool vec = addr % 16 == 0 && (G.stride(0) * G.element_size()) % 16 == 0;
-    desc.insert(desc.end(), {static_cast<int64_t>(addr), G.stride(0), G.size(1), vec ? 1 : 0});
-    cols.push_back(G.size(1));
-  }
-  if (cols.empty()) return K;
-  at::Tensor table = chunk_table(cols, G0.device());
-  at::Tensor desc_d = upload(desc, G0.device());
-  at::Tensor ws = at::empty({mtlfast_cuda_gram_workspace(T, 1)}, K.options());
-  check(mtlfast_cuda_gram_multi(desc_d.data_ptr<int64_t>(), table.data_ptr<int64_t>(),
-                                table.numel() / 2, code, T, K.data_ptr<float>(),
-                                ws.data_ptr<float>(), current_stream(G0)),
-        "gram_multi");
-  return K;
-}
-
 void combine_cuda(const at::Tensor& w, const at::Tensor& G_in, at::Tensor& out, bool accumulate,
                   double scale, const std::optional<at::Tensor>& scale_tensor) {
   TORCH_CHECK(G_in.dim() == 2, "combine: G must be 2-D (T, P)");
@@ -161,15 +87,25 @@ void combine_cuda(const at::Tensor& w, const at::Tensor& G_in, at::Tensor& out, 
         "combine");
 }
 
-at::Tensor graddrop_cuda(const at::Tensor& G_in, int64_t seed) {
+at::Tensor graddrop_cuda(const at::Tensor& G_in, const at::Tensor& u_in,
+                         const std::optional<at::Tensor>& leak_in) {
   TORCH_CHECK(G_in.dim() == 2 && G_in.size(0) > 0 && G_in.size(1) > 0,
               "graddrop: G must be 2-D (T, P) with T > 0 and P > 0, got ", G_in.sizes());
-  TORCH_CHECK(seed >= 0, "graddrop: seed must be >= 0, got ", seed);
+  TORCH_CHECK(u_in.dim() == 1 && u_in.size(0) == G_in.size(1) && u_in.device() == G_in.device(),
+              "graddrop: u must be 1-D of length P=", G_in.size(1), " on G's device, got ",
+              u_in.sizes(), " on ", u_in.device());
+  TORCH_CHECK(!leak_in || (leak_in->dim() == 1 && leak_in->size(0) == G_in.size(0) &&
+                           leak_in->device() == G_in.device()),
+              "graddrop: leak must be 1-D of length T=", G_in.size(0), " on G's device");
   c10::OptionalDeviceGuard guard(G_in.device());
   at::Tensor G = unit_col_stride(G_in);
+  at::Tensor u = u_in.to(at::kFloat).contiguous();
+  at::Tensor leak;
+  if (leak_in) leak = leak_in->to(at::kFloat).contiguous();
   at::Tensor out = at::empty({G.size(1)}, G.options());
   check(mtlfast_cuda_graddrop(G.data_ptr(), dtype_code(G, "graddrop"), G.size(0), G.size(1),
-                              G.stride(0), static_cast<uint64_t>(seed), out.data_ptr(),
+                              G.stride(0), u.data_ptr<float>(),
+                              leak_in ? leak.data_ptr<float>() : nullptr, out.data_ptr(),
                               current_stream(G)),
         "graddrop");
   return out;
@@ -315,13 +251,14 @@ std::tuple<at::Tensor, at::Tensor> sym_eig_cuda(const at::Tensor& K_in) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mtlfast, m) {
-  m.def("gram_multi(Tensor[] Gs) -> Tensor");
-  m.def("graddrop(Tensor G, int seed) -> Tensor");
+  m.def(
+      "combine_(Tensor w, Tensor G, Tensor(a!) out, bool accumulate, float scale, "
+      "Tensor? scale_tensor=None) -> ()");
+  m.def("graddrop(Tensor G, Tensor u, Tensor? leak=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mtlfast, CUDA, m) {
   m.impl("gram", &gram_cuda);
-  m.impl("gram_multi", &gram_multi_cuda);
   m.impl("combine_", &combine_cuda);
   m.impl("graddrop", &graddrop_cuda);
   m.impl("pcgrad", &pcgrad_cuda);  // schema in csrc/cpu/solvers.cpp

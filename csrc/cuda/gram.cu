@@ -1,7 +1,6 @@
 // K = G G^T on the GPU, reading G once.
 //
-// G is cut into column chunks; each block owns a run of chunks (one contiguous range for a
-// flat G, a grid-stride walk over a chunk table for a list of tensors), keeps its share of
+// G is cut into column chunks; each block owns one contiguous run of chunks, keeps its share of
 // the upper triangle of K in registers while the columns stream through, and writes one
 // partial K (packed upper triangle) to a workspace row. A second kernel sums the rows in
 // block order: deterministic for a given device, no atomics.
@@ -28,11 +27,6 @@ constexpr int kStageCols = 112;        // tiled kernel: 7 groups x 4 quads x 4 c
 constexpr int kGroups = 7;
 constexpr int kTiles = 36;             // upper triangle of the 8 x 8 tile grid
 constexpr int kMaxFastT = 64;
-// Chunk-table granularity: a multiple of 8 keeps every chunk start 16-byte aligned for all
-// dtypes, 64 stages of 112 columns keep the tiled kernel's stages full. Small enough that a
-// block gets ~8 chunks at P ~ 1.5e7 (the grid-stride walk is balanced to ~1/8 of a chunk).
-constexpr int64_t kMultiChunk = 112 * 64;
-
 __host__ __device__ inline int64_t npairs(int64_t T) { return T * (T + 1) / 2; }
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -51,21 +45,6 @@ struct FlatSource {
   __device__ Chunk get(int64_t c) const {
     const int64_t c0 = c * span;
     return {G, ld, c0, P - c0 < span ? P - c0 : span, vec};
-  }
-};
-
-// A list of matrices. desc[4i..4i+3] = (pointer, ld, columns, vec) of matrix i, written per
-// call; table[2c], table[2c+1] = (matrix, first column) of chunk c, cached per shape list.
-struct MultiSource {
-  const int64_t* desc;
-  const int64_t* table;
-  int64_t n;
-  __device__ Chunk get(int64_t c) const {
-    const int64_t* d = desc + 4 * table[2 * c];
-    const int64_t c0 = table[2 * c + 1];
-    const int64_t left = d[2] - c0;
-    return {reinterpret_cast<const void*>(d[0]), d[1], c0, left < kMultiChunk ? left : kMultiChunk,
-            d[3] != 0};
   }
 };
 
@@ -308,18 +287,6 @@ int gram_flat(const T* G, int nT, int64_t P, int64_t ld, float* K, float* ws, cu
   return static_cast<int>(finalize(ws, src.n, nT, K, s));
 }
 
-template <typename T>
-int gram_multi(const int64_t* desc, const int64_t* table, int64_t nchunks, int nT, float* K,
-               float* ws, cudaStream_t s) {
-  const GramFn<MultiSource> fn = gram_kernel<T, MultiSource>(nT);
-  const int blocks = blocks_for(fn, nchunks);
-  fn<<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(MultiSource{desc, table, nchunks}, nT,
-                                                         ws);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return static_cast<int>(err);
-  return static_cast<int>(finalize(ws, blocks, nT, K, s));
-}
-
 // ---------------------------------------------------------------------------------- T > 64
 constexpr int kRowBlock = 32;
 constexpr int kLargeCols = 32;
@@ -409,8 +376,6 @@ extern "C" int64_t mtlfast_cuda_gram_workspace(int64_t T, int64_t P) {
   return nb * (nb + 1) / 2 * large_splits(P) * kRowBlock * kRowBlock;
 }
 
-extern "C" int64_t mtlfast_cuda_gram_multi_chunk(void) { return mtlfast::kMultiChunk; }
-
 extern "C" int mtlfast_cuda_gram(const void* G, int dtype, int64_t T, int64_t P, int64_t ld,
                                  float* K, float* workspace, void* stream) {
   using namespace mtlfast;
@@ -422,17 +387,5 @@ extern "C" int mtlfast_cuda_gram(const void* G, int dtype, int64_t T, int64_t P,
   }
   MTLFAST_DISPATCH_DTYPE(dtype, return gram_flat(static_cast<const scalar_t*>(G),
                                                  static_cast<int>(T), P, ld, K, workspace, s));
-  return static_cast<int>(cudaErrorInvalidValue);
-}
-
-extern "C" int mtlfast_cuda_gram_multi(const int64_t* desc, const int64_t* table,
-                                       int64_t nchunks, int dtype, int64_t T, float* K,
-                                       float* workspace, void* stream) {
-  using namespace mtlfast;
-  if (T <= 0 || T > kMaxFastT || nchunks <= 0) return static_cast<int>(cudaErrorInvalidValue);
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  MTLFAST_DISPATCH_DTYPE(dtype, return gram_multi<scalar_t>(desc, table, nchunks,
-                                                            static_cast<int>(T), K, workspace,
-                                                            s));
   return static_cast<int>(cudaErrorInvalidValue);
 }

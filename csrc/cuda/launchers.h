@@ -15,23 +15,16 @@ int64_t mtlfast_cuda_gram_workspace(int64_t T, int64_t P);
 // K (T x T, fp32, full symmetric) = G G^T; G rows are ld elements apart. Returns cudaError_t.
 int mtlfast_cuda_gram(const void* G, int dtype, int64_t T, int64_t P, int64_t ld, float* K,
                       float* workspace, void* stream);
-// Columns per chunk-table entry of mtlfast_cuda_gram_multi.
-int64_t mtlfast_cuda_gram_multi_chunk(void);
-// K = sum_i G_i G_i^T over a list of (T, p_i) matrices (T <= 64) in one launch.
-// desc[4i..4i+3] = (address, row stride, p_i, rows 16-byte aligned ? 1 : 0) of G_i (device);
-// table[2c], table[2c+1] = (i, first column) of chunk c (device), chunks of
-// mtlfast_cuda_gram_multi_chunk() columns. Workspace: mtlfast_cuda_gram_workspace(T, 1).
-int mtlfast_cuda_gram_multi(const int64_t* desc, const int64_t* table, int64_t nchunks,
-                            int dtype, int64_t T, float* K, float* workspace, void* stream);
 // out[p] = s * sum_t w[t] G[t, p] (+ out[p] when accumulate), s = scale * *scale_ptr (read on
 // the device; scale alone when scale_ptr is null). out has G's dtype. T <= 1024.
 int mtlfast_cuda_combine(const float* w, const void* G, int dtype, int64_t T, int64_t P,
                          int64_t ld, void* out, int accumulate, float scale,
                          const float* scale_ptr, void* stream);
-// GradDrop (Chen et al. 2020): out[p] = sum_t G[t, p] kept by the sign-purity mask with a
-// uniform U(seed, p) per column; NaN for a column whose sum |G[t, p]| is not finite.
+// GradDrop (Chen et al. 2020): out[p] = sum_t (l_t + (1 - l_t) M_tp) G[t, p] with the
+// sign-purity mask M of the caller's uniform draws u (P, fp32, device) and leaks l (T, fp32,
+// device; null: no leak); NaN for a column whose sum |G[t, p]| is not finite.
 int mtlfast_cuda_graddrop(const void* G, int dtype, int64_t T, int64_t P, int64_t ld,
-                          uint64_t seed, void* out, void* stream);
+                          const float* u, const float* leak, void* out, void* stream);
 // PCGrad coefficients (mtlfast/ops/solvers.py) for `batch` float64 Grams K (batch, T, T) with
 // int64 orders of the same shape, one block per problem. T <= 64.
 int mtlfast_cuda_pcgrad(const double* K, const int64_t* orders, int64_t batch, int64_t T,

@@ -4,8 +4,7 @@
   measured against (``params["bytes"]``: bytes read + written);
 - ``gram``: ``ops.gram(G)`` vs ``G @ G.T``; ``combine``: ``ops.combine(w, G)`` vs ``w @ G``;
   ``gram+combine``: both, the memory-bound part of every Gram method's step;
-  ``gram_multi``: one call over per-parameter blocks (ResNet-18-like widths) vs ``torch.cat``
-  then ``ops.gram``; ``graddrop``: ``ops.graddrop`` vs its torch reference;
+  ``graddrop``: ``ops.graddrop`` vs its torch reference;
 - the T x T solvers (``mtlfast.ops.solvers``): each kernel vs its torch reference path, on one
   Gram and on a batch (of 64 on CUDA);
 - ``grouped_linear`` (the fused heads' layers, forward): a dense first layer with ReLU vs
@@ -28,26 +27,21 @@ from .harness import Case, Config, Contender, human
 
 __all__ = ["cases"]
 
-#: ResNet-18's parameter sizes: the blocks of a per-parameter Gram
-RESNET18_WIDTHS = ([9408, 64, 64] + [36864, 64, 64] * 4 + [73728, 147456, 8192, 128, 128]
-                   + [147456] * 3 + [294912, 589824, 32768] + [589824] * 3
-                   + [1179648, 2359296, 131072] + [2359296] * 3 + [512 * 1000, 1000])
-
 SIZES: dict[str, dict[str, Any]] = {
-    "tiny": {"copy": 10_000, "gram": ((2, 300), (4, 1_000)), "multi_T": (3,), "multi_div": 1000,
+    "tiny": {"copy": 10_000, "gram": ((2, 300), (4, 1_000)),
              "graddrop": ((3, 1_000),), "solver_T": (4,), "batch": 4},
     "quick": {"copy": 10_000_000, "gram": ((8, 100_000), (32, 100_000), (8, 1_000_000)),
-              "multi_T": (8,), "multi_div": 10, "graddrop": ((8, 100_000),),
+              "graddrop": ((8, 100_000),),
               "solver_T": (8, 32), "batch": 8},
     "full": {"copy": 100_000_000, "gram": ((8, 100_000), (32, 100_000), (8, 1_000_000),
                                            (32, 1_000_000)),
-             "multi_T": (8, 32), "multi_div": 1, "graddrop": ((8, 1_000_000), (32, 1_000_000)),
+             "graddrop": ((8, 1_000_000), (32, 1_000_000)),
              "solver_T": (8, 32), "batch": 64},
 }
 #: on CUDA (quick and full): sizes where memory traffic, not launches, decides
 CUDA_SIZES: dict[str, Any] = {
     "copy": 1 << 29, "gram": ((8, 10**7), (8, 10**8), (32, 10**7), (32, 10**8)),
-    "multi_T": (8, 32), "multi_div": 1, "graddrop": ((8, 10**7), (8, 10**8), (32, 10**7)),
+    "graddrop": ((8, 10**7), (8, 10**8), (32, 10**7)),
     "batch": 64,
 }
 _ESIZE = {torch.float32: 4, torch.bfloat16: 2}
@@ -98,14 +92,6 @@ def _combine(T: int, P: int, dtype: torch.dtype, device: torch.device) -> list[C
             Contender("w @ G", run=lambda: torch.matmul(w.to(dtype), G))]
 
 
-def _gram_multi(T: int, widths: list[int], device: torch.device) -> list[Contender]:
-    from .. import ops
-
-    Gs = [_randn((T, p), device, seed=i) for i, p in enumerate(widths)]
-    return [Contender("mtlfast", run=lambda: ops.gram_multi(Gs), reference=True),
-            Contender("torch.cat + ops.gram", run=lambda: ops.gram(torch.cat(Gs, dim=1)))]
-
-
 def _gram_combine(T: int, P: int, dtype: torch.dtype, device: torch.device
                   ) -> list[Contender]:
     from .. import ops
@@ -127,8 +113,10 @@ def _graddrop(T: int, P: int, dtype: torch.dtype, device: torch.device) -> list[
     from .. import ops
 
     G = _randn((T, P), device, dtype)
-    return [Contender("mtlfast", run=lambda: ops.graddrop(G, 7), reference=True),
-            Contender("torch reference", run=lambda: ops.graddrop_reference(G, 7))]
+    u = torch.rand(P, generator=torch.Generator().manual_seed(7)).to(device)
+    leak = torch.zeros(T, device=device)
+    return [Contender("mtlfast", run=lambda: ops.graddrop(G, u, leak), reference=True),
+            Contender("torch reference", run=lambda: ops.graddrop_reference(G, u, leak))]
 
 
 def _grouped_linear(batch: int, k: int, widths: tuple[int, ...], device: torch.device
@@ -241,13 +229,6 @@ def cases(cfg: Config) -> Iterator[Case]:
                        {"T": T, "P": P, "dtype": tag, "bytes": (T + 1) * P * es}, rtol=rtol,
                        headline=(T, P) == max(sizes["graddrop"]) and dtype == torch.float32,
                        build=lambda T=T, P=P, d=dtype: _graddrop(T, P, d, device))
-    blocks = [max(1, w // sizes["multi_div"]) for w in RESNET18_WIDTHS]
-    for T in sizes["multi_T"]:
-        yield Case("ops", "gram_multi", f"T={T} {len(blocks)} blocks P={human(sum(blocks))}",
-                   {"T": T, "P": sum(blocks), "blocks": len(blocks),
-                    "bytes": T * sum(blocks) * 4}, rtol=1e-3,
-                   headline=T == max(sizes["multi_T"]),
-                   build=lambda T=T: _gram_multi(T, blocks, device))
     for label, (batch, k, widths) in LINEAR[cfg.sizes].items():
         yield Case("ops", "grouped_linear", label,
                    {"B": batch, "in": k, "widths": list(widths), "T": len(widths)},

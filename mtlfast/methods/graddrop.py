@@ -3,55 +3,16 @@ with Gradient Sign Dropout"), the combination step of Algorithm 1."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
+from .. import ops
+from ..ops.graddrop import PurityFn, graddrop_reference
 from ._state import RandomStream, state_dtype
 from .base import JacobianMethod, NonFinitePolicy
 
-__all__ = ["GradDrop", "graddrop_torch"]
-
-
-PurityFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def graddrop_torch(G: torch.Tensor, u: torch.Tensor, leak: torch.Tensor,
-                   purity_fn: PurityFn | None = None) -> torch.Tensor:
-    """The elementwise GradDrop combination for given uniform draws ``u`` (P,) and leaks (T,).
-
-    ``purity = (1 + sum_i g_i / sum_i |g_i|) / 2`` (1/2 where every g_i is 0), then
-    ``f(purity)`` when ``purity_fn`` is given;
-    ``M_i = [purity > u][g_i > 0] + [purity < u][g_i < 0]``;
-    result ``sum_i (l_i + (1 - l_i) M_i) g_i``, computed in float32 (float64 for float64 G)
-    and returned in G's dtype.
-    """
-    acc = state_dtype(G.dtype)
-    leak = leak.to(acc)
-    W = torch.stack([torch.ones_like(leak), 1 - leak, leak])
-    out = torch.empty(G.shape[1], dtype=G.dtype, device=G.device)
-    # On the CPU, column blocks of about 1 MiB keep the temporaries in cache (allocating and
-    # first-touching T x P temporaries costs more than the arithmetic); one block elsewhere.
-    block = max(4096, 2**18 // G.shape[0]) if G.device.type == "cpu" else G.shape[1]
-    for start in range(0, G.shape[1], block):
-        cols = slice(start, start + block)
-        out[cols] = _graddrop_block(G[:, cols].to(acc), u[cols], W, purity_fn)
-    return out
-
-
-def _graddrop_block(G: torch.Tensor, u: torch.Tensor, W: torch.Tensor,
-                    purity_fn: PurityFn | None) -> torch.Tensor:
-    # Two passes instead of one per quantity: rows (1, 1 - l, l) against G and (1, 1 - l)
-    # against relu(G); sum |g| = 2 sum relu(g) - sum g, and negatives = all - positives.
-    sums = W @ G
-    positives = W[:2] @ G.clamp_min(0)
-    abs_sum = 2 * positives[0] - sums[0]
-    purity = torch.where(abs_sum > 0, 0.5 * (1 + sums[0] / abs_sum), 0.5)
-    if purity_fn is not None:
-        purity = purity_fn(purity)
-    kept_positive, kept_negative = positives[1], sums[1] - positives[1]
-    return sums[2] + torch.where(purity > u, kept_positive, 0) \
-        + torch.where(purity < u, kept_negative, 0)
+__all__ = ["GradDrop"]
 
 
 class GradDrop(JacobianMethod):
@@ -113,7 +74,9 @@ class GradDrop(JacobianMethod):
         u = self.rng.draw(proposal, G.device, lambda gen: torch.rand(
             G.shape[1], generator=gen, dtype=state_dtype(G.dtype), device=G.device))
         leak = self.leak.to(G.device).expand(G.shape[0])
-        return graddrop_torch(G.detach(), u, leak, self.purity_fn), {}
+        if self.purity_fn is None:
+            return ops.graddrop(G.detach(), u, leak), {}
+        return graddrop_reference(G.detach(), u, leak, self.purity_fn), {}
 
     def extra_repr(self) -> str:
         leak = self.leak.tolist()

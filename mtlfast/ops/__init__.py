@@ -2,8 +2,8 @@
 reference (the spec every kernel is tested against)."""
 
 from .combine import combine, combine_reference
-from .graddrop import graddrop, graddrop_reference, graddrop_uniform
-from .gram import gram, gram_multi, gram_multi_reference, gram_reference
+from .graddrop import graddrop, graddrop_reference
+from .gram import gram, gram_reference
 from .grouped_linear import (
     grouped_linear,
     grouped_linear_input_grad,
@@ -16,10 +16,7 @@ __all__ = [
     "combine_reference",
     "graddrop",
     "graddrop_reference",
-    "graddrop_uniform",
     "gram",
-    "gram_multi",
-    "gram_multi_reference",
     "gram_reference",
     "grouped_linear",
     "grouped_linear_input_grad",

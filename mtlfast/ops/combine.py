@@ -1,10 +1,14 @@
-"""``combine(w, G) = scale * w^T G``: the combined update, written straight into a buffer."""
+"""``combine(w, G) = scale * w^T G``: the combined update, written straight into a buffer.
+
+Integer ``w``/``G``/``out`` raise TypeError (a truncated update is never what a caller wants;
+cast first)."""
 
 from __future__ import annotations
 
 import torch
 
-from .. import _ext
+from . import _validate
+from ._dispatch import backend
 
 __all__ = ["combine", "combine_reference"]
 
@@ -12,27 +16,29 @@ __all__ = ["combine", "combine_reference"]
 def _check(
     w: torch.Tensor, G: torch.Tensor, out: torch.Tensor | None, scale: float | torch.Tensor
 ) -> None:
-    for name, t in (("w", w), ("G", G)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"combine: {name} must be a torch.Tensor, got {type(t).__name__}")
+    _validate.tensor("combine", "w", w, floating=True)
+    _validate.tensor("combine", "G", G, floating=True)
     if G.dim() != 2:
         raise ValueError(f"combine: G must be 2-D (T, P), got shape {tuple(G.shape)}")
     if w.dim() != 1 or w.shape[0] != G.shape[0]:
         raise ValueError(f"combine: w must be 1-D of length T={G.shape[0]}, got {tuple(w.shape)}")
+    _validate.same_device("combine", G=G, w=w)
     if out is not None:
+        _validate.tensor("combine", "out", out, floating=True)
         if out.dim() != 1 or out.shape[0] != G.shape[1]:
             raise ValueError(
                 f"combine: out must be 1-D of length P={G.shape[1]}, got {tuple(out.shape)}"
             )
-        if out.device != G.device:
-            raise ValueError(f"combine: out is on {out.device}, G on {G.device}")
+        _validate.same_device("combine", G=G, out=out)
     if isinstance(scale, torch.Tensor):
         if scale.numel() != 1 or not scale.is_floating_point():
             raise ValueError(
                 f"combine: a tensor scale must be one floating-point element, got "
                 f"{tuple(scale.shape)} {scale.dtype}"
             )
-    elif not isinstance(scale, (int, float)):
+        if scale.device.type != "cpu":
+            _validate.same_device("combine", G=G, scale=scale)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"combine: scale must be a float or a tensor, got {type(scale).__name__}")
 
 
@@ -74,16 +80,12 @@ def combine(
     a CUDA tensor scale is read by the kernel on the device, so no host sync happens.
     """
     _check(w, G, out, scale)
-    kernel = (G.device.type == "cpu" and _ext.has_cpu_kernels()) or (
-        G.device.type == "cuda" and _ext.has_cuda_kernels()
-    )
-    usable = (
-        kernel
-        and (out is None or (out.is_contiguous() and out.dtype == G.dtype))
-        and (G.device.type == "cuda" or G.dtype in (torch.float32, torch.float64))
-    )
-    if not usable:
+    which = backend("combine", G, out_dtype=G.dtype if out is None else out.dtype,
+                    out_contiguous=out is None or out.is_contiguous())
+    if which == "reference":
         return combine_reference(w, G, out, accumulate=accumulate, scale=scale)
+    if which == "torch":
+        return _combine_blas(w, G, out, accumulate, scale)
     if out is None:
         out = torch.empty(G.shape[1], dtype=G.dtype, device=G.device)
         accumulate = False
@@ -92,3 +94,19 @@ def combine(
     else:
         torch.ops.mtlfast.combine_(w.detach(), G.detach(), out, accumulate, float(scale))
     return out
+
+
+def _combine_blas(w: torch.Tensor, G: torch.Tensor, out: torch.Tensor | None, accumulate: bool,
+                  scale: float | torch.Tensor) -> torch.Tensor:
+    """``scale * (w @ G)`` by BLAS gemv (``addmv``) in G's dtype; a tensor scale folds into w
+    (on the CPU reading it costs no sync)."""
+    w = w.detach().to(G.dtype)
+    alpha = 1.0
+    if isinstance(scale, torch.Tensor):
+        w = w * scale.detach().to(G.device, G.dtype).reshape(())
+    else:
+        alpha = float(scale)
+    if out is None:
+        return torch.mv(G.detach().t(), w) if alpha == 1.0 else \
+            torch.mv(G.detach().t(), w).mul_(alpha)
+    return out.addmv_(G.detach().t(), w, beta=1.0 if accumulate else 0.0, alpha=alpha)

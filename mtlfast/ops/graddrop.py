@@ -1,95 +1,94 @@
-"""``graddrop(G, seed)``: GradDrop (Chen et al. 2020, "Just Pick a Sign"), one pass over G.
+"""``graddrop(G, u, leak)``: GradDrop's combination (Chen et al. 2020, "Just Pick a Sign").
 
-Per column p of G ``(T, P)``: purity ``P_p = (1 + sum_t G[t,p] / sum_t |G[t,p]|) / 2``, a uniform
-``U_p``, and ``out[p] = sum_t G[t,p] [(P_p > U_p and G[t,p] > 0) or (P_p < U_p and G[t,p] < 0)]``.
+Per column p of G ``(T, P)``, with the caller's uniform draw ``u_p`` and per-task leaks
+``l_t``: ``purity_p = (1 + sum_t G[t,p] / sum_t |G[t,p]|) / 2`` (1/2 for an all-zero column),
+``M_tp = [purity_p > u_p][G[t,p] > 0] + [purity_p < u_p][G[t,p] < 0]`` and
+``out[p] = sum_t (l_t + (1 - l_t) M_tp) G[t,p]``, in float32 (float64 for float64 G), returned
+in G's dtype. The caller owns the random stream (``methods.GradDrop`` draws ``u`` from its
+generator), so every backend combines the same draws.
 
-``U_p`` comes from a counter-based hash of ``(seed, p)`` (Chris Wellons' lowbias32), so the
-torch reference below and the CUDA kernel draw the same numbers; both do the same float32
-operations in the same order, so their outputs agree bit for bit.
-
-NaN/Inf policy: a column whose ``sum_t |G[t,p]|`` is not finite (a NaN or Inf entry, or an
-overflow) gives NaN. An all-zero column gives 0.
+NaN/Inf policy: a column with a NaN or Inf entry (or whose sums overflow) gives NaN.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from .. import _ext
+from . import _validate
+from ._dispatch import backend
 
-__all__ = ["graddrop", "graddrop_reference", "graddrop_uniform"]
+__all__ = ["PurityFn", "graddrop", "graddrop_reference"]
 
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(x, c: int):
-    """``x * c mod 2^32`` for ``0 <= x < 2^32``, exact in int64 (no product reaches 2^63)."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+PurityFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _lowbias32(x):
-    """Chris Wellons' lowbias32 hash of 32-bit values (Python ints or int64 tensors)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+def _acc_dtype(G: torch.Tensor) -> torch.dtype:
+    return torch.float64 if G.dtype == torch.float64 else torch.float32
 
 
-def _check_seed(seed: int) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"graddrop: seed must be an int, got {type(seed).__name__}")
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"graddrop: seed must be in [0, 2**63), got {seed}")
+def _check(G: torch.Tensor, u: torch.Tensor, leak: torch.Tensor | None) -> None:
+    _validate.tensor("graddrop", "G", G, floating=True, dim=2)
+    if G.shape[0] == 0:
+        raise ValueError(f"graddrop: G must be (T, P) with T > 0 tasks, got {tuple(G.shape)}")
+    _validate.tensor("graddrop", "u", u, floating=True, dim=1)
+    if u.shape[0] != G.shape[1]:
+        raise ValueError(f"graddrop: u must hold one draw per column, shape ({G.shape[1]},), "
+                         f"got {tuple(u.shape)}")
+    if leak is not None:
+        _validate.tensor("graddrop", "leak", leak, floating=True, dim=1)
+        if leak.shape[0] != G.shape[0]:
+            raise ValueError(f"graddrop: leak must hold one value per task, shape "
+                             f"({G.shape[0]},), got {tuple(leak.shape)}")
+    _validate.same_device("graddrop", G=G, u=u, leak=leak)
 
 
-def graddrop_uniform(seed: int, P: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The uniforms ``U_p`` in [0, 1) (a 2^-24 grid, exact in float32) for columns 0..P-1."""
-    _check_seed(seed)
-    key = _lowbias32((seed & _M32) ^ _lowbias32(((seed >> 32) & _M32) ^ 0x9E3779B9))
-    p = torch.arange(P, dtype=torch.int64, device=device)
-    x = _lowbias32(_lowbias32((p & _M32) ^ key) ^ (p >> 32))
-    return (x >> 8).to(torch.float32) * 2.0**-24
+def graddrop_reference(G: torch.Tensor, u: torch.Tensor, leak: torch.Tensor | None = None,
+                       purity_fn: PurityFn | None = None) -> torch.Tensor:
+    """The spec (module docstring), with ``purity_fn`` (``f`` of the paper, monotonically
+    increasing) applied to the purity before the comparison when given."""
+    _check(G, u, leak)
+    acc = _acc_dtype(G)
+    leak = torch.zeros(G.shape[0], dtype=acc, device=G.device) if leak is None else leak.to(acc)
+    W = torch.stack([torch.ones_like(leak), 1 - leak, leak])
+    u = u.to(acc)
+    out = torch.empty(G.shape[1], dtype=G.dtype, device=G.device)
+    # On the CPU, column blocks of about 1 MiB keep the temporaries in cache (allocating and
+    # first-touching T x P temporaries costs more than the arithmetic); one block elsewhere.
+    block = max(4096, 2**18 // G.shape[0]) if G.device.type == "cpu" else max(G.shape[1], 1)
+    for start in range(0, G.shape[1], block):
+        cols = slice(start, start + block)
+        out[cols] = _graddrop_block(G[:, cols].to(acc), u[cols], W, purity_fn)
+    return out
 
 
-def _check(G: torch.Tensor) -> None:
-    if not isinstance(G, torch.Tensor):
-        raise TypeError(f"graddrop: G must be a torch.Tensor, got {type(G).__name__}")
-    if G.dim() != 2 or G.shape[0] == 0 or G.shape[1] == 0:
-        raise ValueError(f"graddrop: G must be 2-D (T, P) with T, P > 0, got {tuple(G.shape)}")
-    if G.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"graddrop: G must be float32/float16/bfloat16, got {G.dtype}")
+def _graddrop_block(G: torch.Tensor, u: torch.Tensor, W: torch.Tensor,
+                    purity_fn: PurityFn | None) -> torch.Tensor:
+    # Two passes instead of one per quantity: rows (1, 1 - l, l) against G and (1, 1 - l)
+    # against relu(G); sum |g| = 2 sum relu(g) - sum g, and negatives = all - positives.
+    sums = W @ G
+    positives = W[:2] @ G.clamp_min(0)
+    abs_sum = 2 * positives[0] - sums[0]
+    purity = torch.where(abs_sum > 0, 0.5 * (1 + sums[0] / abs_sum), 0.5)
+    if purity_fn is not None:
+        purity = purity_fn(purity)
+    kept_positive, kept_negative = positives[1], sums[1] - positives[1]
+    out = sums[2] + torch.where(purity > u, kept_positive, 0) \
+        + torch.where(purity < u, kept_negative, 0)
+    return torch.where(torch.isfinite(abs_sum), out, torch.nan)
 
 
-def graddrop_reference(G: torch.Tensor, seed: int) -> torch.Tensor:
-    """The spec, in float32 with sums in row order (what the kernel does), cast to G's dtype."""
-    _check(G)
-    _check_seed(seed)
-    Gf = G.float()
-    S = torch.zeros(G.shape[1], dtype=torch.float32, device=G.device)
-    A = torch.zeros_like(S)
-    for g in Gf:
-        S = S + g
-        A = A + g.abs()
-    purity = 0.5 * (1.0 + S / A)
-    U = graddrop_uniform(seed, G.shape[1], G.device)
-    keep_pos, keep_neg = purity > U, purity < U
-    out = torch.zeros_like(S)
-    for g in Gf:
-        keep = (keep_pos & (g > 0)) | (keep_neg & (g < 0))
-        out = out + torch.where(keep, g, torch.zeros_like(g))
-    out = torch.where(torch.isfinite(A), out, torch.full_like(out, float("nan")))
-    return out.to(G.dtype)
+def graddrop(G: torch.Tensor, u: torch.Tensor, leak: torch.Tensor | None = None) -> torch.Tensor:
+    """GradDrop's combined gradient (length P, G's dtype) of per-task gradients G ``(T, P)``
+    for uniform draws ``u`` ``(P,)`` and leaks ``leak`` ``(T,)`` (None: no leak).
 
-
-def graddrop(G: torch.Tensor, seed: int) -> torch.Tensor:
-    """GradDrop's combined gradient (length P, G's dtype) for per-task gradients G ``(T, P)``.
-
-    Draw a fresh ``seed`` per step (e.g. from ``torch.randint`` once per step on the host).
-    CUDA: one fused kernel. Elsewhere: the torch reference.
+    Dispatch (``_dispatch.backend("graddrop", G)``): the fused CUDA kernel (one pass over G)
+    for float32/float16/bfloat16 CUDA tensors with float32 ``u``; elsewhere the reference
+    (cache-blocked on the CPU).
     """
-    _check(G)
-    _check_seed(seed)
-    if G.device.type == "cuda" and _ext.has_cuda_kernels():
-        return torch.ops.mtlfast.graddrop(G.detach(), seed)
-    return graddrop_reference(G.detach(), seed)
+    _check(G, u, leak)
+    if G.shape[1] > 0 and backend("graddrop", G) == "cuda" and u.dtype == torch.float32:
+        leak_f = None if leak is None else leak.detach().to(torch.float32).contiguous()
+        return torch.ops.mtlfast.graddrop(G.detach(), u.detach().contiguous(), leak_f)
+    return graddrop_reference(G.detach(), u.detach(), None if leak is None else leak.detach())

@@ -9,8 +9,8 @@ one flat buffer ``w``, block after block, each row-major. With ``x`` of shape
 
 A single group is an ordinary dense ``act(x W^T + b)`` (layer 1 of fused heads).
 
-Dispatch (one place, ``_backend`` + ``_dense``): a single dense group runs as ``addmm`` + the
-activation on every device (cuBLAS / MKL, measured faster than the Triton kernel); several
+Dispatch (``_dispatch.backend("grouped_linear", ...)``): a single dense group runs as ``addmm``
++ the activation on every device (cuBLAS / MKL, measured faster than the Triton kernel); several
 groups run the Triton grouped kernels on CUDA tensors (or on CPU tensors under
 ``TRITON_INTERPRET=1`` when ``MTLFAST_HEADS_TRITON=1`` asks for it), otherwise torch: one
 ``bmm`` (or a broadcast multiply-sum for width-1 groups) when all groups have the same shape,
@@ -25,15 +25,13 @@ them. First-order gradients only (the backward ops have no autograd formula of t
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch._C._functorch import is_legacy_batchedtensor
 from torch._subclasses.fake_tensor import is_fake
 
-from .. import _ext
+from ._dispatch import backend
 
 __all__ = [
     "ACTIVATIONS",
@@ -210,26 +208,15 @@ def _weight_grad_torch(gy, x, in_widths, out_widths, per_task):
 
 # ----------------------------------------------------------------------------- dispatch
 
-def _backend(t: torch.Tensor) -> str:
-    # A legacy vmap BatchedTensor (the engine's autograd.grad(..., is_grads_batched=True) hands
-    # one to the backward) has no storage for a Triton launch: "Cannot access storage of
-    # BatchedTensorImpl" made the engine fall back to a loop of T backward passes on CUDA. The
-    # torch ops below have batching rules.
-    if not _ext.has_triton() or is_legacy_batchedtensor(t):
-        return "torch"
-    if t.is_cuda:
-        return "triton"
-    if t.device.type == "cpu" and _ext.triton_interpreter() \
-            and os.environ.get("MTLFAST_HEADS_TRITON") == "1":
-        return "triton"
-    return "torch"
-
-
 def _interpreter_dtype(t: torch.Tensor) -> torch.dtype:
     # The Triton interpreter's bf16 tl.dot is wrong (DESIGN.md): compute in fp32 there.
     if t.device.type == "cpu" and t.dtype == torch.bfloat16:
         return torch.float32
     return t.dtype
+
+
+def _triton(t: torch.Tensor, in_widths, per_task) -> bool:
+    return backend("grouped_linear", t, dense=_dense(in_widths, per_task)) == "triton"
 
 
 def _dense(in_widths, per_task) -> bool:
@@ -242,7 +229,7 @@ def _dense(in_widths, per_task) -> bool:
 
 def _forward_impl(x, w, bias, in_widths, out_widths, per_task, activation):
     store_pre = activation in _NEEDS_PRE
-    if _backend(x) == "triton" and not _dense(in_widths, per_task):
+    if _triton(x, in_widths, per_task):
         from ..kernels.triton import grouped_linear_triton
 
         cdt = _interpreter_dtype(x)
@@ -260,7 +247,7 @@ def _forward_impl(x, w, bias, in_widths, out_widths, per_task, activation):
 
 
 def _input_grad_impl(gy, w, in_widths, out_widths, per_task):
-    if _backend(gy) == "triton" and not _dense(in_widths, per_task):
+    if _triton(gy, in_widths, per_task):
         from ..kernels.triton import grouped_input_grad_triton
 
         cdt = _interpreter_dtype(gy)
@@ -270,7 +257,7 @@ def _input_grad_impl(gy, w, in_widths, out_widths, per_task):
 
 
 def _weight_grad_impl(gy, x, in_widths, out_widths, per_task):
-    if _backend(gy) == "triton" and not _dense(in_widths, per_task):
+    if _triton(gy, in_widths, per_task):
         from ..kernels.triton import grouped_weight_grad_triton
 
         cdt = _interpreter_dtype(gy)

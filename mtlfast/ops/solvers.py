@@ -27,17 +27,16 @@ from __future__ import annotations
 
 import torch
 
-from .. import _ext
+from . import _validate
+from ._dispatch import backend
 
 __all__ = [
     "CAGRAD_ROOT_STEPS",
-    "CUDA_MAX_T",
     "DUAL_TOL",
     "NNQP_EXTRA_STEPS",
     "NNQP_STEPS_PER_TASK",
     "cagrad_weights",
     "cagrad_weights_reference",
-    "cuda_kernel",
     "nnqp",
     "nnqp_reference",
     "nnqp_steps",
@@ -54,23 +53,6 @@ NNQP_STEPS_PER_TASK = 3
 NNQP_EXTRA_STEPS = 10
 #: An index joins the active set only when its multiplier exceeds this (A scaled to max diag 1).
 DUAL_TOL = 1e-12
-
-
-def _kernel(name: str, t: torch.Tensor) -> bool:
-    """True when the C++ kernel ``torch.ops.mtlfast.<name>`` should serve the CPU tensor t."""
-    return t.device.type == "cpu" and _ext.has_cpu_kernels() and hasattr(torch.ops.mtlfast, name)
-
-
-#: Largest T the CUDA solver kernels take (their workspace lives in shared memory); larger
-#: problems run the torch reference on the GPU.
-CUDA_MAX_T = 64
-
-
-def cuda_kernel(t: torch.Tensor) -> bool:
-    """True when the CUDA solver kernels (csrc/cuda/solvers.cu) serve the Gram batch ``t``
-    (``(..., T, T)`` float64 on a CUDA device, ``T <= CUDA_MAX_T``)."""
-    return (t.device.type == "cuda" and _ext.has_cuda_kernels() and t.dtype == torch.float64
-            and 0 < t.shape[-1] <= CUDA_MAX_T)
 
 
 #: Root-finding steps of CAGrad's outer problem (each one simplex QP solve).
@@ -95,17 +77,23 @@ def normalize_gram(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return K / s[..., None, None], s
 
 
-def _check_qp(A: torch.Tensor, b: torch.Tensor) -> None:
-    if not isinstance(A, torch.Tensor) or not isinstance(b, torch.Tensor):
-        raise TypeError("nnqp: A and b must be tensors")
-    if A.dim() < 2 or A.shape[-1] != A.shape[-2] or A.shape[-1] == 0:
-        raise ValueError(f"nnqp: A must have shape (..., T, T) with T > 0, got {tuple(A.shape)}")
-    if b.dim() < 2 or b.shape[-1] != A.shape[-1] or b.shape[:-2] != A.shape[:-2]:
-        raise ValueError(
-            f"nnqp: b must have shape (..., m, T) matching A {tuple(A.shape)}, got {tuple(b.shape)}"
-        )
-    if A.dtype != torch.float64 or b.dtype != torch.float64:
-        raise TypeError(f"nnqp: A and b must be float64, got {A.dtype} and {b.dtype}")
+_F64 = (torch.float64,)
+
+
+def _check_steps(op: str, name: str, steps: object) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"{op}: {name} must be a non-negative int, got {steps!r}")
+
+
+def _check_qp(A: torch.Tensor, b: torch.Tensor, steps: int | None) -> None:
+    T = _validate.gram_batch("nnqp", "A", A, _F64)
+    _validate.tensor("nnqp", "b", b, dtypes=_F64)
+    if b.dim() < 2 or b.shape[-1] != T or b.shape[:-2] != A.shape[:-2]:
+        raise ValueError(f"nnqp: b must have shape (..., m, T) with A's batch dims "
+                         f"{tuple(A.shape[:-2])} and T={T}, got {tuple(b.shape)}")
+    _validate.same_device("nnqp", A=A, b=b)
+    if steps is not None:
+        _check_steps("nnqp", "steps", steps)
 
 
 def nnqp_reference(
@@ -133,7 +121,7 @@ def nnqp_reference(
        that reaches 0 (and any other at exactly 0) from ``S``.
     4. A non-finite solve (a singular system, which the theory excludes) freezes the problem.
     """
-    _check_qp(A, b)
+    _check_qp(A, b, steps)
     T = A.shape[-1]
     steps = nnqp_steps(T) if steps is None else steps
     A = A.unsqueeze(-3).expand(*b.shape[:-1], T, T)
@@ -192,23 +180,34 @@ def nnqp(
     A: torch.Tensor, b: torch.Tensor, simplex: bool = False, steps: int | None = None
 ) -> torch.Tensor:
     """``nnqp_reference``'s problem, by the C++ kernel on CPU or the CUDA kernel on CUDA
-    (``T <= 64``; both run csrc/common/solver_core.h and stop each problem as soon as it has
-    converged, within the same step budget), else by the torch reference."""
-    _check_qp(A, b)
+    (``T <= _dispatch.CUDA_SOLVER_MAX_T``; both run csrc/common/solver_core.h and stop each
+    problem as soon as it has converged, within the same step budget), else by the torch
+    reference.
+
+    Cost: a problem whose support grows to ``k`` indices with ``d`` drops takes ``k + 2d``
+    active-set steps, each ``O(T k)`` (the multipliers) plus ``O(k^2)`` (the Cholesky row and
+    two triangular solves; a drop refactors, ``O(k^3)``), so ``O(T k^2)`` per problem and
+    ``O(m T k^2)`` for ``m`` right-hand sides. UPGrad solves ``m = T`` problems per Gram with
+    supports ``k ~ T/2`` on unrelated tasks: ``O(T^4)``. Measured for ``UPGrad().weights`` on
+    one CPU thread (Gram of a random ``(T, 1000)`` float64 matrix, benchmarks/RESULTS.md): T=8
+    0.13 ms, 32 0.32 ms, 64 2.6 ms, 128 29 ms, 200 0.15 s, 256 0.38 s; the problems of a batch
+    split across CPU threads. From T ~ 200 a step costs a sizeable fraction of a second.
+    """
+    _check_qp(A, b, steps)
     steps = nnqp_steps(A.shape[-1]) if steps is None else steps
-    if _kernel("nnqp", A) or (cuda_kernel(A) and b.device == A.device):
-        return torch.ops.mtlfast.nnqp(A, b, simplex, steps, DUAL_TOL)
+    if backend("nnqp", A) in ("cpu", "cuda"):
+        return torch.ops.mtlfast.nnqp(A, b, bool(simplex), steps, DUAL_TOL)
     return nnqp_reference(A, b, simplex, steps)
 
 
 def _check_pcgrad(K: torch.Tensor, orders: torch.Tensor) -> None:
-    if K.dim() < 2 or K.shape[-1] != K.shape[-2]:
-        raise ValueError(f"pcgrad_weights: K must have shape (..., T, T), got {tuple(K.shape)}")
-    if orders.shape != K.shape or orders.dtype != torch.int64:
-        raise ValueError(
-            f"pcgrad_weights: orders must be int64 of shape {tuple(K.shape)}, "
-            f"got {orders.dtype} {tuple(orders.shape)}"
-        )
+    T = _validate.gram_batch("pcgrad_weights", "K", K)
+    _validate.tensor("pcgrad_weights", "orders", orders, dtypes=(torch.int64,))
+    _validate.trailing_batch("pcgrad_weights", "orders", orders, K.shape[:-2], (T, T))
+    _validate.same_device("pcgrad_weights", K=K, orders=orders)
+    # The entries' range is checked where they are read (the C++ kernel raises RuntimeError,
+    # the reference's gather too): checking here would read the tensor on the host, a sync
+    # that a captured step must not make.
 
 
 def pcgrad_weights_reference(K: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
@@ -238,12 +237,10 @@ def pcgrad_weights_reference(K: torch.Tensor, orders: torch.Tensor) -> torch.Ten
 
 def pcgrad_weights(K: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
     """``pcgrad_weights_reference(K, orders)`` by the C++ kernel on CPU, the CUDA kernel on CUDA
-    (float64, T <= 64), else the reference."""
+    (float64, ``T <= _dispatch.CUDA_SOLVER_MAX_T``), else the reference."""
     _check_pcgrad(K, orders)
-    if _kernel("pcgrad", K):
-        return torch.ops.mtlfast.pcgrad(K, orders)
-    if cuda_kernel(K) and orders.device == K.device:
-        return torch.ops.mtlfast.pcgrad(K, orders)  # csrc/cuda/solvers.cu, one block/problem
+    if backend("pcgrad", K) in ("cpu", "cuda"):
+        return torch.ops.mtlfast.pcgrad(K, orders)  # csrc/cuda/solvers.cu: one block/problem
     return pcgrad_weights_reference(K, orders)
 
 
@@ -303,11 +300,10 @@ def pcgrad_orders(state: torch.Tensor, batch: int, T: int) -> torch.Tensor:
     read and advance ``state`` where it lives: no host sync, and a replayed CUDA graph draws
     new orders each time. Without the extension, the reference (which reads the state)."""
     _check_orders_state(state)
-    if not (isinstance(batch, int) and isinstance(T, int) and batch >= 1 and T >= 1):
+    if not (isinstance(batch, int) and isinstance(T, int) and not isinstance(batch, bool)
+            and not isinstance(T, bool) and 1 <= batch < 2**32 and 1 <= T < 2**32):
         raise ValueError(f"pcgrad_orders: batch and T must be positive ints, got {batch}, {T}")
-    if _kernel("pcgrad_orders", state) or (
-            state.device.type == "cuda" and _ext.has_cuda_kernels()
-            and hasattr(torch.ops.mtlfast, "pcgrad_orders")):
+    if backend("pcgrad_orders", state) in ("cpu", "cuda"):
         return torch.ops.mtlfast.pcgrad_orders(state, batch, T)
     return pcgrad_orders_reference(state, batch, T)
 
@@ -332,13 +328,23 @@ def _quad(A: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (u * (A @ v.unsqueeze(-1)).squeeze(-1)).sum(-1)
 
 
+def _check_cagrad(A: torch.Tensor, p: torch.Tensor, c: float, steps: int) -> None:
+    T = _validate.gram_batch("cagrad_weights", "A", A, _F64)
+    _validate.tensor("cagrad_weights", "p", p, dtypes=_F64)
+    _validate.trailing_batch("cagrad_weights", "p", p, A.shape[:-2], (T,), like="A")
+    _validate.same_device("cagrad_weights", A=A, p=p)
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not c >= 0:
+        raise ValueError(f"cagrad_weights: c must be a float >= 0, got {c!r}")
+    _check_steps("cagrad_weights", "steps", steps)
+
+
 def cagrad_weights(
     A: torch.Tensor, p: torch.Tensor, c: float, steps: int = CAGRAD_ROOT_STEPS
 ) -> torch.Tensor:
     """``cagrad_weights_reference`` by the C++ kernel on CPU or the CUDA kernel on CUDA (both the
     shared core; they stop at the fixed point), else the reference."""
-    if _kernel("cagrad", A) or (cuda_kernel(A) and p.device == A.device
-                                and p.dtype == torch.float64):
+    _check_cagrad(A, p, c, steps)
+    if backend("cagrad", A) in ("cpu", "cuda"):
         return torch.ops.mtlfast.cagrad(A, p, float(c), steps, nnqp_steps(A.shape[-1]), DUAL_TOL)
     return cagrad_weights_reference(A, p, c, steps)
 
@@ -367,6 +373,7 @@ def cagrad_weights_reference(
     answer is the QP solution at the last ``beta``. Degenerate: when ``0`` is in the hull
     (``phi(0) = 0``) the root is ``beta = 0`` and ``w`` is the min-norm point.
     """
+    _check_cagrad(A, p, c, steps)
     a = (A @ p.unsqueeze(-1)).squeeze(-1)
     r = c * _quad(A, p, p).clamp_min(0).sqrt()
     max_norm = A.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(0).sqrt()

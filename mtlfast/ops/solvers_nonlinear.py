@@ -3,8 +3,9 @@
 Each op has a torch reference (the spec: batched over ``(..., T, T)``, fixed iteration counts,
 masked updates, no host read, so it runs on any device, ``meta`` included) and one dispatch
 function that picks the C++ kernel for CPU tensors when the extension is built, and for
-``power_fixed_point`` / ``imtl_weights`` / ``sym_eig`` the CUDA kernels on CUDA (T <= 64;
-csrc/common/solver_core.h is the code of both). The kernels compute in float64 and return the
+``power_fixed_point`` / ``imtl_weights`` / ``sym_eig`` the CUDA kernels on CUDA (T up to
+``_dispatch.CUDA_SOLVER_MAX_T``; csrc/common/solver_core.h is the code of both); the choice is
+``_dispatch.backend``'s. The kernels compute in float64 and return the
 Gram's dtype; the references compute in float64 too (float32 where the device has no float64).
 
 - ``power_fixed_point(K, alpha, iters)``: the positive root of ``K w = w^(-1/alpha)``
@@ -25,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _ext
+from . import _validate
+from ._dispatch import backend
 
 __all__ = [
     "IMTL_SUM_TOL",
@@ -61,23 +63,47 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if t.device.type == "mps" else torch.float64
 
 
-def _use_kernel(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and _ext.has_cpu_kernels()
+def _kernel(op: str, K: torch.Tensor) -> bool:
+    """The compiled kernel serves ``op`` for the Gram batch K (``_dispatch.backend``)."""
+    return backend(op, K) in ("cpu", "cuda")
 
 
-def _use_cuda_kernel(t: torch.Tensor) -> bool:
-    """CUDA solver kernels: a floating Gram batch on a CUDA device with 1 <= T <= 64."""
-    return (t.device.type == "cuda" and _ext.has_cuda_kernels() and t.is_floating_point()
-            and 0 < t.shape[-1] <= 64)
+def _check_vector(op: str, name: str, v: torch.Tensor, K: torch.Tensor) -> None:
+    """``v`` is a floating ``(..., T)`` tensor with K's batch dims, on K's device."""
+    _validate.tensor(op, name, v, floating=True)
+    _validate.trailing_batch(op, name, v, K.shape[:-2], (K.shape[-1],))
+    _validate.same_device(op, K=K, **{name: v})
+
+
+def _check_pref_arg(op: str, pref: torch.Tensor | None, K: torch.Tensor) -> None:
+    """``pref`` is None or a floating ``(T,)`` vector on K's device or the CPU."""
+    if pref is None:
+        return
+    _validate.tensor(op, "pref", pref, floating=True, dim=1)
+    if pref.shape[0] != K.shape[-1]:
+        raise ValueError(f"{op}: pref must have shape ({K.shape[-1]},) (one entry per task), "
+                         f"got {tuple(pref.shape)}")
+    if pref.device.type != "cpu":
+        _validate.same_device(op, K=K, pref=pref)
+
+
+def _check_float(op: str, name: str, x: object, low: float = float("-inf"),
+                 low_open: bool = False) -> None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or x != x or (
+            x <= low if low_open else x < low):
+        bound = f" {'>' if low_open else '>='} {low:g}" if low != float("-inf") else ""
+        raise ValueError(f"{op}: {name} must be{bound} (a real number), got {x!r}")
 
 
 def sym_eig(K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lambda, V)`` with ``K = V diag(lambda) V^T``, ascending, for symmetric ``(..., T, T)``.
 
-    ``torch.linalg.eigh`` except on CUDA with the kernels built (T <= 64, float64): the Jacobi
-    kernel of csrc/cuda/solvers.cu, because eigh reads its error codes on the host (a sync).
+    ``torch.linalg.eigh`` except on CUDA with the kernels built (float64,
+    ``T <= _dispatch.CUDA_SOLVER_MAX_T``): the Jacobi kernel of csrc/cuda/solvers.cu, because
+    eigh reads its error codes on the host (a sync).
     """
-    if _use_cuda_kernel(K) and K.dtype == torch.float64:
+    _validate.gram_batch("sym_eig", "K", K)
+    if backend("sym_eig", K) == "cuda":
         return torch.ops.mtlfast.sym_eig(K)
     return torch.linalg.eigh(K)
 
@@ -146,11 +172,11 @@ def power_fixed_point(K: torch.Tensor, alpha: float, iters: int) -> torch.Tensor
     Where no finite root exists (a zero row; tasks whose non-negative combination is 0) the
     weights along that direction grow at most 2x per step and stay finite.
     """
-    if alpha <= 0:
-        raise ValueError(f"power_fixed_point: alpha must be > 0, got {alpha}")
-    if iters < 1:
-        raise ValueError(f"power_fixed_point: iters must be >= 1, got {iters}")
-    if _use_kernel(K) or _use_cuda_kernel(K):
+    _validate.gram_batch("power_fixed_point", "K", K)
+    _check_float("power_fixed_point", "alpha", alpha, 0.0, low_open=True)
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"power_fixed_point: iters must be an int >= 1, got {iters!r}")
+    if _kernel("power_fixed_point", K):
         return torch.ops.mtlfast.power_fixed_point(K, float(alpha), int(iters))
     return power_fixed_point_reference(K, alpha, iters)
 
@@ -177,12 +203,14 @@ def imtl_weights(K: torch.Tensor, sum_tol: float = IMTL_SUM_TOL) -> torch.Tensor
     scaled to max diagonal 1 (``solvers.normalize_gram``); the pseudo-inverse drops eigenvalues
     below ``T eps`` times the largest; ``w = 0`` when ``|sum v| <= sum_tol sum |v|``.
 
-    CUDA (T <= 64): one kernel (Jacobi eigendecomposition + the rest, csrc/common/
-    solver_core.h). Elsewhere the reference: the same core on one CPU thread
-    (``torch.ops.mtlfast.imtl_weights``) measured 19 us vs 156 us at T=8 but 1.6 ms vs 0.43 ms
-    at T=32 (serial Jacobi is O(T^3) per sweep; benchmarks/RESULTS.md), so the CPU keeps eigh.
+    CUDA (``T <= _dispatch.CUDA_SOLVER_MAX_T``): one kernel (Jacobi eigendecomposition + the rest,
+    csrc/common/solver_core.h). Elsewhere the reference: the same core on one CPU thread
+    measured 19 us vs 156 us at T=8 but 1.6 ms vs 0.43 ms at T=32 (serial Jacobi is O(T^3)
+    per sweep; benchmarks/RESULTS.md), so the CPU keeps eigh.
     """
-    if _use_cuda_kernel(K) and K.dtype == torch.float64:
+    _validate.gram_batch("imtl_weights", "K", K)
+    _check_float("imtl_weights", "sum_tol", sum_tol, 0.0)
+    if _kernel("imtl_weights", K):
         return torch.ops.mtlfast.imtl_weights(K, float(sum_tol))
     return imtl_weights_reference(K, sum_tol)
 
@@ -234,8 +262,11 @@ def aligned_mtl_weights(
     ("median") or mean ("rmse"); a zero Gram gives ``w = pref`` (default ``1/T``).
     """
     if scale_mode not in SCALE_MODES:
-        raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
-    if _use_kernel(K):
+        raise ValueError(f"aligned_mtl_weights: scale_mode must be one of {SCALE_MODES}, "
+                         f"got {scale_mode!r}")
+    _validate.gram_batch("aligned_mtl_weights", "K", K)
+    _check_pref_arg("aligned_mtl_weights", pref, K)
+    if _kernel("aligned_mtl_weights", K):
         return torch.ops.mtlfast.aligned_mtl_weights(K, pref, SCALE_MODES.index(scale_mode))
     return aligned_mtl_weights_reference(K, pref, scale_mode)
 
@@ -266,7 +297,9 @@ def config_weights(K: torch.Tensor, pref: torch.Tensor | None = None) -> torch.T
     ``w @ G`` is that direction's unit vector times ``sum_i g_i . unit`` (the paper's length).
     ``C^+`` drops eigenvalues at most ``lambda_max T eps``; zero rows get weight 0.
     """
-    if _use_kernel(K):
+    _validate.gram_batch("config_weights", "K", K)
+    _check_pref_arg("config_weights", pref, K)
+    if _kernel("config_weights", K):
         return torch.ops.mtlfast.config_weights(K, pref)
     return config_weights_reference(K, pref)
 
@@ -316,11 +349,23 @@ def gradvac_sweep(
     (|g_j| sqrt(1-phi_hat^2) + eps) g_j``; always ``phi_hat[i,j] <- (1-beta) phi_hat + beta cos``.
     ``w = sum_i c_i`` where ``g_i^PC = c_i @ G``.
     """
-    T = K.shape[-1]
+    T = _validate.gram_batch("gradvac_sweep", "K", K)
+    _validate.tensor("gradvac_sweep", "phi_hat", phi_hat, floating=True)
+    _validate.trailing_batch("gradvac_sweep", "phi_hat", phi_hat, K.shape[:-2], (T, T))
+    _validate.same_device("gradvac_sweep", K=K, phi_hat=phi_hat)
+    _validate.tensor("gradvac_sweep", "perms", perms)
+    if perms.dtype.is_floating_point or perms.dtype.is_complex or perms.dtype == torch.bool:
+        raise TypeError(f"gradvac_sweep: perms must be an integer tensor, got {perms.dtype}")
     if perms.shape != (T, T - 1):
         raise ValueError(f"gradvac_sweep: perms must have shape ({T}, {T - 1}), "
                          f"got {tuple(perms.shape)}")
-    if _use_kernel(K):
+    # The entries' range is checked by the C++ kernel (RuntimeError), not here: reading them
+    # would be a host read in a step that must make none.
+    if perms.device.type != "cpu":
+        _validate.same_device("gradvac_sweep", K=K, perms=perms)
+    _check_float("gradvac_sweep", "beta", beta)
+    _check_float("gradvac_sweep", "eps", eps)
+    if _kernel("gradvac_sweep", K):
         return torch.ops.mtlfast.gradvac_sweep(K, phi_hat, perms.to(torch.int64),
                                                float(beta), float(eps))
     return gradvac_sweep_reference(K, phi_hat, perms, beta, eps)
@@ -334,7 +379,10 @@ def clip_update_norm_reference(w: torch.Tensor, K: torch.Tensor, max_norm: float
 
 def clip_update_norm(w: torch.Tensor, K: torch.Tensor, max_norm: float) -> torch.Tensor:
     """``w * min(1, max_norm / |w @ G|)`` with ``|w @ G| = sqrt(w^T K w)``, per block."""
-    if _use_kernel(K):
+    _validate.gram_batch("clip_update_norm", "K", K)
+    _check_vector("clip_update_norm", "w", w, K)
+    _check_float("clip_update_norm", "max_norm", max_norm, 0.0)
+    if _kernel("clip_update_norm", K):
         return torch.ops.mtlfast.clip_update_norm(w, K, float(max_norm))
     return clip_update_norm_reference(w, K, max_norm)
 
@@ -375,7 +423,23 @@ def gradnorm_update(
     ``w_i <- max(w_i - lr |g_i| sign(w_i |g_i| - target_i) / mean|g|, 0)`` renormalized to
     sum T (all ones if everything hit 0).
     """
-    if _use_kernel(K):
+    op = "gradnorm_update"
+    T = _validate.gram_batch(op, "K", K)
+    _check_vector(op, "w", w, K)
+    _check_vector(op, "initial", initial, K)
+    _validate.tensor(op, "has_initial", has_initial, dtypes=(torch.bool,))
+    _validate.trailing_batch(op, "has_initial", has_initial, K.shape[:-2], (1,))
+    _validate.same_device(op, K=K, has_initial=has_initial)
+    if losses is not None:
+        _validate.tensor(op, "losses", losses, floating=True)
+        if losses.dim() > w.dim() or any(a not in (1, b) for a, b in zip(
+                losses.shape[::-1], w.shape[::-1], strict=False)) or losses.shape[-1:] != (T,):
+            raise ValueError(f"{op}: losses must have shape (..., {T}) broadcasting to w's "
+                             f"{tuple(w.shape)}, got {tuple(losses.shape)}")
+        _validate.same_device(op, K=K, losses=losses)
+    _check_float(op, "alpha", alpha, 0.0)
+    _check_float(op, "lr", lr)
+    if _kernel(op, K):
         return torch.ops.mtlfast.gradnorm_update(K, w, losses, initial, has_initial,
                                                  float(alpha), float(lr))
     return gradnorm_update_reference(K, w, losses, initial, has_initial, alpha, lr)

@@ -5,22 +5,37 @@ from mtlfast import _ext
 from mtlfast.ops import combine, combine_reference
 from tests.conftest import devices, rel_err
 
-needs_ext = pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="C++ extension not built")
 
-
-@needs_ext
 @pytest.mark.parametrize("shape", [(1, 1), (2, 7), (5, 16385), (32, 100003), (64, 999)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("accumulate", [False, True])
-def test_cpp_kernel_matches_reference(shape, dtype, accumulate):
+def test_cpu_backend_matches_reference(shape, dtype, accumulate):
     G = torch.randn(*shape, dtype=dtype)
     w = torch.randn(shape[0], dtype=dtype)
     base = torch.randn(shape[1], dtype=dtype)
     out = base.clone()
-    torch.ops.mtlfast.combine_(w, G, out, accumulate, 0.75)
+    combine(w, G, out, accumulate=accumulate, scale=0.75)
     ref = combine_reference(w.double(), G.double(), base.double().clone(), accumulate=accumulate,
                             scale=0.75)
     assert rel_err(out, ref) < (1e-6 if dtype == torch.float32 else 1e-13)
+
+
+def test_integer_inputs_raise():
+    G = torch.ones(3, 4)
+    with pytest.raises(TypeError, match="combine: G must be floating point"):
+        combine(torch.ones(3), G.long())
+    with pytest.raises(TypeError, match="combine: w must be floating point"):
+        combine(torch.ones(3, dtype=torch.int32), G)
+    with pytest.raises(TypeError, match="combine: out must be floating point"):
+        combine(torch.ones(3), G, torch.zeros(4, dtype=torch.int64))
+
+
+def test_out_of_another_dtype_is_cast():
+    G = torch.randn(3, 50, dtype=torch.float64)
+    w = torch.rand(3, dtype=torch.float64)
+    out = torch.zeros(50, dtype=torch.float32)
+    combine(w, G, out)
+    assert rel_err(out, w @ G) < 1e-6
 
 
 @pytest.mark.parametrize("device", devices())

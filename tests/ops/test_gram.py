@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 
@@ -76,3 +78,24 @@ def test_gram_is_deterministic():
 def test_bad_input_rejected(bad, err):
     with pytest.raises(err, match="gram: G"):
         gram(bad)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("which", ["dispatched", "reference"])
+def test_gradient_flows_through_every_backend(device, which, monkeypatch):
+    gram_module = sys.modules["mtlfast.ops.gram"]  # ops.gram is also the function's name
+    if which == "reference":
+        monkeypatch.setattr(gram_module, "backend", lambda op, t, **f: "reference")
+    G = torch.randn(5, 13, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(gram, (G,))
+    dK = torch.randn(5, 5, dtype=torch.float64, device=device)
+    (gram(G) * dK).sum().backward()
+    torch.testing.assert_close(G.grad, (dK + dK.T) @ G.detach())
+
+
+def test_gradient_in_low_precision_has_the_input_dtype():
+    G = torch.randn(4, 30).to(torch.bfloat16).requires_grad_()
+    gram(G).sum().backward()
+    assert G.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(G.grad.float(), 2 * torch.ones(4, 4) @ G.detach().float(),
+                               rtol=2e-2, atol=2e-2)

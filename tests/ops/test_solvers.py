@@ -134,6 +134,22 @@ def test_nnqp_cpp_matches_reference(T, simplex):
                                solvers.nnqp_reference(A, b, simplex), rtol=1e-9, atol=1e-12)
 
 
+@needs_cpp
+@pytest.mark.parametrize("T", [64, 128])
+def test_nnqp_large_t_matches_reference_and_kkt(T):
+    """UPGrad's problems at large T (supports of ~T/2): the kernel against the torch reference
+    on a few right-hand sides, and the KKT conditions on all T of them."""
+    K, _ = solvers.normalize_gram(_grams(T, P=1000, seed=T))
+    p = torch.full((T,), 1.0 / T, dtype=torch.float64)
+    b = p[:, None] * K  # b_i = p_i K e_i: the dual-cone projection of each task's gradient
+    x = solvers.nnqp(K, b)
+    rows = [0, T // 3, T - 1]
+    ref = solvers.nnqp_reference(K, b[rows])
+    torch.testing.assert_close(x[rows], ref, rtol=1e-9, atol=1e-12)
+    for i in range(T):
+        assert _kkt_violation(K, b[i], x[i], False) < 1e-10
+
+
 def test_nnqp_runs_on_meta():
     A = torch.empty(2, 5, 5, dtype=torch.float64, device="meta")
     b = torch.empty(2, 5, 5, dtype=torch.float64, device="meta")

@@ -2,8 +2,9 @@
 // threads, so the code the GPU runs with a whole thread block (strided loops, owned entries,
 // barriers, reductions that every rank must agree on) is exercised without a GPU. The team
 // mirrors BlockTeam in csrc/cuda/solvers.cu: ranks, a barrier, reductions whose result every
-// rank receives. tests/ops/test_solver_core.py compares these ops with the torch references;
-// they are not used by the package.
+// rank receives. tests/ops/test_solver_core.py builds this file into its own small extension
+// (torch.utils.cpp_extension.load) and compares the ops with the torch references; it is not
+// part of mtlfast._C. One thread is the serial core, the code path of the CPU kernels.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -166,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor> team_sym_eig(const at::Tensor& K_in, int64_t 
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mtlfast, m) {
+TORCH_LIBRARY(mtlfast_test, m) {
   m.def("team_nnqp(Tensor A, Tensor b, bool simplex, int steps, float tol, int threads) -> Tensor");
   m.def("team_cagrad(Tensor A, Tensor p, float c, int root_steps, int qp_steps, float tol, "
         "int threads) -> Tensor");
@@ -175,7 +176,7 @@ TORCH_LIBRARY_FRAGMENT(mtlfast, m) {
   m.def("team_sym_eig(Tensor K, int threads) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(mtlfast, CPU, m) {
+TORCH_LIBRARY_IMPL(mtlfast_test, CPU, m) {
   m.impl("team_nnqp", &team_nnqp);
   m.impl("team_cagrad", &team_cagrad);
   m.impl("team_power_fixed_point", &team_power_fixed_point);
