@@ -263,7 +263,7 @@ def _cagrad_optimum(K, c):
         return float(a @ x + r * math.sqrt(max(x @ Kn @ x, 0.0)))
 
     starts = [p, np.eye(T)[int(np.argmin([f(e) for e in np.eye(T)]))]]
-    starts += [np.random.default_rng(s).dirichlet(np.ones(T)) for s in range(2)]
+    starts.append(np.random.default_rng(0).dirichlet(np.ones(T)))
     best = min(f(e) for e in np.eye(T))
     for x0 in starts:
         res = so.minimize(f, x0, bounds=[(0, 1)] * T, method="SLSQP",
@@ -366,3 +366,29 @@ def test_config_opposite_and_near_opposite(weights):
                         d = w @ G
                         cos = G @ d / (G.norm(dim=1) * d.norm().clamp_min(1e-300))
                         assert (cos >= -1e-6).all(), (P, s, k, a, extra, cos)
+
+
+@pytest.mark.parametrize("k", [1.0, 0.9, 0.7])
+def test_cagrad_below_one_where_the_ball_meets_the_cone(k):
+    """``g, -k g, h``: the cone ``{G d >= 0}`` is ``{u . d = 0, h . d >= 0}`` (``u = unit(g)``);
+    where it meets the ball ``|d - g_0| <= c |g_0|`` (``|g_0 . u| <= c |g_0|``), the inner
+    optimum is ``g_w = 0``, every such ``d`` is optimal (value 0), and the update is the cone's
+    point nearest ``g_0``, ``d = g_0 - (g_0 . u) u``, at every scale."""
+    g = torch.Generator().manual_seed(11)
+    checked = 0
+    for cos in (0.0, 0.1, 0.2, 0.39):
+        u = torch.randn(6, generator=g, dtype=torch.float64)
+        u = u / u.norm()
+        v = torch.randn(6, generator=g, dtype=torch.float64)
+        v = v - (v @ u) * u
+        h = cos * u + math.sqrt(1 - cos * cos) * v / v.norm()
+        g0 = (torch.stack([u, -k * u, 2 * h])).mean(0)
+        if abs(float(g0 @ u)) > 0.4 * float(g0.norm()):
+            continue
+        checked += 1
+        for s in (1e-8, 1.0, 1e8):
+            G = torch.stack([u, -k * u, 2 * h]) * s
+            d = M.CAGrad(c=0.4, rescale=0).weights(G @ G.T) @ G
+            expected = (g0 - (g0 @ u) * u) * s
+            assert float((d - expected).norm()) <= 1e-9 * s, (cos, s, d, expected)
+    assert checked >= 2
