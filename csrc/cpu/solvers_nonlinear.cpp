@@ -223,6 +223,9 @@ void aligned_mtl_one(const double* K, const double* pref, int64_t n, int64_t mod
   }
 }
 
+// ConFIG's noise factor (CONFIG_NOISE in mtlfast/ops/solvers_nonlinear.py).
+constexpr double kConfigNoise = 16.0;
+
 void config_one(const double* K0, const double* pref, int64_t n, double eps, double* w) {
   std::vector<double> K(static_cast<size_t>(n * n)), V(static_cast<size_t>(n * n));
   std::vector<double> lam(n), inv_n(n), coef(n), c(n);
@@ -237,10 +240,20 @@ void config_one(const double* K0, const double* pref, int64_t n, double eps, dou
     for (int64_t j = 0; j < n; ++j) V[i * n + j] = K[i * n + j] * inv_n[i] * inv_n[j];
   sym_eig(V.data(), lam.data(), n);
   count_kept(lam.data(), n, eps, keep);
+  double represented = 0.0, pref_sq = 0.0;
   for (int64_t k = 0; k < n; ++k) {
     double t = 0.0;
     for (int64_t i = 0; i < n; ++i) t += V[i * n + k] * pref[i];
     coef[k] = keep[k] ? t / lam[k] : 0.0;
+    if (keep[k]) represented += t * t;
+    pref_sq += pref[k] * pref[k];
+  }
+  // u_i . d = (C C^+ pref)_i: when the part of pref that C represents is rounding noise
+  // (|C C^+ pref| <= CONFIG_NOISE n eps |pref|, solvers_nonlinear.py), d is noise: no update.
+  const double noise = kConfigNoise * static_cast<double>(n) * eps;
+  if (!(represented > noise * noise * pref_sq)) {
+    std::fill(w, w + n, 0.0);
+    return;
   }
   for (int64_t i = 0; i < n; ++i) {
     double t = 0.0;

@@ -19,7 +19,9 @@ class AlignedMTL(GramMethod):
     gradients; rescaling them all to ``sqrt(s)`` makes the system's condition number 1.
     ``s`` (``scale_mode``): the smallest non-null eigenvalue ("min", the paper), their lower
     median ("median") or their mean ("rmse", as the original code). Eigenvalues at most
-    ``lambda_max T eps`` are the null space and dropped; a zero Gram gives ``w = pref``.
+    ``lambda_max T eps`` are the null space and dropped (so with task-gradient norms spanning
+    ``1 / sqrt(T eps)`` or more, about 1e7, the small tasks' directions count as null); a
+    zero Gram gives ``w = pref``.
     ``pref`` defaults to ``1/T`` per task (as torchjd; the original code sums, i.e. ``1``).
     """
 

@@ -20,6 +20,12 @@ class ConFIG(GramMethod):
     ones (the paper's equal weighting). Zero gradients get weight 0; the pseudo-inverse drops
     eigenvalues of ``C`` at most ``lambda_max T eps`` (eps of the Gram's dtype), which is
     rounding noise of a Gram (the explicit ``pinv(U)`` resolves finer, to ``sqrt`` of that).
+
+    Non-conflicting (``u_i . d = pref_i > 0`` up to the length) when the unit gradients are
+    linearly independent. Dependent ones (T > P, duplicated or antiparallel directions, 0 in
+    the hull): the paper's least-squares ``pinv(U) pref``, whose projections
+    ``(C C^+ pref)_i`` and length ``sum_i g_i . v`` may be negative, so the update may
+    conflict with some tasks; where ``C C^+ pref`` is rounding noise (``g, -g``) it is 0.
     """
 
     non_conflicting = True

@@ -18,7 +18,10 @@ class FairGrad(GramMethod):
     ``1/2 w^T K w - sum_i h(w_i)``, ``h'(w) = w^(-1/alpha)``, by ``iters`` damped Newton steps
     on ``K / ||K||_F`` and an exact rescaling (the root scales as ``||K||_F^(-alpha/(alpha+1))``),
     see :func:`mtlfast.ops.solvers_nonlinear.power_fixed_point`. ``alpha = 1`` is
-    proportional fairness, Nash-MTL's equation (without its clip).
+    proportional fairness, Nash-MTL's equation (without its clip). ``K -> s K`` scales ``w``
+    by ``s^(-alpha/(alpha+1))``. Where no finite root exists (a zero gradient, or 0 in the
+    convex hull of the gradients, e.g. ``g, -g``) the weights along that direction grow at
+    most 2x per Newton step and stay finite (their update is 0 there).
     """
 
     def __init__(self, *, alpha: float = 1.0, iters: int = 25, on_nonfinite: str = "raise") -> None:

@@ -17,7 +17,9 @@ class MGDA(GramMethod):
     T = 2: the closed form ``w_1 = clip((K_22 - K_12) / (K_11 + K_22 - 2 K_12), 0, 1)``
     (``1/2`` for identical gradients). T > 2: the exact active-set solve of
     ``ops.solvers.nnqp`` on the simplex, the optimum to rounding error (torchjd's and the
-    paper's Frank-Wolfe stop at a tolerance instead).
+    paper's Frank-Wolfe stop at a tolerance instead). The solve rounds relative to the
+    largest gradient: with norms spanning 1e8 and more, ``(w @ G) . g_i >= 0`` holds to about
+    ``1e-8 |g_i| max_j |g_j|`` (tests/methods/test_adversarial.py).
     """
 
     non_conflicting = True

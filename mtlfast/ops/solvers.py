@@ -33,10 +33,12 @@ from ._dispatch import backend
 __all__ = [
     "CAGRAD_ROOT_STEPS",
     "DUAL_TOL",
+    "HULL_NOISE",
     "NNQP_EXTRA_STEPS",
     "NNQP_STEPS_PER_TASK",
     "cagrad_weights",
     "cagrad_weights_reference",
+    "cosine_gram",
     "nnqp",
     "nnqp_reference",
     "nnqp_steps",
@@ -45,6 +47,7 @@ __all__ = [
     "pcgrad_orders_reference",
     "pcgrad_weights",
     "pcgrad_weights_reference",
+    "zero_in_hull",
 ]
 
 #: Active-set steps per task: one to add each index of the support plus room for drops.
@@ -75,6 +78,40 @@ def normalize_gram(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = K.diagonal(dim1=-2, dim2=-1).amax(-1)
     s = torch.where(s > 0, s, torch.ones_like(s))
     return K / s[..., None, None], s
+
+
+def cosine_gram(K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(C, 1 / |g|)``: the cosine matrix ``C = D^-1 K D^-1`` of the task gradients
+    (``D = diag(sqrt K_ii)``) and the inverse norms, with 0 for zero rows (their row of C is 0).
+
+    C does not depend on the gradients' norms, so solves on it keep their accuracy when the
+    norms span many orders of magnitude (the eigenvalues of K then span their squares).
+    """
+    norms = K.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    inv_norms = torch.where(norms > 0, 1 / torch.where(norms > 0, norms, 1.0), 0.0)
+    return K * inv_norms.unsqueeze(-1) * inv_norms.unsqueeze(-2), inv_norms
+
+
+#: ``0`` is in the convex hull of the task gradients when the min-norm point of the hull of
+#: their unit vectors has ``|u_w|^2 <= HULL_NOISE T eps`` (eps of the Gram's dtype).
+HULL_NOISE = 4.0
+
+
+def zero_in_hull(K: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Whether ``0`` is in the convex hull of the gradients of the float64 Gram ``K``
+    ``(..., T, T)`` (to the rounding of a Gram in ``dtype``): a bool ``(...)``, no host read.
+
+    ``0`` is a convex combination of the ``g_i`` iff it is one of the unit vectors ``u_i``
+    (or some ``g_i = 0``), so the test solves the min-norm problem on the cosine matrix, which
+    is scale-free; its optimum is ``|u_w|^2 <= 0.25 T eps`` at stationary points and orders of
+    magnitude above the bound otherwise, for norms spanning 1e-8..1e8 and float32 Grams.
+    """
+    C, _ = cosine_gram(K)
+    T = K.shape[-1]
+    b = torch.zeros(*K.shape[:-2], 1, T, dtype=K.dtype, device=K.device)
+    w = nnqp(C, b, simplex=True).squeeze(-2)
+    min_norm_sq = (w * (C @ w.unsqueeze(-1)).squeeze(-1)).sum(-1)
+    return min_norm_sq <= HULL_NOISE * T * torch.finfo(dtype).eps
 
 
 _F64 = (torch.float64,)

@@ -11,7 +11,8 @@ Gram's dtype; the references compute in float64 too (float32 where the device ha
 - ``power_fixed_point(K, alpha, iters)``: the positive root of ``K w = w^(-1/alpha)``
   (FairGrad; Nash-MTL is ``alpha = 1``), the minimizer of the convex
   ``f(w) = 1/2 w^T K w - sum_i h(w_i)`` with ``h' = w^(-1/alpha)``, by damped Newton.
-- ``imtl_weights(K)``: IMTL-G's ``v / sum v``, ``v = K^+ sqrt(diag K)``.
+- ``imtl_weights(K)``: IMTL-G's ``v / sum v``, ``v = K^+ sqrt(diag K)`` (on the cosine matrix
+  for independent gradients).
 - ``sym_eig(K)``: ascending eigenvalues and eigenvectors of a symmetric K (the eigensolver of
   the references: ``torch.linalg.eigh``, or on CUDA the Jacobi kernel, which unlike eigh does not
   read its error codes back to the host).
@@ -26,10 +27,11 @@ from __future__ import annotations
 
 import torch
 
-from . import _validate
+from . import _validate, solvers
 from ._dispatch import backend
 
 __all__ = [
+    "CONFIG_NOISE",
     "IMTL_SUM_TOL",
     "SCALE_MODES",
     "aligned_mtl_weights",
@@ -185,34 +187,72 @@ def power_fixed_point(K: torch.Tensor, alpha: float, iters: int) -> torch.Tensor
 IMTL_SUM_TOL = 1e-12
 
 
-def imtl_weights_reference(K: torch.Tensor, sum_tol: float = IMTL_SUM_TOL) -> torch.Tensor:
-    """The spec of :func:`imtl_weights` (float64 ``K``, eigh, masked pseudo-inverse)."""
-    d = K.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
-    evals, evecs = sym_eig(K)
-    cutoff = K.shape[-1] * torch.finfo(K.dtype).eps * evals.abs().amax(-1, keepdim=True)
+def _pinv_apply(M: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M^+ b, full rank)`` for symmetric PSD ``M`` ``(..., T, T)``, ``b`` ``(..., T)``: the
+    pseudo-inverse drops eigenvalues at most ``T eps`` times the largest (torch.linalg.pinv's
+    default)."""
+    evals, evecs = sym_eig(M)
+    cutoff = M.shape[-1] * torch.finfo(M.dtype).eps * evals.abs().amax(-1, keepdim=True)
     keep = evals > cutoff
     inv = torch.where(keep, 1.0 / torch.where(keep, evals, 1.0), 0.0)
-    v = ((evecs * inv.unsqueeze(-2)) @ (evecs.transpose(-1, -2) @ d.unsqueeze(-1))).squeeze(-1)
+    x = ((evecs * inv.unsqueeze(-2)) @ (evecs.transpose(-1, -2) @ b.unsqueeze(-1))).squeeze(-1)
+    return x, keep.all(-1)
+
+
+def _normalize_sum(v: torch.Tensor, sum_tol: float) -> torch.Tensor:
+    """``v / sum(v)``, or 0 when ``|sum v| <= sum_tol sum |v|``."""
     total = v.sum(-1, keepdim=True)
     ok = total.abs() > sum_tol * v.abs().sum(-1, keepdim=True)
     return torch.where(ok, v / torch.where(ok, total, 1.0), 0.0)
 
 
+def _imtl_on_cosines(K: torch.Tensor, sum_tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """IMTL-G's weights from the cosine matrix, ``v = D^-1 C^-1 1`` (``= K^-1 sqrt(diag K)``),
+    and whether the non-zero gradients are independent (C invertible on them), where it holds.
+
+    Zero rows get an identity row in C and weight 0 (their ``D^-1`` is 0).
+    """
+    C, inv_norms = solvers.cosine_gram(K)
+    C = C + torch.diag_embed((inv_norms == 0).to(C.dtype))
+    y, independent = _pinv_apply(C, torch.ones_like(inv_norms))
+    return _normalize_sum(inv_norms * y, sum_tol), independent
+
+
+def _imtl_on_gram(K: torch.Tensor, sum_tol: float) -> torch.Tensor:
+    """IMTL-G's weights ``v = K^+ sqrt(diag K)`` for dependent gradients."""
+    v, _ = _pinv_apply(K, K.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt())
+    return _normalize_sum(v, sum_tol)
+
+
+def imtl_weights_reference(K: torch.Tensor, sum_tol: float = IMTL_SUM_TOL) -> torch.Tensor:
+    """The spec of :func:`imtl_weights` (float64 ``K``, eigh, masked pseudo-inverses)."""
+    w, independent = _imtl_on_cosines(K, sum_tol)
+    return torch.where(independent.unsqueeze(-1), w, _imtl_on_gram(K, sum_tol))
+
+
 def imtl_weights(K: torch.Tensor, sum_tol: float = IMTL_SUM_TOL) -> torch.Tensor:
     """IMTL-G's ``w = v / sum(v)``, ``v = K^+ sqrt(diag K)``, for float64 Grams ``(..., T, T)``
-    scaled to max diagonal 1 (``solvers.normalize_gram``); the pseudo-inverse drops eigenvalues
-    below ``T eps`` times the largest; ``w = 0`` when ``|sum v| <= sum_tol sum |v|``.
+    scaled to max diagonal 1 (``solvers.normalize_gram``); ``w = 0`` when
+    ``|sum v| <= sum_tol sum |v|``.
 
-    CUDA (``T <= _dispatch.CUDA_SOLVER_MAX_T``): one kernel (Jacobi eigendecomposition + the rest,
-    csrc/common/solver_core.h). Elsewhere the reference: the same core on one CPU thread
-    measured 19 us vs 156 us at T=8 but 1.6 ms vs 0.43 ms at T=32 (serial Jacobi is O(T^3)
-    per sweep; benchmarks/RESULTS.md), so the CPU keeps eigh.
+    Independent gradients: ``v = D^-1 C^-1 1`` on the cosine matrix ``C = D^-1 K D^-1``
+    (``D = diag(sqrt K_ii)``), exact whatever the spread of the norms (K's eigenvalues span the
+    squares of the norms' ratios, and a cutoff on them would drop a small task). Dependent
+    gradients (C singular to ``T eps``): torchjd's ``K^+`` on the Gram, whose pseudo-inverse
+    drops eigenvalues below ``T eps`` times the largest.
+
+    CUDA (``T <= _dispatch.CUDA_SOLVER_MAX_T``): the eigendecompositions run the Jacobi kernel,
+    ``K^+`` the IMTL kernel of csrc/common/solver_core.h. Elsewhere eigh (the serial Jacobi is
+    O(T^3) per sweep: slower on one CPU thread from T=32, benchmarks/RESULTS.md).
     """
     _validate.gram_batch("imtl_weights", "K", K)
     _check_float("imtl_weights", "sum_tol", sum_tol, 0.0)
+    w, independent = _imtl_on_cosines(K, sum_tol)
     if _kernel("imtl_weights", K):
-        return torch.ops.mtlfast.imtl_weights(K, float(sum_tol))
-    return imtl_weights_reference(K, sum_tol)
+        dependent = torch.ops.mtlfast.imtl_weights(K, float(sum_tol))
+    else:
+        dependent = _imtl_on_gram(K, sum_tol)
+    return torch.where(independent.unsqueeze(-1), w, dependent)
 
 
 def _pref(pref: torch.Tensor | None, K: torch.Tensor, fill: float) -> torch.Tensor:
@@ -271,22 +311,37 @@ def aligned_mtl_weights(
     return aligned_mtl_weights_reference(K, pref, scale_mode)
 
 
+#: ConFIG: the direction is rounding noise when ``|C C^+ pref| <= CONFIG_NOISE T eps |pref|``.
+CONFIG_NOISE = 16.0
+
+
+def _config_noise(num_tasks: int, dtype: torch.dtype) -> float:
+    """Relative size of the rounding error of ``V^T pref`` for a Gram in ``dtype``."""
+    return CONFIG_NOISE * num_tasks * torch.finfo(dtype).eps
+
+
 def config_weights_reference(K: torch.Tensor, pref: torch.Tensor | None) -> torch.Tensor:
     """The spec of :func:`config_weights` (float64 eigh, no host read)."""
     out_dtype = K.dtype
     K = _symmetric(K)
+    T = K.shape[-1]
     pref = _pref(pref, K, 1.0)
-    norms = K.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
-    inv_n = torch.where(norms > 0, 1 / norms, 0.0)
-    cos = K * inv_n[..., :, None] * inv_n[..., None, :]
+    cos, inv_n = solvers.cosine_gram(K)
     lam, V = sym_eig(cos)
-    inv_lam = torch.where(_cutoff(lam, out_dtype), 1 / lam, 0.0)
-    beta = (V @ ((V.mT @ pref[..., None])[..., 0] * inv_lam)[..., None])[..., 0]
+    keep = _cutoff(lam, out_dtype)
+    inv_lam = torch.where(keep, 1 / lam, 0.0)
+    pref_in_V = (V.mT @ pref[..., None])[..., 0]
+    beta = (V @ (pref_in_V * inv_lam)[..., None])[..., 0]
     c = inv_n * beta
     Kc = (K @ c[..., None])[..., 0]
     cKc = (c * Kc).sum(-1, keepdim=True)
+    # u_i . d = (C C^+ pref)_i: when the part of pref that C represents is rounding noise, d is
+    # noise too (its unit vector would be an arbitrary, conflicting direction): no update.
+    represented = torch.where(keep, pref_in_V, 0.0).norm(dim=-1, keepdim=True)
+    moving = (cKc > 0) & (represented > _config_noise(T, out_dtype) * pref.norm(dim=-1,
+                                                                                 keepdim=True))
     w = c * Kc.sum(-1, keepdim=True) / torch.where(cKc > 0, cKc, 1.0)
-    return torch.where(cKc > 0, w, 0.0).to(out_dtype)
+    return torch.where(moving, w, 0.0).to(out_dtype)
 
 
 def config_weights(K: torch.Tensor, pref: torch.Tensor | None = None) -> torch.Tensor:
@@ -296,6 +351,9 @@ def config_weights(K: torch.Tensor, pref: torch.Tensor | None = None) -> torch.T
     ``G^T c = pinv(U) pref`` is the direction with ``u_i . d = pref_i`` and the update
     ``w @ G`` is that direction's unit vector times ``sum_i g_i . unit`` (the paper's length).
     ``C^+`` drops eigenvalues at most ``lambda_max T eps``; zero rows get weight 0.
+    ``w = 0`` when ``|C C^+ pref|`` (the projections ``u_i . d`` the direction achieves) is at
+    most ``CONFIG_NOISE T eps |pref|``: ``pref`` is orthogonal to the range of ``C`` up to
+    rounding (``g`` and ``-g``: ``pinv(U) pref = 0``), so ``d`` would be rounding noise.
     """
     _validate.gram_batch("config_weights", "K", K)
     _check_pref_arg("config_weights", pref, K)
