@@ -22,7 +22,8 @@ class GradVac(GramMethod):
     / (|g_j| sqrt(1-phi_hat^2)) g_j``; then ``phi_hat_ij <- (1-beta) phi_hat_ij + beta cos``.
     The update is ``sum_i g_i^PC``; every dot product comes from the Gram
     (:func:`mtlfast.ops.solvers_nonlinear.gradvac_sweep`). ``beta = 0.5`` and ``eps = 1e-8``
-    as LibMTL and torchjd.
+    as LibMTL and torchjd; ``eps`` is absolute, so the weights are not scale-homogeneous for
+    gradient norms near ``sqrt(eps)``.
 
     Granularity (read by the engine from ``method.granularity``):
 

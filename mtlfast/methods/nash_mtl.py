@@ -26,6 +26,7 @@ class NashMTL(GramMethod):
     depend on the gradients' scale (``w`` scales as 1/scale). Where no finite root exists
     (a zero gradient, or tasks with a non-negative combination equal to 0, e.g. g and -g),
     the weights along that direction grow 2x per step and stay finite; their update is 0.
+    Not scale-homogeneous: the clip to ``max_norm`` is absolute (``max_norm=0`` removes it).
 
     State (buffers, in ``state_dict``): the step counter ``calls`` and the cached ``alpha``
     (``cached_alpha``). Both live on the Gram's device and the reuse is selected there, so a
