@@ -3,7 +3,7 @@
     python benchmarks/step_before_after.py --before /path/to/old/checkout --rounds 5
 
 Each round runs one subprocess per checkout (``PYTHONPATH`` set to it, its own built
-extension), alternating, so machine load hits both alike; each subprocess times ``--steps``
+extension), alternating which goes first, so machine load hits both alike; each subprocess times ``--steps``
 steps (forward + losses + ``engine.backward``, no optimizer step) per case after a warm-up,
 with one torch thread. The table gives, per case, the median over all rounds of each checkout
 and their ratio. Only the public API is used, so any two versions compare.
@@ -23,7 +23,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent.parent
 
 #: (label, model, method, mode): "digits" is the demo's MultiDigits model and batch size;
-#: "mlp" a 3-layer MLP trunk (P = 0.2M) with 8 linear heads, batch 256.
+#: "mlp" a 3-layer MLP trunk (P = 0.2M) with 8 linear heads, batch 256; "mlp32" the bench
+#: step suite's headline (64 -> 256 -> 256, P = 82.4k, 32 heads, batch 64).
 CASES = [
     ("digits UPGrad jacobian", "digits", "UPGrad", "jacobian"),
     ("digits UPGrad gramian", "digits", "UPGrad", "gramian"),
@@ -33,6 +34,8 @@ CASES = [
     ("digits FAMO (losses)", "digits", "FAMO", "auto"),
     ("mlp T=8 UPGrad jacobian", "mlp", "UPGrad", "jacobian"),
     ("mlp T=8 MGDA gramian", "mlp", "MGDA", "gramian"),
+    ("mlp32 T=32 UPGrad jacobian", "mlp32", "UPGrad", "jacobian"),
+    ("mlp32 T=32 UPGrad gramian", "mlp32", "UPGrad", "gramian"),
 ]
 
 
@@ -56,12 +59,17 @@ def _model(name: str):
             return demo.task_losses(data.tasks, out, y), z
 
         return model, batch, losses
-    trunk = nn.Sequential(nn.Linear(128, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
-                          nn.Linear(256, 128), nn.ReLU())
-    heads = nn.ModuleList(nn.Linear(128, 1) for _ in range(8))
+    if name == "mlp32":
+        trunk = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU())
+        T, width, d_in, size = 32, 256, 64, 64
+    else:
+        trunk = nn.Sequential(nn.Linear(128, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
+                              nn.Linear(256, 128), nn.ReLU())
+        T, width, d_in, size = 8, 128, 128, 256
+    heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(T))
     model = nn.ModuleDict({"trunk": trunk, "heads": heads})
     g = torch.Generator().manual_seed(0)
-    batch = (torch.randn(256, 128, generator=g), torch.randn(256, 8, generator=g))
+    batch = (torch.randn(size, d_in, generator=g), torch.randn(size, T, generator=g))
 
     def mlp_losses(x, y):
         z = trunk(x)
@@ -70,7 +78,7 @@ def _model(name: str):
     return model, batch, mlp_losses
 
 
-def _time_cases(steps: int) -> dict[str, float]:
+def _time_cases(steps: int, only: str | None = None) -> dict[str, float]:
     """In the child: median seconds per step for every case."""
     import torch
 
@@ -80,6 +88,8 @@ def _time_cases(steps: int) -> dict[str, float]:
     torch.set_num_threads(1)
     out = {}
     for label, name, method_name, mode in CASES:
+        if only and only not in label:
+            continue
         model, (x, y), losses_of = _model(name)
         method = (methods.FAMO(post_step_losses="next_batch") if method_name == "FAMO"
                   else getattr(methods, method_name)())
@@ -102,23 +112,27 @@ def main() -> None:
     p.add_argument("--after", default=str(HERE), help="this checkout (default)")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds per checkout")
     p.add_argument("--steps", type=int, default=20, help="timed steps per case and round")
+    p.add_argument("--only", default=None, help="run the cases whose label contains this")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(_time_cases(args.steps)))
+        print(json.dumps(_time_cases(args.steps, args.only)))
         return
     runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
-    for _ in range(args.rounds):
-        for which in ("before", "after"):
+    for r in range(args.rounds):
+        for which in (("before", "after") if r % 2 == 0 else ("after", "before")):
             repo = getattr(args, which)
             env = {**os.environ, "PYTHONPATH": repo, "OMP_NUM_THREADS": "1"}
             res = subprocess.run([sys.executable, __file__, "--before", args.before, "--child",
-                                  "--steps", str(args.steps)], env=env, cwd=repo,
+                                  "--steps", str(args.steps),
+                                  *(["--only", args.only] if args.only else [])], env=env, cwd=repo,
                                  capture_output=True, text=True, check=True)
             runs[which].append(json.loads(res.stdout.strip().splitlines()[-1]))
     print("| case | before (ms) | after (ms) | after / before |")
     print("|---|---:|---:|---:|")
     for label, *_ in CASES:
+        if args.only and args.only not in label:
+            continue
         b = statistics.median(r[label] for r in runs["before"]) * 1e3
         a = statistics.median(r[label] for r in runs["after"]) * 1e3
         print(f"| {label} | {b:.2f} | {a:.2f} | {a / b:.2f} |")
