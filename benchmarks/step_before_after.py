@@ -3,10 +3,10 @@
     python benchmarks/step_before_after.py --before /path/to/old/checkout --rounds 5
 
 Each round runs one subprocess per checkout (``PYTHONPATH`` set to it, its own built
-extension), alternating which goes first, so machine load hits both alike; each subprocess times ``--steps``
-steps (forward + losses + ``engine.backward``, no optimizer step) per case after a warm-up,
-with one torch thread. The table gives, per case, the median over all rounds of each checkout
-and their ratio. Only the public API is used, so any two versions compare.
+extension), alternating which goes first, so machine load hits both alike; each subprocess
+times ``--steps`` steps (forward + losses + ``engine.backward``, no optimizer step) per case
+after a warm-up, with one torch thread. The table gives, per case, the median over all rounds
+of each checkout and their ratio. Only the public API is used, so any two versions compare.
 """
 
 from __future__ import annotations

@@ -397,7 +397,7 @@ def explain(summary: dict) -> str:
     diff = summary.get("notes", {}).get("first_step_difference")
     if diff is not None:
         lines.append(
-            f"Why the slow way ends elsewhere: from the same seed and weights it computes the "
+            f"Why the slow way may end elsewhere: from the same seed and weights it computes the "
             f"same first update (relative difference {diff:.1e} on the first batch), in another "
             "floating-point order; over the whole run these rounding differences grow (training "
             "is chaotic), so its final metrics differ by about what another seed would give.")

@@ -1,6 +1,7 @@
 """The non-finite policy across ranks: a NaN on one rank skips (or raises on) every rank, the
 replicas never drift, and the message names the rank and the task. Exact accumulation
-composed with DDP exact equals one process on the global batch of all micro-batches."""
+composed with DDP exact equals one process on the global batch of all micro-batches. FSDP2
+runs the same pipeline (layer-wise methods, skip mode, StepInfo)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,12 @@ def test_accumulation_with_ddp_exact_equals_one_process_on_everything(runs, name
     for r in runs:
         diffs = r["accumulate"][name]
         assert len(diffs) == 2 and max(diffs) < 1e-10, diffs
+
+
+def test_fsdp2_runs_the_same_pipeline(runs):
+    """Layer-wise GradVac under FSDP2 equals DDP exact; skip mode and StepInfo work there."""
+    for r in runs:
+        res = r["fsdp2"]
+        assert res["weights_shape"] == (4, 3), res
+        assert max(res["grad_err"]) < 1e-10, res
+        assert res["skipped"] and res["unchanged"], res

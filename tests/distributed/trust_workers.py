@@ -71,8 +71,56 @@ def accumulated_vs_single(rank: int, world: int, names: list[str], steps: int = 
     return out
 
 
+def fsdp2_pipeline(rank: int, world: int) -> dict:
+    """FSDP2 through the engine's pipeline: a layer-wise Gram method equals DDP exact, and a
+    NaN on one rank is skipped on every rank under on_nonfinite="skip" (nothing written)."""
+    import copy
+
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mtlfast.distributed import FSDPBackward, no_sync
+
+    torch.manual_seed(0)
+    net = Net(T).double()
+    sharded = copy.deepcopy(net)
+    fully_shard(sharded.trunk[0])
+    fully_shard(sharded.trunk[2])
+    fully_shard(sharded)
+    ddp = DistributedDataParallel(net)
+    engine = MTLBackward(net.trunk.parameters(), methods.GradVac(granularity="parameter", seed=3),
+                         process_group=dist.group.WORLD)
+    fsdp = FSDPBackward(sharded, sharded.trunk, methods.GradVac(granularity="parameter", seed=3),
+                        on_nonfinite="skip")
+    out: dict = {"grad_err": []}
+    for step in range(2):
+        net.zero_grad()
+        sharded.zero_grad()
+        x, y = global_batch(step, world, T)
+        xl, yl = local_part(x, rank), local_part(y, rank)
+        with no_sync(ddp):
+            engine.backward(losses_of(ddp, xl, yl))
+        with no_sync(sharded):
+            info = fsdp.backward(losses_of(sharded, xl, yl))
+        out["weights_shape"] = tuple(info.weights.shape)
+        full = flat(p.grad.full_tensor() for p in sharded.parameters())
+        out["grad_err"].append((full - flat(p.grad for p in net.parameters())).abs().max().item())
+    before = flat(p.grad.full_tensor() for p in sharded.parameters())
+    x, y = global_batch(5, world, T)
+    with no_sync(sharded):
+        losses = losses_of(sharded, local_part(x, rank), local_part(y, rank))
+    if rank == 1:
+        losses[0] = losses[0] * float("nan")
+    info = fsdp.backward(losses)
+    out["skipped"] = bool(info.skipped)
+    after = flat(p.grad.full_tensor() for p in sharded.parameters())
+    out["unchanged"] = bool(torch.equal(before, after))
+    return out
+
+
 def suite(rank: int, world: int) -> dict:
     out = {f"{mode}-{policy}": _bad_on_rank_one(rank, mode, policy)
            for mode in ("local", "exact") for policy in ("skip", "raise")}
     out["accumulate"] = accumulated_vs_single(rank, world, ["UPGrad", "PCGrad", "MGDA", "Mean"])
+    out["fsdp2"] = fsdp2_pipeline(rank, world)
     return out
