@@ -68,6 +68,7 @@ def gramian(
     batching: Batching,
     chunk_size: int | None,
     layerwise: bool,
+    task_outputs: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """K = G G^T ``(T, T)``, or per-parameter Grams ``(L, T, T)`` when ``layerwise``.
 
@@ -76,7 +77,8 @@ def gramian(
     num_tasks = cotangents[0].shape[0]
     sink = _GramSink(shared, num_tasks, layerwise)
     per_task_vjp(outputs, cotangents, shared.params, sink, batching=batching,
-                 chunk_size=chunk_size, retain_graph=True, on_restart=sink.restart)
+                 chunk_size=chunk_size, retain_graph=True, on_restart=sink.restart,
+                 task_outputs=task_outputs)
     return sink.result(cotangents[0].device)
 
 
@@ -106,10 +108,12 @@ def layerwise_update(
     batching: Batching,
     chunk_size: int | None,
     retain_graph: bool,
+    task_outputs: Sequence[torch.Tensor] | None = None,
 ) -> list[torch.Tensor | None]:
     """Per parameter l: ``weights[l] @ G_l`` from a second batched backward."""
     sink = _CombineSink(shared, weights)
     per_task_vjp(outputs, cotangents, shared.params, sink, batching=batching,
-                 chunk_size=chunk_size, retain_graph=retain_graph, on_restart=sink.restart)
+                 chunk_size=chunk_size, retain_graph=retain_graph, on_restart=sink.restart,
+                 task_outputs=task_outputs)
     return [None if o is None else o.view(p.shape) for o, p in zip(sink.out, shared.params,
                                                                    strict=True)]

@@ -55,14 +55,17 @@ def jacobian(
     chunk_size: int | None,
     retain_graph: bool,
     sink: JacobianSink | None = None,
+    task_outputs: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The (T, P) matrix of per-task gradients, ``G[t] = d<cotangent_t, outputs>/d shared``.
 
-    ``sink`` (default: a plain :class:`JacobianSink` on the shared buffer) receives the blocks.
+    ``sink`` (default: a plain :class:`JacobianSink` on the shared buffer) receives the blocks;
+    ``task_outputs``: see :func:`~mtlfast.engine.vjp.per_task_vjp`.
     """
     if sink is None:
         sink = JacobianSink(shared, shared.jacobian(cotangents[0].shape[0], dtype))
     per_task_vjp(outputs, cotangents, shared.params, sink, batching=batching,
-                 chunk_size=chunk_size, retain_graph=retain_graph, on_restart=sink.restart)
+                 chunk_size=chunk_size, retain_graph=retain_graph, on_restart=sink.restart,
+                 task_outputs=task_outputs)
     sink.finish()
     return sink.J

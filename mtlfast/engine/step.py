@@ -191,6 +191,13 @@ class _Step:
         self.losses = lv.values.detach()
         self.policy = Policy(engine.config.on_nonfinite, scaler, engine.reducer)
         self.L = self.policy.scaled(lv.values)
+        # Each task's own (scaled) loss, when given apart: a loop of backward passes starts at
+        # its root instead of pushing a one-hot cotangent through every task's head.
+        parts = lv.given if len(lv.given) == len(lv.names) and lv.roots is not None else None
+        if parts is not None and self.policy.scale is not None:
+            parts = [p * self.policy.scale for p in parts]
+        self.task_losses = parts
+        self.trunk_tasks = parts if feats is None else None
         self.proposal = None
 
     def run(self, mode: str):
@@ -243,7 +250,8 @@ class _Step:
         if self.feats is None:
             return [self.L], [eye]
         outputs = list(self.feats)
-        return outputs, per_task_grads([self.L], [eye], outputs, batching=self.engine.heads)
+        return outputs, per_task_grads([self.L], [eye], outputs, batching=self.engine.heads,
+                                       task_outputs=self.task_losses)
 
     def produce_jacobian(self, outputs, cots, head_grads):
         """G (T, P) through the reducer's sink, with the losses and heads reduced beside it."""
@@ -258,7 +266,8 @@ class _Step:
         J = layout.jacobian(T, engine.jacobian_dtype(layout))
         sink = self.reducer.sink(layout, J, overlap=not engine.trunk.may_replay(layout.device))
         jacobian(layout, outputs, cots, batching=engine.trunk, dtype=J.dtype,
-                 chunk_size=engine.config.chunk_size, retain_graph=self.retain_graph, sink=sink)
+                 chunk_size=engine.config.chunk_size, retain_graph=self.retain_graph, sink=sink,
+                 task_outputs=self.trunk_tasks)
         self.losses, head_grads = inputs()
         return self.reducer.finish_jacobian(sink), head_grads
 
@@ -268,7 +277,7 @@ class _Step:
         J = layout.jacobian(cots[0].shape[0], engine.jacobian_dtype(layout))
         jacobian(layout, outputs, cots, batching=engine.trunk, dtype=J.dtype,
                  chunk_size=engine.config.chunk_size, retain_graph=self.retain_graph,
-                 sink=JacobianSink(layout, J))
+                 sink=JacobianSink(layout, J), task_outputs=self.trunk_tasks)
         return J
 
     def run_micro_batch(self):
@@ -334,7 +343,8 @@ class _Step:
             layout.release()
             if mode == "gramian":
                 K = gramian(layout, outputs, cots, batching=engine.trunk,
-                            chunk_size=engine.config.chunk_size, layerwise=engine.layerwise())
+                            chunk_size=engine.config.chunk_size, layerwise=engine.layerwise(),
+                            task_outputs=self.trunk_tasks)
             else:
                 K = feature_gram(cots)
         K = policy.unscale_gram(K)
@@ -358,7 +368,8 @@ class _Step:
             elif mode == "gramian" and engine.layerwise():
                 grads = layerwise_update(layout, outputs, cots, w_eff, batching=engine.trunk,
                                          chunk_size=engine.config.chunk_size,
-                                         retain_graph=self.retain_graph)
+                                         retain_graph=self.retain_graph,
+                                         task_outputs=self.trunk_tasks)
             else:
                 mixed = [torch.tensordot(w_eff.to(c.dtype), c, dims=1) for c in cots]
                 grads = self.reducer.shared_grads(layout, outputs, mixed, [],

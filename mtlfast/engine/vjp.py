@@ -122,7 +122,7 @@ def _unbatch(g: torch.Tensor, batch: int, level: int) -> torch.Tensor:
 
 def _run(
     outputs: Sequence[torch.Tensor],
-    cotangents: Sequence[torch.Tensor],
+    grad_outputs: Sequence[torch.Tensor],
     params: Sequence[torch.Tensor],
     sink: Sink,
     tasks: slice,
@@ -145,7 +145,7 @@ def _run(
         torch.autograd.grad(
             outputs,
             params,
-            grad_outputs=[c[tasks] if batched else c[tasks.start] for c in cotangents],
+            grad_outputs=list(grad_outputs),
             retain_graph=retain_graph,
             allow_unused=True,
             is_grads_batched=batched,
@@ -170,11 +170,15 @@ def per_task_vjp(
     chunk_size: int | None = None,
     retain_graph: bool = False,
     on_restart: Callable[[], None] | None = None,
+    task_outputs: Sequence[torch.Tensor] | None = None,
 ) -> None:
     """Feed ``sink`` the per-task gradients of ``params`` for cotangents ``(T, *output.shape)``.
 
     Parameters no task reaches never reach the sink. ``on_restart`` is called before the loop
     fallback replays a failed batched attempt (the sink may have seen part of it).
+    ``task_outputs``: T scalars with ``grad(task_outputs[t]) = grad(<cotangents[t], outputs>)``
+    (the tasks' own losses when the cotangents are the identity on the stacked losses): the
+    loop then back-propagates each from its own root, never through the other tasks' heads.
     """
     num_tasks = cotangents[0].shape[0]
     start = time.perf_counter()
@@ -183,7 +187,7 @@ def per_task_vjp(
         try:
             for k, tasks in enumerate(chunks):
                 last = k == len(chunks) - 1
-                _run(outputs, cotangents, params, sink, tasks, batched=True,
+                _run(outputs, [c[tasks] for c in cotangents], params, sink, tasks, batched=True,
                      retain_graph=retain_graph or not last or not batching.verified)
                 batching.verified = True
             batching.record(True, time.perf_counter() - start)
@@ -193,18 +197,27 @@ def per_task_vjp(
                 raise  # batched passes worked for this graph before: a real error
             if on_restart is not None:
                 on_restart()
-            _loop(outputs, cotangents, params, sink, retain_graph)  # its error is the user's
+            # The loop's error, if any, is the user's: batching stays as it was.
+            _loop(outputs, cotangents, params, sink, retain_graph, task_outputs)
             batching.fall_back(exc)  # the loop works where batching did not: keep the loop
             return
-    _loop(outputs, cotangents, params, sink, retain_graph)
+    _loop(outputs, cotangents, params, sink, retain_graph, task_outputs)
     if batching.enabled:  # a fallback's time says nothing about the loop's speed
         batching.record(False, time.perf_counter() - start)
 
 
-def _loop(outputs, cotangents, params, sink, retain_graph: bool) -> None:
+def _task_pass(outputs, cotangents, task_outputs, t: int):
+    """(outputs, grad_outputs) of task t's ordinary backward pass."""
+    if task_outputs is not None:
+        return [task_outputs[t]], [torch.ones_like(task_outputs[t])]
+    return outputs, [c[t] for c in cotangents]
+
+
+def _loop(outputs, cotangents, params, sink, retain_graph: bool, task_outputs=None) -> None:
     num_tasks = cotangents[0].shape[0]
     for t in range(num_tasks):
-        _run(outputs, cotangents, params, sink, slice(t, t + 1), batched=False,
+        outs, grads = _task_pass(outputs, cotangents, task_outputs, t)
+        _run(outs, grads, params, sink, slice(t, t + 1), batched=False,
              retain_graph=retain_graph or t < num_tasks - 1)
 
 
@@ -214,10 +227,12 @@ def per_task_grads(
     inputs: Sequence[torch.Tensor],
     *,
     batching: Batching,
+    task_outputs: Sequence[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """``(T, *input.shape)`` per-task gradients of non-leaf ``inputs`` (the features).
 
-    Always retains the graph: the trunk pass that follows needs it.
+    Always retains the graph: the trunk pass that follows needs it. ``task_outputs``: as for
+    :func:`per_task_vjp`.
     """
     start = time.perf_counter()
     if batching.use_batched(cotangents[0].device):
@@ -230,19 +245,20 @@ def per_task_grads(
         except (RuntimeError, NotImplementedError) as exc:
             if batching.verified:
                 raise
-            grads = _grads_loop(outputs, cotangents, inputs)  # its error is the user's
+            grads = _grads_loop(outputs, cotangents, inputs, task_outputs)  # the user's error
             batching.fall_back(exc)
             return grads
-    grads = _grads_loop(outputs, cotangents, inputs)
+    grads = _grads_loop(outputs, cotangents, inputs, task_outputs)
     if batching.enabled:
         batching.record(False, time.perf_counter() - start)
     return grads
 
 
-def _grads_loop(outputs, cotangents, inputs) -> list[torch.Tensor]:
-    rows = [
-        torch.autograd.grad(outputs, inputs, grad_outputs=[c[t] for c in cotangents],
-                            retain_graph=True)
-        for t in range(cotangents[0].shape[0])
-    ]
-    return [torch.stack([r[j] for r in rows]) for j in range(len(inputs))]
+def _grads_loop(outputs, cotangents, inputs, task_outputs=None) -> list[torch.Tensor]:
+    rows = []
+    for t in range(cotangents[0].shape[0]):
+        outs, grads = _task_pass(outputs, cotangents, task_outputs, t)
+        rows.append(torch.autograd.grad(outs, inputs, grad_outputs=grads, retain_graph=True,
+                                        allow_unused=True))
+    return [torch.stack([torch.zeros_like(x) if r[j] is None else r[j] for r in rows])
+            for j, x in enumerate(inputs)]
