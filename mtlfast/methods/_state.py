@@ -7,8 +7,8 @@ only once the step has succeeded (:func:`commit`), so a failed or skipped step c
 - ``ok`` known on the host (``None``/``True``/``False``): the new state is assigned, or
   nothing happens at all;
 - ``ok`` a flag tensor (the sync-free skip policy): each state tensor becomes
-  ``torch.where(ok, new, old)`` on the device, with no host read. Host-side state (a
-  ``torch.Generator``'s position) cannot be selected on the device, so a method that has any
+  ``torch.where(ok, new, old)`` on the device, with no host read. A ``torch.Generator``'s
+  position cannot be selected on the device, so a method that draws from one (RLW, GradDrop)
   reads the flag then: one synchronization on an accelerator, documented on the method.
 
 State tensors are buffers named in ``state_names``; they are ``None`` (absent from
@@ -66,11 +66,12 @@ def commit(module: torch.nn.Module, proposal: Proposal, ok: torch.Tensor | bool 
     """Apply ``proposal`` to ``module`` if the step succeeded (``ok``), else undo its effects.
 
     A flag tensor is never read for tensor state (selected on its device, even on the CPU, so
-    a step reads nothing back); host state needs the value: one read (none for meta tensors,
-    which have no value: their host state is applied).
+    a step reads nothing back); host bookkeeping (FAMO's "a step ran" flags) follows the
+    attempted step then; only an undo (a generator's draws) needs the value: one read (none for
+    meta tensors, which have no value).
     """
     outcome = True if ok is None else ok if isinstance(ok, bool) else None
-    if outcome is None and (proposal.host or proposal.rollback) and ok.device.type != "meta":
+    if outcome is None and proposal.rollback and ok.device.type != "meta":
         outcome = bool(ok)
     if outcome is False:
         discard(proposal)

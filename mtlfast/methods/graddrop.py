@@ -30,6 +30,9 @@ class GradDrop(JacobianMethod):
             float32, float64 for float64 G); None draws one from torch's global generator.
         on_nonfinite: "raise" (default) or "skip" (a zero update, no host read).
 
+    A skipped or failed step leaves the generator where it was; on a CUDA device under the
+    sync-free skip policy that decision reads the step's flag (one synchronization).
+
     Engine contract: ``needs = "jacobian"``; ``aggregate(G)`` on the ``(T, P)`` matrix of
     per-task gradients returns the ``(P,)`` update; one call per step draws one ``U``.
     The paper applies GradDrop to the gradients of a shared activation layer (summing purity

@@ -273,6 +273,9 @@ def test_jacobian_no_host_sync_on_meta_device(name):
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", [*LOSS_FACTORIES, *JACOBIAN_FACTORIES])
 def test_no_host_sync_on_cuda(name):
+    if name.startswith(("RLW", "GradDrop")):
+        pytest.skip("rewinding its torch.Generator after a skipped step reads the flag "
+                    "(documented: one synchronization per skip-mode step)")
     T, P = 4, 1000
     is_jac = name in JACOBIAN_FACTORIES
     method = {**LOSS_FACTORIES, **JACOBIAN_FACTORIES}[name](T, on_nonfinite="skip").cuda()
