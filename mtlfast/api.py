@@ -58,6 +58,9 @@ def _method(method: object) -> Method:
         return _DEFAULT[0]
     if isinstance(method, str):
         return methods.get(method)
+    if isinstance(method, type) and issubclass(method, Method):
+        raise TypeError(f"method must be a method object, got the class {method.__name__}: "
+                        f"pass {method.__name__}(...)")
     if not isinstance(method, Method):
         raise TypeError(f"method must be a mtlfast.methods.Method or a method name (one of "
                         f"mtlfast.methods.available()), got {type(method).__name__}")

@@ -49,6 +49,8 @@ def test_the_engine_takes_a_method_name():
     assert mtlfast.api._CACHE[0].method is first and first._calls == 2
     with pytest.raises(TypeError, match="method name"):
         mtlfast.MTLBackward(model.trunk, 3.0)
+    with pytest.raises(TypeError, match=r"pass UPGrad\(...\)"):
+        mtlfast.MTLBackward(model.trunk, M.UPGrad)
 
 
 def test_step_info_views_for_logging():

@@ -106,8 +106,9 @@ class Method(nn.Module):
         """ValueError when a stateful method bound to another T gets ``num_tasks`` tasks."""
         if self.num_tasks is not None and self.stateful() and self.num_tasks != num_tasks:
             raise ValueError(
-                f"{type(self).__name__} was used with T={self.num_tasks} tasks and keeps state "
-                f"for them; got T={num_tasks} now (build a new method for another task set)"
+                f"{type(self).__name__} keeps state for T={self.num_tasks} tasks (fixed by its "
+                f"options or its first step); got T={num_tasks} now (build a new method for "
+                "another task set)"
             )
 
     def bind_tasks(self, num_tasks: int) -> None:
