@@ -26,7 +26,6 @@ reducer, the batching decisions); :class:`_Step` is one call.
 
 from __future__ import annotations
 
-import copy
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -138,13 +137,14 @@ class Engine:
         self.reducer.begin(num_tasks=T, layout=layout, heads=sum(p.numel() for p in scan.others),
                            method=self.method,
                            mode=f"{mode}, on_nonfinite={self.config.on_nonfinite}")
-        saved = (copy.deepcopy(self.heads), copy.deepcopy(self.trunk))
+        saved = (self.heads.snapshot(), self.trunk.snapshot())
         final = self.accumulator is None or self.accumulator.final(step)
         run = _Step(self, lv, layout, scan.others, feats, scaler, retain_graph, final)
         try:
             info, proposal, ok = run.run(mode)
         except BaseException:
-            self.heads, self.trunk = saved  # a failed call leaves the batching decisions too
+            self.heads.restore(saved[0])  # a failed call leaves the batching decisions too
+            self.trunk.restore(saved[1])
             raise
         if not final:
             self.accumulator.add(*run.contribution)

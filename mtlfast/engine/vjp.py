@@ -60,6 +60,14 @@ class Batching:
         self.times: dict[str, list[float]] = {"batched": [], "loop": []}
         self.choice: str | None = None if strategy == "auto" else strategy
 
+    def snapshot(self) -> tuple:
+        """The decision state, to restore after a call that failed."""
+        return (self.enabled, self.verified, {k: list(v) for k, v in self.times.items()},
+                self.choice)
+
+    def restore(self, state: tuple) -> None:
+        self.enabled, self.verified, self.times, self.choice = state
+
     def use_batched(self, device: torch.device) -> bool:
         """Whether the next per-task backward runs batched."""
         if not self.enabled:

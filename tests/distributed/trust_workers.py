@@ -8,7 +8,16 @@ import torch.distributed as dist
 
 from mtlfast import MTLBackward, methods
 
-from .workers import Net, flat, gather, global_batch, local_part, losses_of, make_method
+from .workers import (
+    Net,
+    flat,
+    fully_sharded_twin,
+    gather,
+    global_batch,
+    local_part,
+    losses_of,
+    make_method,
+)
 
 T = 3
 
@@ -74,19 +83,13 @@ def accumulated_vs_single(rank: int, world: int, names: list[str], steps: int = 
 def fsdp2_pipeline(rank: int, world: int) -> dict:
     """FSDP2 through the engine's pipeline: a layer-wise Gram method equals DDP exact, and a
     NaN on one rank is skipped on every rank under on_nonfinite="skip" (nothing written)."""
-    import copy
-
-    from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
     from mtlfast.distributed import FSDPBackward, no_sync
 
     torch.manual_seed(0)
     net = Net(T).double()
-    sharded = copy.deepcopy(net)
-    fully_shard(sharded.trunk[0])
-    fully_shard(sharded.trunk[2])
-    fully_shard(sharded)
+    sharded = fully_sharded_twin(net)
     ddp = DistributedDataParallel(net)
     engine = MTLBackward(net.trunk.parameters(), methods.GradVac(granularity="parameter", seed=3),
                          process_group=dist.group.WORLD)

@@ -225,10 +225,19 @@ def bad_bucket_cap() -> list[str]:
     return errors
 
 
-def fsdp2_vs_ddp_exact(rank: int, world: int, names: list[str], steps: int = 3) -> dict:
-    """FSDP2 (trunk layers and root fully_shard-ed, heads sharded too) vs DDP exact."""
+def fully_sharded_twin(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` with its trunk's layers and the root ``fully_shard``-ed."""
     from torch.distributed.fsdp import fully_shard
 
+    sharded = copy.deepcopy(net)
+    fully_shard(sharded.trunk[0])
+    fully_shard(sharded.trunk[2])
+    fully_shard(sharded)
+    return sharded
+
+
+def fsdp2_vs_ddp_exact(rank: int, world: int, names: list[str], steps: int = 3) -> dict:
+    """FSDP2 (trunk layers and root fully_shard-ed, heads sharded too) vs DDP exact."""
     from mtlfast.distributed import FSDPBackward
 
     T = 3
@@ -236,10 +245,7 @@ def fsdp2_vs_ddp_exact(rank: int, world: int, names: list[str], steps: int = 3) 
     for name in names:
         torch.manual_seed(0)
         net = Net(T).double()
-        sharded = copy.deepcopy(net)
-        fully_shard(sharded.trunk[0])
-        fully_shard(sharded.trunk[2])
-        fully_shard(sharded)
+        sharded = fully_sharded_twin(net)
         torch.manual_seed(7)
         method = make_method(name)
         ddp = DistributedDataParallel(net)
