@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if rank == 0:
         print(f"max parameter difference across ranks: {max_spread:.3g}")
         print("train accuracy: " + " ".join(f"{t}={a:.3f}" for t, a in acc.items()), flush=True)
+    # Every rank done with the group before it goes: tearing gloo down while the other rank
+    # still talks to it can abort the process at exit.
+    dist.barrier()
     dist.destroy_process_group()
     return {"max_spread": max_spread, **acc}
 
