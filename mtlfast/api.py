@@ -14,6 +14,7 @@ non-finite policy, AMP, distributed training and capturing a step in a CUDA grap
 
 from __future__ import annotations
 
+import atexit
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -201,6 +202,9 @@ class MTLBackward(nn.Module):
 
 
 _CACHE: list[MTLBackward] = []
+# The cached engine may hold a process group: release it while the interpreter is whole, since
+# gloo aborts the process when a group is destroyed during interpreter shutdown.
+atexit.register(_CACHE.clear)
 
 
 def backward(

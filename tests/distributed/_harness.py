@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,8 +23,18 @@ def _entry(rank: int, fn: Callable, world: int, folder: str, args: tuple) -> Non
     try:
         result = fn(rank, world, *args)
         torch.save(result, os.path.join(folder, f"result{rank}.pt"))
+        # DDP/FSDP2 modules live in reference cycles that keep the process group and its
+        # finished work alive; gloo aborts the process ("terminate called without an active
+        # exception") when those are destroyed during interpreter shutdown. Free them now,
+        # leave the group together, and exit without a shutdown to run.
+        del result
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(fn: Callable, *args: object, world: int = WORLD, timeout: float = 90.0) -> list:
