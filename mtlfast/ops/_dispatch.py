@@ -37,6 +37,8 @@ gradnorm_update
 grouped_linear            triton (several groups)       torch               cuBLAS/MKL beat
                                                                             Triton on one
                                                                             dense group
+mixture                   triton                        torch (bmm)         one launch for
+                                                                            all tasks
 ========================  ============================  ==================  =================
 
 "cuda"/"cpu" need the compiled extension with that kernel (``mtlfast._ext``); without it the
@@ -128,6 +130,12 @@ RULES: dict[str, tuple[tuple[str, Rule], ...]] = {
     "grouped_linear": (
         ("torch", lambda op, t, f: f.get("dense", False) or not _ext.has_triton()
          or is_legacy_batchedtensor(t)),
+        ("triton", lambda op, t, f: t.is_cuda or (t.device.type == "cpu" and _triton_cpu())),
+        ("torch", lambda op, t, f: True)),
+    # the per-task mixture of experts: Triton where it runs, else one torch bmm (the rules of
+    # grouped_linear's several-groups case)
+    "mixture": (
+        ("torch", lambda op, t, f: not _ext.has_triton() or is_legacy_batchedtensor(t)),
         ("triton", lambda op, t, f: t.is_cuda or (t.device.type == "cpu" and _triton_cpu())),
         ("torch", lambda op, t, f: True)),
 }

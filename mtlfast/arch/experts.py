@@ -1,0 +1,190 @@
+"""ExpertBank: E MLP experts of one level evaluated as one grouped GEMM per layer.
+
+Expert ``e`` is ``act(W_{e,L} ... act(W_{e,1} x + b_{e,1}) ... + b_{e,L})`` (the activation
+after every layer, DeepCTR's DNN convention). Layer ``l`` of all experts is one
+``mtlfast.ops.grouped_linear`` call, forward and backward:
+
+- layer 1 with one shared input: ONE dense GEMM ``x @ [W_{1,1}; ...; W_{E,1}]^T`` (addmm, bias
+  and activation fused), any (ragged) hidden widths;
+- layer 1 with per-group inputs (PLE's inner levels: the experts of owner ``o`` read
+  ``x[o]``): one per-task grouped GEMM, group ``o`` computing all of its experts at once;
+- layers 2..L: one block-diagonal grouped GEMM (``bmm`` on CPU when all experts share the
+  layer's shape, the Triton grouped kernel on CUDA; ragged widths run as a loop of ``addmm``
+  on CPU and as the same single Triton launch on CUDA).
+
+Storage: ``weight{l}`` is the flat concatenation of the experts' ``(out, in)`` row-major
+blocks of layer ``l`` (expert order), ``bias{l}`` the concatenation of their biases. The
+output of the last layer is one ``(M, E * D)`` buffer, returned as the ``(E, M, D)`` view the
+mixture op reads. Every expert's last width must be the same ``D`` (they are mixed).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..ops.grouped_linear import ACTIVATIONS, grouped_linear
+
+__all__ = ["ExpertBank", "expert_widths"]
+
+_ACT_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+
+
+def normalize_activation(activation: str | None) -> str:
+    act = "none" if activation is None else activation
+    if act not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS} or None, got {activation!r}")
+    return act
+
+
+def expert_widths(expert_hidden, num_experts: int) -> tuple[tuple[int, ...], ...]:
+    """``expert_hidden``: one width list for every expert, or one list per expert (ragged
+    hidden widths; same depth and last width). Returns one tuple per expert."""
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 0:
+        raise ValueError(f"the number of experts must be an int >= 0, got {num_experts!r}")
+    if isinstance(expert_hidden, int):
+        expert_hidden = [expert_hidden]
+    items = list(expert_hidden)
+    if not items:
+        raise ValueError("expert_hidden must name at least one layer width")
+    per_expert = all(isinstance(i, Sequence) for i in items)
+    widths = [tuple(i) for i in items] if per_expert else [tuple(items)] * num_experts
+    if len(widths) != num_experts:
+        raise ValueError(f"expert_hidden gives {len(widths)} per-expert width lists for "
+                         f"{num_experts} experts")
+    for w in widths:
+        if not w or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in w):
+            raise ValueError(f"expert widths must be non-empty lists of ints >= 1, got {list(w)}")
+    if len({len(w) for w in widths}) > 1 or len({w[-1] for w in widths}) > 1:
+        raise ValueError("all experts must have the same depth and the same last width (their "
+                         f"outputs are mixed), got {[list(w) for w in widths]}")
+    return tuple(widths)
+
+
+class ExpertBank(nn.Module):
+    """E MLP experts, ``in_features -> widths[e]``, evaluated as one GEMM per layer.
+
+    Args:
+        in_features: K, the input width.
+        widths: one tuple of layer widths per expert (see ``expert_widths``).
+        groups: None when every expert reads the same input ``x (M, K)``; else the number of
+            experts of each input group (owner-contiguous), the input then being ``(G, M, K)``.
+        activation: after every layer (``"relu" | "gelu" | "silu" | None``).
+    """
+
+    def __init__(self, in_features: int, widths: Sequence[Sequence[int]],
+                 groups: Sequence[int] | None = None, activation: str | None = "relu",
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features = int(in_features)
+        self.widths = tuple(tuple(w) for w in widths)
+        self.num_experts = len(self.widths)
+        if self.num_experts < 1:
+            raise ValueError("an expert bank needs at least one expert")
+        self.groups = None if groups is None else tuple(int(g) for g in groups)
+        if self.groups is not None and sum(self.groups) != self.num_experts:
+            raise ValueError(f"groups {list(self.groups)} must add up to {self.num_experts}")
+        self.activation = normalize_activation(activation)
+        self.depth = len(self.widths[0])
+        self.out_features = self.widths[0][-1]
+        factory = {"device": device, "dtype": dtype}
+        for layer in range(self.depth):
+            ins, outs = self.layer_widths(layer)
+            self.register_parameter(f"weight{layer}", nn.Parameter(
+                torch.empty(sum(i * o for i, o in zip(ins, outs, strict=True)), **factory)))
+            self.register_parameter(f"bias{layer}", nn.Parameter(torch.empty(sum(outs),
+                                                                             **factory)))
+        self.reset_parameters()
+
+    def layer_widths(self, layer: int) -> tuple[list[int], list[int]]:
+        """Per-expert (in, out) widths of ``layer``."""
+        ins = [self.in_features if layer == 0 else w[layer - 1] for w in self.widths]
+        return ins, [w[layer] for w in self.widths]
+
+    def blocks(self, layer: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Views of each expert's ``(out, in)`` weight and ``(out,)`` bias of ``layer``."""
+        ins, outs = self.layer_widths(layer)
+        w = getattr(self, f"weight{layer}").split([i * o for i, o in zip(ins, outs, strict=True)])
+        b = getattr(self, f"bias{layer}").split(outs)
+        return [v.view(o, i) for v, i, o in zip(w, ins, outs, strict=True)], list(b)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Each layer as its ``nn.Linear``: uniform(+-1/sqrt(fan_in)) weights and biases."""
+        for layer in range(self.depth):
+            ins, _ = self.layer_widths(layer)
+            for w, b, fan_in in zip(*self.blocks(layer), ins, strict=True):
+                bound = 1.0 / math.sqrt(fan_in)
+                w.uniform_(-bound, bound)
+                b.uniform_(-bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``(M, K)`` (shared input) or ``(G, M, K)`` (per group). Returns ``(E, M, D)``."""
+        K, act = self.in_features, self.activation
+        if self.groups is None:
+            if x.dim() != 2 or x.shape[1] != K:
+                raise ValueError(f"ExpertBank: x must be (M, {K}), got {tuple(x.shape)}")
+            h = grouped_linear(x, self.weight0, self.bias0, [K], [sum(self.layer_widths(0)[1])],
+                               activation=act)
+        else:
+            G = len(self.groups)
+            if x.dim() != 3 or x.shape[0] != G or x.shape[2] != K:
+                raise ValueError(f"ExpertBank: x must be (G={G}, M, {K}), got {tuple(x.shape)}")
+            outs, start = [], 0
+            for n in self.groups:
+                outs.append(sum(w[0] for w in self.widths[start:start + n]))
+                start += n
+            live = [i for i, n in enumerate(self.groups) if n > 0]
+            if len(live) < G:  # owners without experts read nothing
+                x = x.index_select(0, torch.tensor(live, device=x.device))
+            h = grouped_linear(x, self.weight0, self.bias0, [K] * len(live),
+                               [outs[i] for i in live], per_task=True, activation=act)
+        for layer in range(1, self.depth):
+            ins, outs = self.layer_widths(layer)
+            h = grouped_linear(h, getattr(self, f"weight{layer}"), getattr(self, f"bias{layer}"),
+                               ins, outs, activation=act)
+        M = h.shape[0]
+        return h.view(M, self.num_experts, self.out_features).transpose(0, 1)
+
+    def unfuse_expert(self, e: int) -> nn.Sequential:
+        """Expert ``e`` as the loop's ``nn.Sequential(Linear, act, Linear, act, ...)`` (copies)."""
+        layers: list[nn.Module] = []
+        ref = self.weight0
+        for layer in range(self.depth):
+            ins, outs = self.layer_widths(layer)
+            lin = nn.Linear(ins[e], outs[e], device=ref.device, dtype=ref.dtype)
+            w, b = self.blocks(layer)
+            with torch.no_grad():
+                lin.weight.copy_(w[e])
+                lin.bias.copy_(b[e])
+            layers.append(lin)
+            if self.activation != "none":
+                layers.append(_ACT_MODULES[self.activation]())
+        return nn.Sequential(*layers)
+
+    def expert_keys(self, e: int, prefix: str) -> list[tuple[str, str, int, str]]:
+        """(fused parameter, loop key, layer, kind) rows of expert ``e`` under ``prefix``."""
+        step = 1 if self.activation == "none" else 2
+        return [(f"{kind}{layer}", f"{prefix}{layer * step}.{kind}", layer, kind)
+                for layer in range(self.depth) for kind in ("weight", "bias")]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, experts={self.num_experts}, " \
+            f"widths={[list(w) for w in self.widths]}, groups={self.groups}, " \
+            f"activation={self.activation}"
+
+
+def make_expert(in_features: int, widths: Sequence[int], activation: str,
+                device=None, dtype=None) -> nn.Sequential:
+    """The loop definition's expert: ``nn.Sequential(Linear, act, ..., Linear, act)``."""
+    layers: list[nn.Module] = []
+    prev = in_features
+    for w in widths:
+        layers.append(nn.Linear(prev, w, device=device, dtype=dtype))
+        if activation != "none":
+            layers.append(_ACT_MODULES[activation]())
+        prev = w
+    return nn.Sequential(*layers)

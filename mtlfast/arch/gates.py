@@ -1,0 +1,111 @@
+"""GateBank: the softmax gates of all tasks of a level, their logits as one GEMM.
+
+Gate ``g`` is LibMTL's ``nn.Sequential(nn.Linear(K, n_g), nn.Softmax(-1))`` over the experts
+it mixes (``select[g]``, in its column order). The logits of all gates are one
+``grouped_linear`` call: one dense GEMM when every gate reads the same input, one per-task
+grouped GEMM when gate ``g`` reads ``x[g]`` (PLE's inner levels). Gates over a subset of the
+experts (CGC, PLE) are scattered into one ``(G, M, E)`` tensor with ``-inf`` logits for the
+experts they do not mix, so one softmax gives exact zeros there: the mixture op then treats
+every gate alike.
+
+Storage: ``weight`` is the flat concatenation of the gates' ``(n_g, K)`` row-major blocks,
+``bias`` of their ``(n_g,)`` biases.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..ops.grouped_linear import grouped_linear
+
+__all__ = ["GateBank"]
+
+
+class GateBank(nn.Module):
+    """G linear gates on ``in_features``.
+
+    Args:
+        in_features: K.
+        select: for each gate, the expert indices (``0..num_experts-1``) its columns weigh.
+        num_experts: E, the width of the gate tensor ``forward`` returns.
+        grouped: gate ``g`` reads ``x[g]`` of a ``(G, M, K)`` input (else one ``(M, K)``).
+        bias: as in ``nn.Linear``.
+    """
+
+    def __init__(self, in_features: int, select: Sequence[Sequence[int]], num_experts: int,
+                 grouped: bool = False, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features = int(in_features)
+        self.select = tuple(tuple(int(e) for e in s) for s in select)
+        self.num_experts = int(num_experts)
+        if not self.select or any(not s for s in self.select):
+            raise ValueError("every gate must weigh at least one expert")
+        for s in self.select:
+            if len(set(s)) != len(s) or min(s) < 0 or max(s) >= self.num_experts:
+                raise ValueError(f"gate experts {list(s)} must be distinct, in [0, "
+                                 f"{self.num_experts})")
+        self.sizes = tuple(len(s) for s in self.select)
+        self.grouped = bool(grouped)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(sum(self.sizes) * self.in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(sum(self.sizes), **factory)) if bias else None
+        full = all(s == tuple(range(self.num_experts)) for s in self.select)
+        pos = [g * self.num_experts + e for g, s in enumerate(self.select) for e in s]
+        # flat (gate, expert) position of each logit column; None when every gate is dense
+        self.register_buffer("_positions", None if full else torch.tensor(pos, device=device),
+                             persistent=False)
+        self.reset_parameters()
+
+    def blocks(self) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """Views of each gate's ``(n_g, K)`` weight and ``(n_g,)`` bias."""
+        K = self.in_features
+        w = [v.view(n, K) for v, n in zip(self.weight.split([n * K for n in self.sizes]),
+                                           self.sizes, strict=True)]
+        b = list(self.bias.split(list(self.sizes))) if self.bias is not None else None
+        return w, b
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.in_features)
+        self.weight.uniform_(-bound, bound)
+        if self.bias is not None:
+            self.bias.uniform_(-bound, bound)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``(M, sum n_g)``: every gate's logits, one GEMM."""
+        K, G = self.in_features, len(self.sizes)
+        if self.grouped:
+            if x.dim() != 3 or x.shape[0] != G or x.shape[2] != K:
+                raise ValueError(f"GateBank: x must be (G={G}, M, {K}), got {tuple(x.shape)}")
+            return grouped_linear(x, self.weight, self.bias, [K] * G, list(self.sizes),
+                                  per_task=True)
+        if x.dim() != 2 or x.shape[1] != K:
+            raise ValueError(f"GateBank: x must be (M, {K}), got {tuple(x.shape)}")
+        return grouped_linear(x, self.weight, self.bias, [K], [sum(self.sizes)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Gate weights ``(G, M, E)`` (a transposed view of one ``(M, G, E)`` buffer)."""
+        z = self.logits(x)
+        M, G, E = z.shape[0], len(self.sizes), self.num_experts
+        if self._positions is not None:
+            z = z.new_full((M, G * E), float("-inf")).index_copy(1, self._positions, z)
+        return torch.softmax(z.view(M, G, E), dim=-1).transpose(0, 1)
+
+    def unfuse_gate(self, g: int) -> nn.Sequential:
+        """Gate ``g`` as LibMTL's ``nn.Sequential(nn.Linear(K, n_g), nn.Softmax(-1))`` (copy)."""
+        w, b = self.blocks()
+        lin = nn.Linear(self.in_features, self.sizes[g], bias=b is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w[g])
+            if b is not None:
+                lin.bias.copy_(b[g])
+        return nn.Sequential(lin, nn.Softmax(dim=-1))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, gates={len(self.sizes)}, " \
+            f"experts={self.num_experts}, grouped={self.grouped}, bias={self.bias is not None}"

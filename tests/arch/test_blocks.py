@@ -1,0 +1,222 @@
+"""Fused expert blocks (MMoE, CGC, PLE, DSelect-k) against their loop definitions: forward,
+parameter and input gradients in fp32/fp16/bf16, gradcheck in fp64, ragged shapes, state_dict
+round trips both ways, bad input, and the FusedHeads per-task path on their output."""
+
+import copy
+import io
+
+import pytest
+import torch
+
+from mtlfast import FusedHeads
+from mtlfast.arch import CGC, PLE, DSelectK, MMoE
+from mtlfast.arch.experts import ExpertBank
+from tests.conftest import rel_err
+
+K = 12
+
+
+def _models(dtype=torch.float32):
+    """(name, fused block) covering ragged widths, odd E/T, E=1, T=1, no activation."""
+    f = {"dtype": dtype}
+    return [
+        ("mmoe", MMoE(K, 3, [8, 6], 4, **f)),
+        ("mmoe_ragged", MMoE(K, 3, [[8, 5], [3, 5], [7, 5]], ["a", "b"], activation=None, **f)),
+        ("mmoe_E1_T1", MMoE(K, 1, [5], 1, activation="gelu", **f)),
+        ("mmoe_nobias", MMoE(K, 5, [4, 4, 3], 3, gate_bias=False, activation="silu", **f)),
+        ("cgc", CGC(K, 2, [1, 0, 2], [8, 6], 3, **f)),
+        ("cgc_T1", CGC(K, 1, 1, [7], 1, **f)),
+        ("ple", PLE(K, 3, 1, 2, [8, 6], 3, **f)),
+        ("ple_ragged", PLE(K, 2, 2, [1, 0, 3], [[4, 6], [9, 6], [4, 6], [5, 6], [3, 6],
+                                                [4, 6]], 3, **f)),
+        ("ple_no_shared", PLE(K, 2, 0, 2, [5], 2, **f)),
+        ("dselect", DSelectK(K, 5, 2, [8, 6], 3, **f)),
+        ("dselect_pow2", DSelectK(K, 4, 3, [8], 2, kgamma=50.0, **f)),
+    ]
+
+
+NAMES = [n for n, _ in _models()]
+TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2, torch.float64: 1e-12}
+
+
+def _model(name, dtype=torch.float32):
+    torch.manual_seed(0)
+    return dict(_models(dtype))[name]
+
+
+def _grads_in_loop_keys(fused, grads):
+    """The fused gradients, named by the loop's state_dict keys (through the key map)."""
+    holder = copy.deepcopy(fused)
+    with torch.no_grad():
+        for p, g in zip(holder.parameters(), grads, strict=True):
+            p.copy_(g)
+    return holder.state_dict()
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fused_matches_loop_forward_and_backward(name, dtype):
+    fused = _model(name, dtype)
+    loop = fused.unfuse()
+    for B in (1, 37):
+        x = torch.randn(B, K, dtype=dtype)
+        xf, xl = x.clone().requires_grad_(), x.clone().requires_grad_()
+        zf, zl = fused(xf), loop(xl)
+        assert zf.shape == zl.shape == (len(fused.tasks), B, fused.out_features)
+        ref_model = _model(name, torch.float64).unfuse()
+        ref_model.load_state_dict(fused.state_dict())
+        x64 = x.double().requires_grad_()
+        z64 = ref_model(x64)
+        assert rel_err(zf, z64) < TOL[dtype]
+        assert rel_err(zl, z64) < max(TOL[dtype], 1e-5)
+        c = torch.randn_like(z64)
+        gf = torch.autograd.grad((zf * c.to(dtype)).sum(), [xf, *fused.parameters()])
+        # (PLE without shared experts: the inner shared gate feeds nothing, unused in the loop)
+        g64 = torch.autograd.grad((z64 * c).sum(), [x64, *ref_model.parameters()],
+                                  allow_unused=True, materialize_grads=True)
+        assert rel_err(gf[0], g64[0]) < TOL[dtype]  # input gradient
+        named = _grads_in_loop_keys(fused, gf[1:])
+        keys = [k for k, _ in ref_model.named_parameters()]
+        got = torch.cat([named[k].double().reshape(-1) for k in keys])
+        assert rel_err(got, torch.cat([g.reshape(-1) for g in g64[1:]])) < TOL[dtype]
+        if dtype == torch.float32:  # half types: tiny gate gradients sit in fp16 subnormals
+            for key, want in zip(keys, g64[1:], strict=True):
+                assert rel_err(named[key], want) < 1e-4, key
+
+
+@pytest.mark.parametrize("name", ["mmoe_ragged", "cgc", "ple_ragged", "dselect"])
+def test_gradcheck_small_model_fp64(name):
+    torch.manual_seed(0)
+    fused = _model(name, torch.float64)
+    params = list(fused.parameters())
+    x = torch.randn(3, K, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *ps):
+        with torch.no_grad():
+            for p, v in zip(params, ps, strict=True):
+                p.copy_(v)
+        return torch.func.functional_call(
+            fused, dict(zip([n for n, _ in fused.named_parameters()], ps, strict=True)), (x,))
+
+    ps = [p.detach().clone().requires_grad_() for p in params]
+    assert torch.autograd.gradcheck(f, (x, *ps), fast_mode=True)
+
+
+def test_batch_dims_and_return_experts():
+    fused = _model("mmoe")
+    x = torch.randn(2, 5, K)
+    z, h = fused(x, return_experts=True)
+    assert z.shape == (4, 2, 5, 6) and h.shape == (3, 10, 6)
+    assert rel_err(z, fused.unfuse()(x)) < 1e-6
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_round_trips_both_ways(name):
+    fused = _model(name)
+    loop = fused.unfuse()
+    assert list(fused.state_dict()) == [k for k in loop.state_dict()] or \
+        set(fused.state_dict()) == set(loop.state_dict())
+    # loop checkpoint -> fused model (through torch.save)
+    torch.manual_seed(1)
+    other = copy.deepcopy(loop)
+    for p in other.parameters():
+        torch.nn.init.normal_(p)
+    buf = io.BytesIO()
+    torch.save(other.state_dict(), buf)
+    buf.seek(0)
+    fresh = _model(name)
+    fresh.load_state_dict(torch.load(buf))
+    x = torch.randn(9, K)
+    assert rel_err(fresh(x), other(x)) < 1e-5
+    # fused checkpoint -> loop model
+    back = copy.deepcopy(loop)
+    back.load_state_dict(fresh.state_dict())
+    for k, v in other.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    assert rel_err(fresh.unfuse()(x), other(x)) < 1e-5
+
+
+def test_load_reports_missing_and_mismatched_keys():
+    fused = _model("mmoe")
+    sd = fused.unfuse().state_dict()
+    sd.pop("gate_specific.task1.0.bias")
+    result = fused.load_state_dict(sd, strict=False)
+    assert "gate_specific.task1.0.bias" in result.missing_keys
+    sd = fused.unfuse().state_dict()
+    sd["experts_shared.0.0.weight"] = torch.zeros(3, 3)
+    with pytest.raises(RuntimeError, match="size mismatch for experts_shared.0.0.weight"):
+        fused.load_state_dict(sd)
+
+
+def test_named_parameters_are_the_fused_buffers():
+    fused = _model("mmoe")
+    assert [n for n, _ in fused.named_parameters()] == [
+        "experts.weight0", "experts.bias0", "experts.weight1", "experts.bias1",
+        "gates.weight", "gates.bias"]
+
+
+@pytest.mark.parametrize("name", ["mmoe", "cgc", "ple", "dselect"])
+def test_fused_heads_consume_the_per_task_output(name):
+    block = _model(name)
+    T, D = len(block.tasks), block.out_features
+    heads = FusedHeads(D, {f"t{i}": i + 1 for i in range(T)}, hidden=5)
+    loop_heads = heads.unfuse()
+    x = torch.randn(11, K)
+    z = block(x)
+    out = heads(z, per_task=True)
+    assert list(out) == list(heads.tasks)
+    zl = block.unfuse()(x)
+    for i, (t, y) in enumerate(out.items()):
+        assert y.shape == (11, i + 1)
+        assert rel_err(y, loop_heads[t](zl[i])) < 1e-5
+    loss = sum(y.square().mean() for y in out.values())
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in block.parameters())
+
+
+def test_bad_input_raises():
+    with pytest.raises(ValueError, match="same depth and the same last width"):
+        MMoE(K, 2, [[4, 5], [4, 6]], 2)
+    with pytest.raises(ValueError, match="per-expert width lists"):
+        MMoE(K, 3, [[4, 5], [4, 5]], 2)
+    with pytest.raises(ValueError, match="ints >= 1"):
+        MMoE(K, 2, [4, 0], 2)
+    with pytest.raises(ValueError, match="task names"):
+        MMoE(K, 2, [4], ["a", "a"])
+    with pytest.raises(ValueError, match="num_specific"):
+        CGC(K, 1, [1, 2], [4], 3)
+    with pytest.raises(ValueError, match="num_shared >= 1"):
+        CGC(K, 0, [1, 0], [4], 2)
+    with pytest.raises(ValueError, match="num_levels"):
+        PLE(K, 0, 1, 1, [4], 2)
+    with pytest.raises(ValueError, match="num_experts >= 2"):
+        DSelectK(K, 1, 1, [4], 2)
+    with pytest.raises(ValueError, match="activation"):
+        MMoE(K, 2, [4], 2, activation="tanh")
+    m = _model("mmoe")
+    with pytest.raises(ValueError, match="in_features=12"):
+        m(torch.randn(4, K + 1))
+    with pytest.raises(TypeError, match="dtype"):
+        m(torch.randn(4, K, dtype=torch.float64))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        m([1.0] * K)
+    with pytest.raises(TypeError, match="floating point"):
+        m(torch.ones(4, K, dtype=torch.long))
+    bank = ExpertBank(K, [(4,)] * 3, groups=(1, 2))
+    with pytest.raises(ValueError, match="G=2"):
+        bank(torch.randn(4, K))
+
+
+def test_each_layer_is_one_gemm_for_all_experts():
+    """The experts' forward is one GEMM per layer (no per-expert loop)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    m = MMoE(K, 6, [8, 5], 4)
+    x = torch.randn(16, K)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        m(x)
+    counts = {e.key: e.count for e in prof.key_averages()}
+    gemms = sum(counts.get(k, 0) for k in ("aten::addmm", "aten::mm", "aten::bmm",
+                                           "aten::baddbmm"))
+    # layer 1 (addmm), layer 2 (baddbmm), the gates (addmm), the mixture (bmm)
+    assert gemms == 4, counts
