@@ -8,7 +8,8 @@ scalarization (``sum(L).backward()``), every other name a ``mtlfast.methods`` cl
 through ``mtlfast.backward`` (``--way slow``: the per-task loop of ``mtlfast.baselines``;
 ``--heads loop``: a Python loop of ``nn.Linear`` heads instead of ``FusedHeads``, same weights).
 Delta_m% is against single-task models trained with the same recipe and seed. Writes the raw
-runs as JSON and prints a markdown table (mean +- std over seeds).
+runs as JSON and prints a markdown table (mean +- std over seeds). ``--arch mmoe|ple`` trains
+the demo's expert models instead of hard parameter sharing (``mtlfast.demo.make_model``).
 
     python benchmarks/demo_methods.py --table run1.json run2.json ...
 
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--way", choices=("mtlfast", "slow"), default="mtlfast")
     p.add_argument("--heads", choices=("fused", "loop"), default="fused")
+    p.add_argument("--arch", choices=demo.ARCHS, default="hps",
+                   help="the model (mtlfast.demo.make_model); --heads loop: its loop definition")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="JSON file for the raw runs (required unless --table)")
@@ -68,12 +71,14 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.methods:
             start = time.perf_counter()
             if name == "ls":
-                run = demo.train(data, "ls", demo.ls_step, seed=seed, **common)
+                run = demo.train(data, "ls", demo.ls_step, seed=seed, arch=args.arch, **common)
             else:
+                torch.manual_seed(seed)  # a randomized method draws the run's seed
                 method = demo.resolve_method(name, len(data.tasks))
                 step = (demo.engine_step if args.way == "mtlfast" else demo.slow_step)(method)
-                run = demo.train(data, name, step, seed=seed, method=method, **common)
-            records.append({"method": name, "seed": seed, "test": run.test,
+                run = demo.train(data, name, step, seed=seed, method=method, arch=args.arch,
+                                 **common)
+            records.append({"method": name, "arch": args.arch, "seed": seed, "test": run.test,
                             "single_task": baseline,
                             "delta_m": delta_m(run.test, baseline, higher),
                             "ms_per_step": 1000 * run.train_seconds / run.steps,
@@ -98,16 +103,23 @@ def _mean_std(values: list[float], fmt: str) -> str:
     return f"{format(statistics.mean(values), fmt)} ± {spread}"
 
 
+def _label(record: dict) -> str:
+    """The table row of a run: the method, after the model when it is not hps."""
+    arch = record.get("arch", "hps")
+    return record["method"] if arch == "hps" else f"{arch} {record['method']}"
+
+
 def markdown(records: list[dict], tasks: list[str], fmt: str = ".4f") -> str:
-    """Mean ± std over seeds per method: each task's metric (``fmt``), Delta_m%, ms per step."""
-    methods = list(dict.fromkeys(r["method"] for r in records))
+    """Mean ± std over seeds per model and method: each task's metric (``fmt``), Delta_m%, ms
+    per step."""
+    labels = list(dict.fromkeys(_label(r) for r in records))
     head = "| method | " + " | ".join(tasks) + " | Δm% | ms/step |"
     lines = [head, "|" + "---|" * (len(tasks) + 3)]
-    stl = [r for r in records if r["method"] == methods[0]]
+    stl = [r for r in records if _label(r) == labels[0]]
     lines.append("| single-task | " + " | ".join(
         _mean_std([r["single_task"][t] for r in stl], fmt) for t in tasks) + " | 0 | |")
-    for m in methods:
-        rs = [r for r in records if r["method"] == m]
+    for m in labels:
+        rs = [r for r in records if _label(r) == m]
         lines.append(f"| {m} | " + " | ".join(_mean_std([r["test"][t] for r in rs], fmt)
                                               for t in tasks)
                      + f" | {_mean_std([r['delta_m'] for r in rs], '+.2f')}"

@@ -40,7 +40,8 @@ FEATURES = 128
 
 
 class MTLModel(nn.Module):
-    """A shared trunk and fused task heads; ``forward`` returns ``(z, {task: output})``."""
+    """Hard parameter sharing: a shared trunk and task heads; ``forward`` returns
+    ``(z, {task: output})``, z the shared representation."""
 
     def __init__(self, trunk: nn.Module, heads: nn.Module) -> None:
         super().__init__()
@@ -51,11 +52,66 @@ class MTLModel(nn.Module):
         z = self.trunk(x)
         return z, self.heads(z)
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """What every task uses: the parameters the methods combine."""
+        return list(self.trunk.parameters())
 
-def make_trunk(data: datasets.MTLData) -> nn.Module:
-    """A small conv net for image-like inputs (C, H, W), an MLP for feature vectors."""
+
+class ExpertModel(nn.Module):
+    """A shared stem, an expert block (:mod:`mtlfast.arch`: per-task mixtures of experts) and
+    heads reading each task's own mixture; ``forward`` returns ``(z, {task: output})`` with z
+    the ``(T, B, D)`` mixtures."""
+
+    def __init__(self, stem: nn.Module, block: nn.Module, heads: nn.Module) -> None:
+        super().__init__()
+        self.stem = stem
+        self.block = block
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        z = self.block(self.stem(x))
+        return z, self.heads(z, per_task=True)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The stem and the block's shared part (LibMTL's ``get_share_params``); the gates and
+        task-specific experts get their ordinary gradients."""
+        return [*self.stem.parameters(), *self.block.shared_parameters()]
+
+
+ARCHS = ("hps", "mmoe", "ple")
+
+
+def make_model(data: datasets.MTLData, tasks: list[datasets.Task], arch: str = "hps",
+               fused: bool = True) -> nn.Module:
+    """``hps``: trunk + heads. ``mmoe`` (4 experts) / ``ple`` (2 levels, 2 shared experts and 1
+    per task): the trunk's convolutions (image data) as a shared stem, then MLP experts of the
+    trunk's widths ending in ``FEATURES``. ``fused=False``: the loop definitions (LibMTL's),
+    same initial weights."""
+    from . import arch as archs
+
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    if arch == "hps":
+        return MTLModel(make_trunk(data), make_heads(tasks, fused))
+    stem = make_trunk(data, stem_only=True)
+    with torch.no_grad():
+        width = stem(torch.zeros(1, *data.input_shape)).shape[-1]
+    names = [t.name for t in tasks]
+    if arch == "mmoe":
+        block = archs.MMoE(width, 4, [256, FEATURES], names)
+    else:
+        block = archs.PLE(width, 2, 2, 1, [FEATURES], names)
+    heads = make_heads(tasks, fused)
+    return ExpertModel(stem, block if fused else block.unfuse(), heads)
+
+
+def make_trunk(data: datasets.MTLData, stem_only: bool = False) -> nn.Module:
+    """A small conv net for image-like inputs (C, H, W), an MLP for feature vectors.
+    ``stem_only``: the convolutions and the flattening only (nothing for feature vectors)."""
     shape = data.input_shape
     if len(shape) == 1:
+        if stem_only:
+            return nn.Identity()
         return nn.Sequential(
             nn.Linear(shape[0], 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
             nn.Linear(256, FEATURES), nn.ReLU(),
@@ -74,7 +130,9 @@ def make_trunk(data: datasets.MTLData) -> nn.Module:
     while h * w > 96:
         layers.append(nn.MaxPool2d(2))
         h, w = h // 2, w // 2
-    layers += [nn.Flatten(), nn.Linear(channels * h * w, FEATURES), nn.ReLU()]
+    layers.append(nn.Flatten())
+    if not stem_only:
+        layers += [nn.Linear(channels * h * w, FEATURES), nn.ReLU()]
     return nn.Sequential(*layers)
 
 
@@ -85,8 +143,10 @@ class LoopHeads(nn.Module):
         super().__init__()
         self.heads = heads
 
-    def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: head(z) for name, head in self.heads.items()}
+    def forward(self, z: torch.Tensor, per_task: bool = False) -> dict[str, torch.Tensor]:
+        """``z``: the shared ``(B, D)`` features, or with ``per_task`` one row per task."""
+        return {name: head(z[t] if per_task else z)
+                for t, (name, head) in enumerate(self.heads.items())}
 
 
 def make_heads(tasks: list[datasets.Task], fused: bool = True) -> nn.Module:
@@ -148,14 +208,15 @@ def engine_step(method: methods_module.Method, mode: str = "auto") -> BackwardSt
     import mtlfast
 
     def step(losses, z, model) -> None:
-        mtlfast.backward(losses, model.trunk, method=method, features=z, mode=mode)
+        mtlfast.backward(losses, model.shared_parameters(), method=method, features=z,
+                         mode=mode)
 
     return step
 
 
 def slow_step(method: methods_module.Method) -> BackwardStep:
     def step(losses, z, model) -> None:
-        per_task_backward(losses, model.trunk, method)
+        per_task_backward(losses, model.shared_parameters(), method)
 
     return step
 
@@ -174,7 +235,7 @@ def torchjd_step(method_name: str, num_tasks: int) -> tuple[BackwardStep | None,
     aggregator = make()
 
     def step(losses, z, model) -> None:
-        shared = list(model.trunk.parameters())
+        shared = model.shared_parameters()
         heads = [list(h.parameters()) for h in model.heads.heads.values()]
         autojac.mtl_backward(list(losses.values()), features=z, tasks_params=heads,
                              shared_params=shared)
@@ -216,18 +277,20 @@ def train(
     progress: bool = True,
     method: methods_module.Method | None = None,
     fused_heads: bool = True,
+    arch: str = "hps",
 ) -> RunResult:
     """Train a fresh model (seeded by ``seed``) with ``backward_step``; time the steps only.
 
     ``method`` is the method inside ``backward_step``, when it asks for the losses after the
     optimizer step (FAMO's paper variant, ``post_step_losses="extra_forward"``): they are
     recomputed on the same batch and passed to ``method.update``, as the paper does.
+    ``arch``: the model (:func:`make_model`); ``fused_heads=False`` builds its loop definition.
     """
     post_step = (method.update if getattr(method, "post_step_losses", None) == "extra_forward"
                  else None)
     tasks = list(tasks or data.tasks)
     torch.manual_seed(seed)
-    model = MTLModel(make_trunk(data), make_heads(tasks, fused_heads)).to(device)
+    model = make_model(data, tasks, arch, fused_heads).to(device)
     # Methods with learnable parameters (UW's log-variances) train with the model.
     extra = list(method.parameters()) if method is not None else []
     optimizer = torch.optim.Adam(list(model.parameters()) + extra, lr=lr)
@@ -320,10 +383,12 @@ def run_demo(args: argparse.Namespace) -> dict:
     progress = not args.no_progress
     print(f"{data.description}\ntrain/val/test = {len(data.train)}/{len(data.val)}/"
           f"{len(data.test)}, {epochs} epochs, batch {batch_size}, Adam lr {lr}, "
-          f"device {args.device}, seed {args.seed}")
+          f"device {args.device}, seed {args.seed}, model {args.arch}")
     common = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=args.seed,
                   device=args.device, progress=progress)
     T = len(data.tasks)
+    # Single-task baselines are the hps trunk on one task whatever the MTL model is.
+    model = dict(arch=args.arch)
 
     def fresh_method() -> methods_module.Method:
         torch.manual_seed(args.seed)  # every run's method draws the same seed
@@ -331,20 +396,22 @@ def run_demo(args: argparse.Namespace) -> dict:
 
     method = fresh_method()
     name = type(method).__name__
-    runs = [train(data, f"mtlfast {name}", engine_step(method), method=method, **common),
-            train(data, "linear scalarization", ls_step, **common)]
+    runs = [train(data, f"mtlfast {name}", engine_step(method), method=method, **common, **model),
+            train(data, "linear scalarization", ls_step, **common, **model)]
     notes = {}
     if args.compare:
         slow = fresh_method()
         runs.append(train(data, f"slow {name}", slow_step(slow), method=slow, fused_heads=False,
-                          **common))
+                          **common, **model))
         notes["first_step_difference"] = first_step_difference(data, method_name, batch_size,
-                                                               args.seed, args.device)
+                                                               args.seed, args.device, args.arch)
         if method.needs == "gram":
             features = fresh_method()
             runs.append(train(data, f"mtlfast {name} features", engine_step(features, "features"),
-                              method=features, **common))
-        jd_step, why = torchjd_step(method_name, T)
+                              method=features, **common, **model))
+        jd_step, why = torchjd_step(method_name, T) if args.arch == "hps" else (
+            None, "the demo gives torchjd's mtl_backward each task's own parameters for hard "
+            "parameter sharing only (it does not map an expert block's gates to their tasks)")
         if jd_step is None:
             notes["torchjd"] = f"not run: {why}"
         else:
@@ -365,20 +432,20 @@ def run_demo(args: argparse.Namespace) -> dict:
 
 
 def first_step_difference(data: datasets.MTLData, method_name: str, batch_size: int, seed: int,
-                          device: str) -> float:
+                          device: str, arch: str = "hps") -> float:
     """Relative difference of the trunk's update between mtlfast and the slow way on the
     first batch, from the same initial weights: the two compute the same step."""
     grads = []
     for fused, make_step in ((True, engine_step), (False, slow_step)):
         torch.manual_seed(seed)
-        model = MTLModel(make_trunk(data), make_heads(data.tasks, fused)).to(device)
+        model = make_model(data, data.tasks, arch, fused).to(device)
         torch.manual_seed(seed)
         step = make_step(resolve_method(method_name, len(data.tasks)))
         x, y = next(data.train.batches(batch_size, torch.Generator().manual_seed(seed)))
         x, y = x.to(device), {k: v.to(device) for k, v in y.items()}
         z, out = model(x)
         step(task_losses(data.tasks, out, y), z, model)
-        grads.append(torch.cat([p.grad.reshape(-1) for p in model.trunk.parameters()]))
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.shared_parameters()]))
     return float((grads[0] - grads[1]).norm() / grads[1].norm().clamp_min(1e-30))
 
 
@@ -507,6 +574,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the bundled data set: digits (MultiDigits, 4 tasks), speech "
                         "(SpokenDigits, 3 tasks, needs espeak-ng) or qm9 (11 regression "
                         "targets, needs qm9pack)")
+    parser.add_argument("--arch", choices=ARCHS, default="hps",
+                        help="the model: hps (hard parameter sharing: trunk + fused heads), "
+                        "mmoe or ple (fused expert blocks of mtlfast.arch on a shared stem)")
     parser.add_argument("--method", default="upgrad",
                         help="a method name, as mtlfast.methods.get takes it (one of "
                         "mtlfast.methods.available(); default: upgrad)")

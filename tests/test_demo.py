@@ -55,6 +55,43 @@ def test_mtlfast_and_slow_way_train_the_same_model():
         assert runs[0].loss_curves[task] == pytest.approx(runs[1].loss_curves[task], rel=1e-4)
 
 
+@pytest.mark.parametrize("name", ["digits", "qm9"])
+@pytest.mark.parametrize("arch", ["mmoe", "ple"])
+def test_expert_models_train_and_match_their_loop_definition(name, arch):
+    """--arch: the fused expert model trains every task, and its first update equals the
+    loop definition's (LibMTL's) with the per-task loop, from the same weights."""
+    _available(name)
+    torch.set_num_threads(1)
+    data = datasets.load(name, **demo.SIZES[name]["tiny"])
+    method = Mean()
+    run = demo.train(data, arch, demo.engine_step(method), epochs=3, batch_size=16, lr=5e-3,
+                     seed=0, progress=False, method=method, arch=arch)
+    for task, curve in run.loss_curves.items():
+        assert curve[-1] < curve[0], (task, curve)
+    assert demo.first_step_difference(data, "upgrad", 32, 0, "cpu", arch) < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["mmoe", "ple"])
+def test_expert_models_share_what_libmtl_shares(arch):
+    """shared_parameters(): the stem and the shared experts (+ PLE's shared gates), never a
+    gate or expert of one task; the fused model and its loop definition agree."""
+    data = datasets.load("digits", **demo.SIZES["digits"]["tiny"])
+    counts = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = demo.make_model(data, data.tasks, arch, fused)
+        shared = {id(p) for p in model.shared_parameters()}
+        x = next(data.train.batches(8))[0]
+        _, out = model(x)
+        for p in model.parameters():
+            reach = sum(torch.autograd.grad(o.sum(), p, retain_graph=True, allow_unused=True)[0]
+                        is not None for o in out.values())
+            if id(p) in shared:
+                assert reach == len(out), (arch, fused, p.shape)
+        counts.append(sum(p.numel() for p in model.shared_parameters()))
+    assert counts[0] == counts[1]
+
+
 def test_demo_command_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["demo", "--size", "tiny", "--epochs", "1", "--no-progress",
