@@ -64,9 +64,9 @@ class ExcessMTL(JacobianMethod):
         acc, alpha = state["grad_sq_sum"], state["loss_weight"]
         started, e0 = state["started"], state["initial_excess"]
         g = G.to(acc.dtype)
-        sq = g * g
-        acc_new = acc + sq
-        excess = (sq / torch.sqrt(acc_new + self.eps)).sum(-1)
+        acc_new = torch.addcmul(acc, g, g)
+        # e_i = sum_p g^2 / sqrt(S + eps): one T x P temporary, updated in place.
+        excess = (acc_new + self.eps).rsqrt_().mul_(g).mul_(g).sum(-1)
         e0_new = torch.where(started, e0, excess)
         positive = e0_new > 0
         ratio = torch.where(positive, excess / torch.where(positive, e0_new, 1.0), 0.0)

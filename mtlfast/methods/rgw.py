@@ -15,20 +15,15 @@ __all__ = ["RGW", "counter_normals"]
 
 _M32 = 0xFFFFFFFF
 _KEY = 0x9E3779B9  # golden-ratio constant: the key chain does not start at 0
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """``x * c mod 2^32`` for ``0 <= x < 2^32`` in int64 with no overflow (16-bit halves)."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
+_MUL = 0x45D9F3B
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A bijective 32-bit integer hash (xor-shift-multiply, "lowbias32" constants)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
+    """A bijective 32-bit integer hash (xor-shift-multiply with the odd constant 0x45D9F3B,
+    T. Mueller's): ``x < 2^32`` and the constant ``< 2^31``, so the int64 product never
+    overflows."""
+    x = ((x ^ (x >> 16)) * _MUL) & _M32
+    x = ((x ^ (x >> 16)) * _MUL) & _M32
     return x ^ (x >> 16)
 
 

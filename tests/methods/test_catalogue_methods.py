@@ -159,10 +159,8 @@ _M32 = 0xFFFFFFFF
 
 
 def _mix(x):
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & _M32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & _M32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
     return x ^ (x >> 16)
 
 
@@ -550,3 +548,33 @@ def test_registry_names():
 def test_bad_arguments(make, exc, match):
     with pytest.raises(exc, match=match):
         make()
+
+
+# -------------------------------------------------------- a second opinion: torchjd >= 0.18
+@pytest.mark.parametrize("T", [2, 8, 17])
+def test_modo_agrees_with_torchjd_on_single_batch_grams(T):
+    """torchjd's ``MoDoWeighting`` fed ``J_1 J_2^T`` with ``J_1 = J_2 = G`` is the same rule."""
+    agg = pytest.importorskip("torchjd.aggregation")
+    if not hasattr(agg, "MoDoWeighting"):
+        pytest.skip("torchjd without MoDoWeighting")
+    theirs = agg.MoDoWeighting(gamma=1e-3, rho=0.1)
+    ours = M.MoDo()
+    for G in _sequence(T, "rank_deficient", 3.0, seed=16):
+        K = G @ G.T
+        _close(ours.weights(K), theirs(K), 1e-9, 1e-12, "MoDo vs torchjd")
+
+
+@pytest.mark.parametrize("T", [2, 8, 17])
+def test_sdmgrad_agrees_with_torchjd_on_single_batch_grams(T):
+    """torchjd's ``SDMGradWeighting`` (at LibMTL's lr = 5; torchjd's default is 10) fed
+    ``K = G G^T``, each step from the same kept ``w``."""
+    agg = pytest.importorskip("torchjd.aggregation")
+    if not hasattr(agg, "SDMGradWeighting"):
+        pytest.skip("torchjd without SDMGradWeighting")
+    theirs = agg.SDMGradWeighting(lr=5.0, momentum=0.5, n_iter=20, lambda_=0.3)
+    ours = M.SDMGrad()
+    for G in _sequence(T, "full", 1.0, seed=17):
+        K = G @ G.T
+        w = ours.weights(K)
+        _close(w, theirs(K), 1e-9, 1e-9, "SDMGrad vs torchjd")
+        theirs._w = ours.inner_weights.clone()
