@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._simplex import check_real
+from ._simplex import check_int, check_real
 from ._state import state_dtype
 from .base import JacobianMethod, NonFinitePolicy
 
@@ -18,13 +18,16 @@ class ExcessMTL(JacobianMethod):
 
     The excess risk of task i is estimated by the quadratic model ``g_i^T H_i^-1 g_i`` with
     the diagonal AdaGrad preconditioner ``H_i`` (running sum of the task's squared gradients,
-    buffer ``grad_sq_sum``, T x P, kept in at least float32). The first step records
-    ``e^0`` (``initial_excess``) and keeps ``alpha = 1``; every later step multiplies
+    buffer ``grad_sq_sum``, T x P, kept in at least float32). The first ``baseline_steps``
+    steps keep ``alpha = 1`` and set ``e^0`` to the mean of their estimates
+    (``initial_excess``; ``steps`` counts the steps taken); every later step multiplies
     ``alpha`` by ``exp(eta e_i / e_i^0)`` and renormalizes to sum T (``loss_weight``; the
-    update uses the new ``alpha``). ``eta = robust_step_size = 1e-2`` and ``eps = 1e-7`` as
-    LibMTL (from the official code).
+    update uses the new ``alpha``). ``eta = robust_step_size = 1e-2``, ``eps = 1e-7`` and
+    ``baseline_steps = 1`` (the first step's estimates, as the official code and LibMTL); for a
+    baseline over 3 epochs (torchjd reads the paper's Appendix C.1 so) pass
+    ``baseline_steps = 3 * len(loader)``.
 
-    Where LibMTL would divide by zero (a task whose gradient was exactly 0 at the first step,
+    Where LibMTL would divide by zero (a task whose gradient was exactly 0 during the baseline,
     ``e_i^0 = 0``), the ratio is taken as 0: that task's weight changes only through the
     renormalization. The exponentiated update is applied in log space
     (``T softmax(log alpha + eta e / e^0)``, the same numbers), so large ratios saturate
@@ -36,14 +39,15 @@ class ExcessMTL(JacobianMethod):
     Needs the whole matrix (``needs = "jacobian"``): ``H_i`` is elementwise.
     """
 
-    state_names = ("grad_sq_sum", "loss_weight", "initial_excess", "started")
+    state_names = ("grad_sq_sum", "loss_weight", "initial_excess", "steps")
     deterministic = False
 
     def __init__(self, *, robust_step_size: float = 1e-2, eps: float = 1e-7,
-                 on_nonfinite: NonFinitePolicy = "raise") -> None:
+                 baseline_steps: int = 1, on_nonfinite: NonFinitePolicy = "raise") -> None:
         super().__init__(on_nonfinite=on_nonfinite)
         self.robust_step_size = check_real("robust_step_size", robust_step_size, low=0.0)
         self.eps = check_real("eps", eps, low=0.0, low_open=True)
+        self.baseline_steps = check_int("baseline_steps", baseline_steps, low=1)
 
     def _initial_state(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
         dtype = state_dtype(like.dtype)
@@ -51,7 +55,7 @@ class ExcessMTL(JacobianMethod):
         return {"grad_sq_sum": torch.zeros(like.shape, dtype=dtype, device=like.device),
                 "loss_weight": torch.ones(T, dtype=dtype, device=like.device),
                 "initial_excess": torch.zeros(T, dtype=dtype, device=like.device),
-                "started": torch.zeros((), dtype=torch.bool, device=like.device)}
+                "steps": torch.zeros((), dtype=torch.int64, device=like.device)}
 
     def _check_inputs(self, G: torch.Tensor, losses: torch.Tensor | None) -> None:
         if self.grad_sq_sum is not None and self.grad_sq_sum.shape != G.shape:
@@ -62,22 +66,24 @@ class ExcessMTL(JacobianMethod):
     @torch.no_grad()
     def _step(self, G, losses, state, proposal):
         acc, alpha = state["grad_sq_sum"], state["loss_weight"]
-        started, e0 = state["started"], state["initial_excess"]
+        steps, e0 = state["steps"], state["initial_excess"]
         g = G.to(acc.dtype)
         acc_new = torch.addcmul(acc, g, g)
         # e_i = sum_p g^2 / sqrt(S + eps): one T x P temporary, updated in place.
         excess = (acc_new + self.eps).rsqrt_().mul_(g).mul_(g).sum(-1)
-        e0_new = torch.where(started, e0, excess)
+        # The baseline: the running mean of the first baseline_steps estimates.
+        in_baseline = steps < self.baseline_steps
+        t = steps.to(acc.dtype)
+        e0_new = torch.where(in_baseline, (e0 * t + excess) / (t + 1), e0)
         positive = e0_new > 0
         ratio = torch.where(positive, excess / torch.where(positive, e0_new, 1.0), 0.0)
         T = G.shape[0]
         moved = T * torch.softmax(torch.log(alpha) + self.robust_step_size * ratio, dim=0)
-        alpha_new = torch.where(started, moved, alpha)
-        update = (alpha_new.to(G.dtype) @ G)
+        alpha_new = torch.where(in_baseline, alpha, moved)
+        update = alpha_new.to(G.dtype) @ G
         return update, {"grad_sq_sum": acc_new, "loss_weight": alpha_new,
-                        "initial_excess": e0_new,
-                        "started": torch.ones_like(started)}
+                        "initial_excess": e0_new, "steps": steps + 1}
 
     def extra_repr(self) -> str:
         return (f"robust_step_size={self.robust_step_size}, eps={self.eps}, "
-                f"{super().extra_repr()}")
+                f"baseline_steps={self.baseline_steps}, {super().extra_repr()}")

@@ -128,14 +128,16 @@ def sdmgrad_reference(Gs, **kw):
     return out
 
 
-def excess_reference(Gs, robust_step_size=1e-2, eps=1e-7):
+def excess_reference(Gs, robust_step_size=1e-2, eps=1e-7, baseline_steps=1):
     """LibMTL's ExcessMTL: AdaGrad sums, ``w_i = g_i (1/h_i) . g_i``, the first step's ``w``
     kept as ``initial_w``, then ``alpha <- alpha exp(eta w / initial_w)``, renormalized to sum
-    T; the update is ``alpha @ G``. Returns (alpha, update) per step."""
+    T; the update is ``alpha @ G``. ``baseline_steps > 1``: ``initial_w`` is the mean of the
+    first ``baseline_steps`` steps' ``w``, ``alpha = 1`` during them. Returns (alpha, update)
+    per step."""
     T = Gs[0].shape[0]
     alpha = np.ones(T)
     grad_sum = None
-    initial = None
+    seen = []
     out = []
     for G in Gs:
         G = G.numpy()
@@ -146,9 +148,10 @@ def excess_reference(Gs, robust_step_size=1e-2, eps=1e-7):
             grad_sum[i] += G[i] ** 2
             h = np.sqrt(grad_sum[i] + eps)
             w[i] = (G[i] * (1 / h)) @ G[i]
-        if initial is None:
-            initial = w
+        if len(seen) < baseline_steps:
+            seen.append(w)
         else:
+            initial = np.mean(seen, axis=0)
             alpha = alpha * np.exp(w / initial * robust_step_size)
             alpha = alpha / alpha.sum() * T
         out.append((alpha.copy(), alpha @ G))
@@ -256,17 +259,18 @@ def test_sdmgrad_hyper_parameters_match_transcription(lamda, niter, lr, momentum
 
 
 @pytest.mark.parametrize("T,kind,scale", list(_cases()))
-@pytest.mark.parametrize("eta", [1e-2, 0.7])
-def test_excess_mtl_matches_transcription(T, kind, scale, eta):
+@pytest.mark.parametrize("eta,baseline", [(1e-2, 1), (0.7, 1), (0.7, 3)])
+def test_excess_mtl_matches_transcription(T, kind, scale, eta, baseline):
     Gs = _sequence(T, kind, scale, seed=5)
-    method = M.ExcessMTL(robust_step_size=eta)
-    for k, (G, (alpha, d)) in enumerate(zip(Gs, excess_reference(Gs, eta), strict=True)):
+    method = M.ExcessMTL(robust_step_size=eta, baseline_steps=baseline)
+    ref = excess_reference(Gs, eta, baseline_steps=baseline)
+    for k, (G, (alpha, d)) in enumerate(zip(Gs, ref, strict=True)):
         update = method(G)
         _close(method.loss_weight, alpha, 1e-10, 1e-13, f"weights, step {k}")
         _close(update, d, 1e-10, 1e-12, f"update, step {k}")
         assert (method.loss_weight > 0).all()
         assert abs(float(method.loss_weight.sum()) - T) < 1e-10 * T
-    if eta == 0.7 and kind == "full":
+    if eta == 0.7 and kind == "full" and baseline == 1:
         # The drifting norms must actually have moved the weights off 1.
         assert float((method.loss_weight - 1).abs().max()) > 1e-3
 
@@ -419,6 +423,8 @@ def _factories():
         "SDMGrad": (lambda **kw: M.SDMGrad(**kw), "gram"),
         "RGW": (lambda **kw: M.RGW(seed=99, **kw), "gram"),
         "ExcessMTL": (lambda **kw: M.ExcessMTL(robust_step_size=0.5, **kw), "jacobian"),
+        "ExcessMTL-baseline3": (lambda **kw: M.ExcessMTL(robust_step_size=0.5,
+                                                         baseline_steps=3, **kw), "jacobian"),
     }
 
 
@@ -542,6 +548,8 @@ def test_registry_names():
     (lambda: M.ExcessMTL(robust_step_size=-1.0), ValueError, "robust_step_size"),
     (lambda: M.ExcessMTL(robust_step_size=True), TypeError, "robust_step_size"),
     (lambda: M.ExcessMTL(eps=0.0), ValueError, "eps"),
+    (lambda: M.ExcessMTL(baseline_steps=0), ValueError, "baseline_steps"),
+    (lambda: M.ExcessMTL(baseline_steps=1.5), TypeError, "baseline_steps"),
     (lambda: M.RGW(seed=-1), ValueError, "seed"),
     (lambda: M.RGW(on_nonfinite="ignore"), ValueError, "on_nonfinite"),
 ])
