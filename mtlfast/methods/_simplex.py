@@ -42,16 +42,14 @@ def check_int(name: str, value: object, *, low: int) -> int:
 def project_simplex(v: torch.Tensor) -> torch.Tensor:
     """Euclidean projection of each row ``(..., T)`` onto ``{x >= 0, sum x = 1}``.
 
-    The sort-based rule (Held et al. 1974; Duchi et al. 2008): with ``u`` sorted descending,
-    ``rho = max{k : u_k - (sum_{j<=k} u_j - 1) / k > 0}``, ``theta = (sum_{j<=rho} u_j - 1) / rho``
-    and ``x = max(v - theta, 0)``, the rule of LibMTL's MoDo and SDMGrad projections. ``k = 1``
-    always qualifies, so ``rho >= 1``; branch-free, the same on every device.
+    ``x = max(v - theta, 0)`` with the threshold ``theta = max_k (sum_{j<=k} u_j - 1) / k``
+    over ``u``, the entries sorted descending (the sort-based rule of Held et al. 1974 and
+    LibMTL's MoDo/SDMGrad projections picks the same ``theta``; Condat 2016 for the max form).
+    Without a sort: the partial sum of the ``k`` largest entries at ``k = #{j : v_j >= v_i}``
+    is ``sum_j [v_j >= v_i] v_j``, and over ties the maximum is attained at a tie group's end,
+    which is where these counts land. O(T^2), branch-free, the same on every device.
     """
-    T = v.shape[-1]
-    u = torch.sort(v, dim=-1, descending=True).values
-    css = torch.cumsum(u, dim=-1) - 1
-    k = torch.arange(1, T + 1, dtype=v.dtype, device=v.device)
-    ok = u - css / k > 0
-    rho = torch.where(ok, torch.arange(T, device=v.device), 0).amax(-1, keepdim=True)
-    theta = css.gather(-1, rho) / (rho + 1).to(v.dtype)
+    ge = (v.unsqueeze(-2) >= v.unsqueeze(-1)).to(v.dtype)  # [..., i, j] = v_j >= v_i
+    top = (ge * v.unsqueeze(-2)).sum(-1)
+    theta = ((top - 1) / ge.sum(-1)).amax(-1, keepdim=True)
     return (v - theta).clamp_min(0)

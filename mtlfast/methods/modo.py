@@ -29,7 +29,7 @@ class MoDo(GramMethod):
     from the third. Here all three are the step's one batch: ``lambda`` moves along
     ``K lambda = G G^T lambda``, which estimates ``E[G] E[G]^T lambda`` plus the batch's
     gradient covariance (a bias the double sampling removes), and the update uses the same
-    batch. The projection is LibMTL's sort-based rule (exact), on the device.
+    batch. The projection is exact (the threshold of LibMTL's sort-based rule), on the device.
 
     Not scale-homogeneous (as in the paper): ``gamma`` is absolute, so ``K -> s K`` changes
     how far ``lambda`` moves.

@@ -586,3 +586,29 @@ def test_sdmgrad_agrees_with_torchjd_on_single_batch_grams(T):
         w = ours.weights(K)
         _close(w, theirs(K), 1e-9, 1e-9, "SDMGrad vs torchjd")
         theirs._w = ours.inner_weights.clone()
+
+
+def test_simplex_projection_matches_libmtl_loops():
+    """The sort-free projection shared by MoDo and SDMGrad against both of LibMTL's loops, on
+    2000 vectors of T = 1..19 with scales 1e-6..1e6 and many ties, and a batch at once."""
+    from mtlfast.methods._simplex import project_simplex
+
+    g = torch.Generator().manual_seed(21)
+    batch = []
+    for trial in range(2000):
+        T = int(torch.randint(1, 20, (1,), generator=g))
+        scale = 10 ** float(torch.empty(()).uniform_(-6, 6, generator=g))
+        v = torch.randn(T, generator=g, dtype=torch.float64) * scale
+        if trial % 3 == 0:
+            v = torch.round(v / scale * 2) / 2 * scale
+        x = project_simplex(v)
+        ref = _libmtl_modo_projection(v.numpy())
+        _close(x, ref, 1e-12, 1e-15, (trial, v))
+        _close(x, _libmtl_sdmgrad_projection(v.numpy()), 1e-12, 1e-15, (trial, v))
+        # v - theta cancels: the sum is exact to the rounding of the largest entry.
+        slack = 1e-15 * T * max(1.0, float(v.abs().max()))
+        assert (x >= 0).all() and abs(float(x.sum()) - 1) <= slack + 1e-15, (trial, v)
+        if T == 7:
+            batch.append((v, x))
+    V = torch.stack([v for v, _ in batch])
+    torch.testing.assert_close(project_simplex(V), torch.stack([x for _, x in batch]))
