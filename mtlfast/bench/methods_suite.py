@@ -29,7 +29,8 @@ from .harness import Case, Config, Contender, human
 __all__ = ["cases", "discover_methods", "make_gradients", "weights_cases"]
 
 #: Methods measured in --quick runs (whichever of them exist); full runs measure them all.
-QUICK_METHODS = ("Mean", "UPGrad", "PCGrad", "MGDA", "CAGrad")
+QUICK_METHODS = ("Mean", "UPGrad", "PCGrad", "MGDA", "CAGrad", "ExcessMTL", "MoDo", "SDMGrad",
+                 "RGW")
 
 #: Sizes per profile: a T sweep at fixed P and a P sweep at fixed T; the headline case.
 SIZES: dict[str, dict[str, Any]] = {

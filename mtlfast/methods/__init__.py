@@ -11,6 +11,7 @@ from .cagrad import CAGrad
 from .config import ConFIG
 from .dbmtl import DBMTL
 from .dualproj import DualProj
+from .excess_mtl import ExcessMTL
 from .fairgrad import FairGrad
 from .famo import FAMO
 from .graddrop import GradDrop
@@ -20,9 +21,12 @@ from .imtl import IMTLG
 from .loss_weighting import DWA, GLS, RLW, UW
 from .mgda import MGDA
 from .moco import MoCo
+from .modo import MoDo
 from .nash_mtl import NashMTL
 from .pcgrad import PCGrad
 from .registry import available, get
+from .rgw import RGW
+from .sdmgrad import SDMGrad
 from .stch import STCH
 from .upgrad import UPGrad
 
@@ -33,6 +37,7 @@ __all__ = [
     "DBMTL",
     "DWA",
     "DualProj",
+    "ExcessMTL",
     "FAMO",
     "FairGrad",
     "GLS",
@@ -47,9 +52,12 @@ __all__ = [
     "Mean",
     "Method",
     "MoCo",
+    "MoDo",
     "NashMTL",
     "PCGrad",
+    "RGW",
     "RLW",
+    "SDMGrad",
     "STCH",
     "Sum",
     "UPGrad",

@@ -123,8 +123,9 @@ def test_finite_over_families(cls, T):
 SCALE_EXPONENT = {"FairGrad": -0.5}  # alpha = 1: the root of K w = 1/w scales as s^-1/2
 #: Documented as not scale-homogeneous (docs/methods.md): Nash-MTL clips |w @ G| to max_norm,
 #: GradVac adds eps = 1e-8 to products of norms; FairGrad has no finite root when 0 is in the
-#: hull of the gradients (its weights then grow with the iteration count instead).
-NOT_HOMOGENEOUS = {"NashMTL", "GradVac"}
+#: hull of the gradients (its weights then grow with the iteration count instead). MoDo's step
+#: size gamma is absolute (the paper's), SDMGrad adds eps = 1e-8 to the squared mean norm.
+NOT_HOMOGENEOUS = {"NashMTL", "GradVac", "MoDo", "SDMGrad"}
 
 
 def _scale_cases():

@@ -31,6 +31,8 @@ JACOBIAN_FACTORIES = {
     "MoCo": lambda T, **kw: M.MoCo(**kw),
     "MoCo-libmtl": lambda T, **kw: M.MoCo(lambda_update="softmax", normalize_grads=True, **kw),
     "DBMTL": lambda T, **kw: M.DBMTL(**kw),
+    "ExcessMTL": lambda T, **kw: M.ExcessMTL(**kw),
+    "ExcessMTL-fast": lambda T, **kw: M.ExcessMTL(robust_step_size=0.5, **kw),
 }
 
 
@@ -239,7 +241,7 @@ def test_task_count_mismatch(name):
             method(_losses(4, 0))
 
 
-@pytest.mark.parametrize("name", ["MoCo", "DBMTL"])
+@pytest.mark.parametrize("name", ["MoCo", "DBMTL", "ExcessMTL"])
 def test_jacobian_width_mismatch(name):
     method = JACOBIAN_FACTORIES[name](3)
     method(_matrix(3, 5, 0), _losses(3, 0))
@@ -262,7 +264,7 @@ def test_loss_no_host_sync_on_meta_device(name):
             method.update(L)
 
 
-@pytest.mark.parametrize("name", ["MoCo", "MoCo-libmtl", "DBMTL"])
+@pytest.mark.parametrize("name", ["MoCo", "MoCo-libmtl", "DBMTL", "ExcessMTL"])
 def test_jacobian_no_host_sync_on_meta_device(name):
     method = JACOBIAN_FACTORIES[name](4, on_nonfinite="skip")
     for _ in range(2):
