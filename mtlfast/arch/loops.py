@@ -51,6 +51,10 @@ class MMoELoop(nn.Module):
         z = torch.stack([_mix(rep, self.gate_specific[t](x)) for t in self.tasks])
         return z.reshape(len(self.tasks), *batch, z.shape[-1])
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The experts (LibMTL's ``get_share_params``)."""
+        return list(self.experts_shared.parameters())
+
 
 class _CGCLevel(nn.Module):
     """One CGC level: shared experts, task-specific experts, a gate per task over
@@ -192,3 +196,7 @@ class DSelectKLoop(nn.Module):
             out.append(torch.einsum("ij, ji... -> i...", expert_weights, rep))
         z = torch.stack(out)
         return z.reshape(len(self.tasks), *batch, z.shape[-1])
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The experts (LibMTL's ``get_share_params``)."""
+        return list(self.experts_shared.parameters())

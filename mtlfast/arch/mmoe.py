@@ -71,6 +71,11 @@ class MMoE(Interop, nn.Module):
         z = mixture(self.gates(x2), h).reshape(len(self.tasks), *batch, self.out_features)
         return (z, h) if return_experts else z
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The experts, which every task mixes (LibMTL's ``get_share_params``): pass them as
+        ``shared`` to ``mtlfast.backward``; the gates get their ordinary gradients."""
+        return list(self.experts.parameters())
+
     def _param_blocks(self):
         E = self.experts.num_experts
         out = bank_blocks("experts.", self.experts, [f"experts_shared.{e}." for e in range(E)])
