@@ -35,7 +35,7 @@ from mtlfast.metrics import delta_m
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", choices=sorted(datasets.LOADERS), default="digits")
-    p.add_argument("--size", choices=("tiny", "default"), default="default")
+    p.add_argument("--size", choices=("tiny", "small", "default"), default="default")
     p.add_argument("--methods", nargs="+", default=["ls", "pcgrad", "upgrad", "nashmtl", "famo"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=None)

@@ -28,11 +28,12 @@ from . import methods as methods_module
 from .baselines import per_task_backward
 from .metrics import accuracy, delta_m, mae
 
-# Data-set sizes: "tiny" for tests and CI, "default" for the demo.
+# Data-set sizes: "tiny" for tests and CI, "default" for the demo, "small" for sweeps over
+# many models and methods (QM9's first 20,000 molecules; the others as default).
 SIZES = {
-    "digits": {"tiny": dict(n_train=512, n_val=128, n_test=256), "default": {}},
-    "speech": {"tiny": dict(n_voices=2, reps=4), "default": {}},
-    "qm9": {"tiny": dict(limit=1000), "default": {}},
+    "digits": {"tiny": dict(n_train=512, n_val=128, n_test=256), "small": {}, "default": {}},
+    "speech": {"tiny": dict(n_voices=2, reps=4), "small": {}, "default": {}},
+    "qm9": {"tiny": dict(limit=1000), "small": dict(limit=20000), "default": {}},
 }
 # Per data set: epochs, batch size, learning rate (Adam).
 DEFAULTS = {"digits": (4, 128, 2e-3), "speech": (20, 32, 1e-3), "qm9": (10, 120, 1e-3)}
@@ -599,8 +600,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
                         help="also train the same method the slow way (per-task loop), in "
                         "features mode, and with torchjd when installed")
-    parser.add_argument("--size", choices=("tiny", "default"), default="default",
-                        help="data set size: tiny is for tests and CI")
+    parser.add_argument("--size", choices=("tiny", "small", "default"), default="default",
+                        help="data set size: tiny is for tests and CI; small is QM9's first "
+                        "20,000 molecules (the others as default)")
     parser.add_argument("--out", default="mtlfast-demo", help="folder for JSON and PNG output")
     parser.add_argument("--fresh-baselines", action="store_true",
                         help="retrain the single-task baselines instead of using the cache")
