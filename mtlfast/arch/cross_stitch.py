@@ -30,10 +30,14 @@ Output: ``forward(x)`` returns a list of T per-task representations ``(B, C, H, 
 one ``(B, T*C, H, W)`` buffer in :class:`CrossStitch`); ``stacked=True`` returns that buffer as
 ``(B, T, C, H, W)``.
 
-Shared parameters (``shared_parameters()``, LibMTL's ``get_share_params``): the whole encoder,
-every column and the stitch units. The columns are per-task modules, but through the stitch
-units every column feeds every task, so each has a per-task gradient for an MTL method to
-weigh; only the decoders are task-specific. ``stitch_parameters()`` returns the units alone.
+Shared parameters (``shared_parameters()``, what to pass as ``shared=`` to
+``mtlfast.backward``): the stitch units and every column's stages up to the last unit. The
+columns are per-task modules, but through the units every one of those stages feeds every task,
+so each has a per-task gradient for an MTL method to weigh. The stages after the last unit
+(ResNet: ``layer4``) are reached by their own task only: like heads they get their ordinary
+gradient (``task_parameters()``; mtlfast rejects a "shared" parameter only one task reaches).
+LibMTL's ``get_share_params`` returns the whole encoder, tails included: their per-task
+gradients are zero outside their own task, so they are task-specific all the same.
 """
 
 from __future__ import annotations
@@ -81,9 +85,17 @@ class _Base(nn.Module):
     def num_tasks(self) -> int:
         return len(self.tasks)
 
+    def _shared_stages(self) -> int:
+        return self.stitch_after[-1] + 1 if self.stitch_after else 0
+
     def shared_parameters(self) -> list[nn.Parameter]:
-        """LibMTL's ``get_share_params``: every parameter (columns and stitch units)."""
-        return list(self.parameters())
+        """The stitch units and the columns' stages up to the last unit (see the module doc)."""
+        k = self._shared_stages()
+        return [self.stitch] + [p for c in self.columns[:k] for p in c.parameters()]
+
+    def task_parameters(self) -> list[nn.Parameter]:
+        """The columns' stages after the last unit: each reached by its own task only."""
+        return [p for c in self.columns[self._shared_stages():] for p in c.parameters()]
 
     def stitch_parameters(self) -> list[nn.Parameter]:
         return [self.stitch]

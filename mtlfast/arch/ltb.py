@@ -24,9 +24,14 @@ allocates ``alpha`` as ``(6, T, T)`` and uses ``[1:5]`` for its 5 ResNet stages:
 libmtl_alpha[1:5]``.
 
 Output: a list of T per-task representations ``(B, C, H, W)`` (``stacked=True``: one
-``(B, T, C, H, W)`` tensor). Shared parameters (``shared_parameters()``, LibMTL's
-``get_share_params``): the whole encoder (every node may feed every task through the
-branching); ``branch_parameters()`` returns ``[alpha]``.
+``(B, T, C, H, W)`` tensor).
+
+Shared parameters (``shared_parameters()``, the ``shared=`` of ``mtlfast.backward``): ``alpha``
+and the nodes of every stage but the last (through the branching each may feed every task; in
+LibMTL's ``get_share_params`` too). The last stage's nodes are reached by their own task only:
+like heads they get their ordinary gradient (``task_parameters()``; mtlfast rejects a "shared"
+parameter only one task reaches). During warm-up ``alpha`` is not used (no gradient).
+``branch_parameters()`` returns ``[alpha]``.
 """
 
 from __future__ import annotations
@@ -88,8 +93,12 @@ class _Base(nn.Module):
         return F.gumbel_softmax(self.alpha, tau=tau, hard=True, dim=-1)
 
     def shared_parameters(self) -> list[nn.Parameter]:
-        """LibMTL's ``get_share_params``: every parameter (all nodes and ``alpha``)."""
-        return list(self.parameters())
+        """``alpha`` and the nodes of every stage but the last (see the module doc)."""
+        return [self.alpha] + [p for c in self.columns[:-1] for p in c.parameters()]
+
+    def task_parameters(self) -> list[nn.Parameter]:
+        """The last stage's nodes: each reached by its own task only."""
+        return list(self.columns[-1].parameters())
 
     def branch_parameters(self) -> list[nn.Parameter]:
         return [self.alpha]
