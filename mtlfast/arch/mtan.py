@@ -248,22 +248,35 @@ def _bn_per_task(bn: nn.BatchNorm2d, x: torch.Tensor, T: int) -> torch.Tensor:
     if not use_batch:
         return F.batch_norm(x, bn.running_mean.repeat(T), bn.running_var.repeat(T), w, b,
                             False, 0.0, bn.eps)
-    if bn.training and bn.track_running_stats and bn.running_mean is not None:
+    if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
+        return F.batch_norm(x, None, None, w, b, True, 0.0, bn.eps)
+    C, rm, rv = bn.num_features, bn.running_mean, bn.running_var
+    if bn.momentum is not None:
+        # One call on T copies of the buffers gives slot t = (1-m) r + m mu_t; T sequential
+        # calls give (1-m)^T r + sum_t (1-m)^(T-1-t) m mu_t: combine the slots.
+        m = bn.momentum
+        rmT, rvT = rm.repeat(T), rv.repeat(T)
+        y = F.batch_norm(x, rmT, rvT, w, b, True, m, bn.eps)
         with torch.no_grad():
-            C = bn.num_features
-            xs = x.detach().transpose(0, 1).reshape(T, C, -1).float()
-            n = xs.shape[-1]
-            mean = xs.mean(-1)
-            var = xs.var(-1, unbiased=n > 1) if n > 1 else torch.zeros_like(mean)
-            rm, rv = bn.running_mean.float(), bn.running_var.float()
-            count = int(bn.num_batches_tracked)
-            for t in range(T):  # T tiny (C,) updates: the sequential EMA of T calls
-                m = bn.momentum if bn.momentum is not None else 1.0 / (count + t + 1)
-                rm = (1 - m) * rm + m * mean[t]
-                rv = (1 - m) * rv + m * var[t]
-            bn.running_mean.copy_(rm)
-            bn.running_var.copy_(rv)
+            decay = (1 - m) ** torch.arange(T - 1, -1, -1, device=rm.device,
+                                            dtype=torch.float64)
+            decay = decay.to(rm.dtype).unsqueeze(1)
+            for run, slots in ((rm, rmT), (rv, rvT)):
+                terms = slots.view(T, C) - (1 - m) * run
+                run.mul_((1 - m) ** T).add_((decay * terms).sum(0))
             bn.num_batches_tracked.add_(T)
+        return y
+    with torch.no_grad():  # momentum=None: a cumulative average, 1/n per call
+        xs = x.detach().transpose(0, 1).reshape(T, C, -1)
+        n = xs.shape[-1]
+        mean = xs.mean(-1)
+        var = xs.var(-1, unbiased=True) if n > 1 else torch.zeros_like(mean)
+        count = int(bn.num_batches_tracked)
+        for t in range(T):
+            f = 1.0 / (count + t + 1)
+            rm.mul_(1 - f).add_(f * mean[t])
+            rv.mul_(1 - f).add_(f * var[t])
+        bn.num_batches_tracked.add_(T)
     return F.batch_norm(x, None, None, w, b, True, 0.0, bn.eps)
 
 

@@ -412,3 +412,24 @@ def test_ltb_needs_a_schedule():
         model.set_epoch(0, 0)
     with pytest.raises(ValueError, match="epoch"):
         model.set_epoch(-1, 10)
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.7, None])
+def test_mtan_shared_block_batchnorm_as_t_sequential_calls(momentum):
+    """The shared attention blocks' running statistics after steps equal LibMTL's T calls."""
+    bat, ref = _pair("mtan", T=4)
+    for model in (bat, ref):
+        for m in model.encoder_block_att.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = momentum
+    bat.double()
+    ref.double()
+    for _ in range(3):
+        x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+        for a, b in zip(bat(x), ref(x), strict=True):
+            assert rel_err(a, b) < 1e-10
+    sb, sr = bat.state_dict(), ref.state_dict()
+    for k in sr:
+        if k.startswith("encoder_block_att"):
+            assert torch.allclose(sb[k], sr[k], rtol=1e-10, atol=1e-12), k
+    assert int(sr["encoder_block_att.0.bn1.num_batches_tracked"]) == 12
