@@ -324,6 +324,21 @@ def test_unbatchable_stage_falls_back_to_a_loop():
         assert rel_err(a, b) < 1e-6
 
 
+def test_wide_stages_stay_separate_modules(monkeypatch):
+    """batched=None keeps stages with wide convolutions as T modules (LOOP_CHANNELS)."""
+    import mtlfast.arch._columns as columns
+
+    monkeypatch.setattr(columns, "LOOP_CHANNELS", 16)
+    ref = CrossStitchReference(2, _factory())
+    bat = CrossStitch(2, _factory())
+    assert bat.batched_stages == (True, True, True, False, False)  # widths 4, 8, 16, 32
+    assert CrossStitch(2, _factory(), batched=True).batched_stages == (True,) * 5
+    bat.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    for a, b in zip(bat(x), ref(x), strict=True):
+        assert rel_err(a, b) < 1e-5
+
+
 def test_register_batchable():
     class Res(nn.Module):
         def __init__(self):
