@@ -8,9 +8,11 @@ unit, initialised to ones as LibMTL does).
 :class:`CrossStitch` runs each stage's T columns as one module on channel-stacked columns
 (``_columns.StackedColumns``: grouped convolutions, ``BatchNorm2d(T*C)``, the stem's first
 convolution as one ``Conv2d(C_in, T*C_out)`` on the shared input) and each stitch as one
-einsum; a stage holding a module outside the batchable set runs as a loop over T (see
-``CrossStitch.batched_stages``). :class:`CrossStitchReference` is the plain definition (nested
-``nn.ModuleList``, Python loops, as LibMTL's ``_transform_resnet_cross``).
+einsum; a stage holding a module outside the batchable set, or (by default) with convolutions
+of >= 256 input channels per task (ResNet-18 ``layer3``/``layer4``: T separate convolutions are
+faster there on a CPU), runs as a loop over T modules (see ``CrossStitch.batched_stages``).
+:class:`CrossStitchReference` is the plain definition (nested ``nn.ModuleList``, Python
+loops, as LibMTL's ``_transform_resnet_cross``).
 
 state_dict keys (both classes; a checkpoint of either loads into the other):
 

@@ -14,9 +14,11 @@ In ``eval()`` mode LibMTL still samples; here eval uses the noise-free choice
 ``one_hot(argmax(alpha))`` (a deterministic network) unless ``sample_in_eval=True``.
 
 :class:`LTB` runs each stage's T nodes as one module on channel-stacked columns (see
-``_columns.StackedColumns``; a stage that cannot be batched loops) and each branching as one
-einsum; :class:`LTBReference` is the plain definition (LibMTL's ``_transform_resnet_ltb``
-loops). Both draw the same Gumbel noise for the same RNG state (:meth:`branch_weights`).
+``_columns.StackedColumns``; a stage that cannot be batched, or with >= 256-channel
+convolutions, loops over T modules, as in :class:`mtlfast.arch.CrossStitch`) and each
+branching as one einsum; :class:`LTBReference` is the plain definition (LibMTL's
+``_transform_resnet_ltb`` loops). Both draw the same Gumbel noise for the same RNG state
+(:meth:`branch_weights`).
 
 state_dict keys (both classes, interchangeable): ``columns.{k}.{t}.{path}`` (stage ``k`` of
 task ``t``, stacked along dim 0 in :class:`LTB`) and ``alpha`` ``(S - 1, T, T)``. LibMTL

@@ -448,3 +448,37 @@ def test_mtan_shared_block_batchnorm_as_t_sequential_calls(momentum):
         if k.startswith("encoder_block_att"):
             assert torch.allclose(sb[k], sr[k], rtol=1e-10, atol=1e-12), k
     assert int(sr["encoder_block_att.0.bn1.num_batches_tracked"]) == 12
+
+
+def test_encoder_forms():
+    """A factory (independent columns), one module (deep-copied: equal columns), T modules."""
+    torch.manual_seed(0)
+    a = CrossStitch(2, _factory())
+    w = a.state_dict()
+    assert not torch.equal(w["columns.0.0.0.weight"], w["columns.0.1.0.weight"])
+    enc = resnet((1, 1, 1, 1), 4)
+    b = CrossStitch(2, enc).state_dict()
+    assert torch.equal(b["columns.0.0.0.weight"], b["columns.0.1.0.weight"])
+    assert torch.equal(b["columns.0.0.0.weight"], enc.conv1.weight)
+    encs = [resnet((1, 1, 1, 1), 4) for _ in range(2)]
+    c = LTB(["x", "y"], encs).state_dict()
+    assert torch.equal(c["columns.2.1.0.conv1.weight"], encs[1].layer2[0].conv1.weight)
+
+
+def test_stem_without_a_leading_conv_reads_a_repeated_input():
+    from mtlfast.arch import BasicBlock
+
+    def stages():
+        down = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4))
+        return [BasicBlock(3, 4, downsample=down), nn.Sequential(BasicBlock(4, 4))]
+
+    ref = LTBReference(3, stages)
+    bat = LTB(3, stages)
+    assert bat.batched_stages == (True, True) and bat.columns[0]._repeat
+    bat.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 6, 6)
+    torch.manual_seed(2)
+    want = ref(x, 10, 10)
+    torch.manual_seed(2)
+    for a, b in zip(bat(x, 10, 10), want, strict=True):
+        assert rel_err(a, b) < 1e-5
