@@ -245,7 +245,7 @@ def test_mtlfast_backward(arch, mode, method):
     """Same ``.grad`` for the batched model as for the reference (shared and task-specific)."""
     T = 3
     bat, ref = _pair(arch, T)
-    x, y = torch.randn(4, 3, 32, 32), torch.randn(4, T)
+    x, y = torch.randn(4, 3, 16, 16), torch.randn(4, T)
     heads = _heads(ref, T, x)
     heads_b = copy.deepcopy(heads)
     for model, hs in ((bat, heads_b), (ref, heads)):
