@@ -40,6 +40,8 @@ so each has a per-task gradient for an MTL method to weigh. The stages after the
 gradient (``task_parameters()``; mtlfast rejects a "shared" parameter only one task reaches).
 LibMTL's ``get_share_params`` returns the whole encoder, tails included: their per-task
 gradients are zero outside their own task, so they are task-specific all the same.
+``mode="features"`` (MGDA-UB) runs with ``features=`` the T outputs, but each task reads
+only its own representation, so that Gram is diagonal: use ``"jacobian"`` / ``"gramian"``.
 """
 
 from __future__ import annotations

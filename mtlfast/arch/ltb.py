@@ -34,6 +34,8 @@ LibMTL's ``get_share_params`` too). The last stage's nodes are reached by their 
 like heads they get their ordinary gradient (``task_parameters()``; mtlfast rejects a "shared"
 parameter only one task reaches). During warm-up ``alpha`` is not used (no gradient).
 ``branch_parameters()`` returns ``[alpha]``.
+``mode="features"`` (MGDA-UB) runs with ``features=`` the T outputs, but each task reads
+only its own representation, so that Gram is diagonal: use ``"jacobian"`` / ``"gramian"``.
 """
 
 from __future__ import annotations

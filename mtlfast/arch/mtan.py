@@ -40,6 +40,8 @@ Shared parameters (``shared_parameters()``, LibMTL's ``get_share_params``): ``sh
 ``shared_layer``. The ``encoder_block_att`` blocks are also applied to every task but LibMTL
 leaves them out (they get the ordinary summed gradient); ``shared_parameters(
 include_block_att=True)`` adds them. The attention modules are task-specific.
+``mode="features"`` (MGDA-UB) runs with ``features=`` the T outputs, but each task reads
+only its own representation, so that Gram is diagonal: use ``"jacobian"`` / ``"gramian"``.
 Not supported: LibMTL's multi-input mode (``forward_task``).
 """
 
