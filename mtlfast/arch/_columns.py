@@ -581,3 +581,33 @@ def bench_columns(cases=None, reps: int = 7, threads: int | None = None) -> list
         print(f"{arch:13s} {label:12s} B={B} {size}x{size} w={width}: loop {loop * 1e3:8.1f} ms"
               f"  batched {batched * 1e3:8.1f} ms  speedup x{loop / batched:.2f}", flush=True)
     return rows
+
+
+def from_libmtl_columns(state_dict, tasks: Sequence[str], name: str, ours: str, keep: slice,
+                        num_stages: int) -> dict:
+    """A LibMTL ``_transform_resnet_cross`` / ``_transform_resnet_ltb`` state_dict (keys
+    ``resnet_conv.{task}.*``, ``resnet_layer.{i}.{t}.*``, ``name``; a leading ``encoder.``, as
+    in a whole LibMTL model, is dropped and decoder keys are ignored) under this package's
+    keys: ``columns.0.{t}.*``, ``columns.{i+1}.{t}.*`` and ``ours = state_dict[name][keep]``."""
+    if num_stages != 5:
+        raise ValueError("LibMTL's column architectures have 5 ResNet stages; this model has "
+                         f"{num_stages}")
+    out = {}
+    for key, value in state_dict.items():
+        k = key[len("encoder."):] if key.startswith("encoder.") else key
+        if k.startswith("decoders."):
+            continue
+        if k.startswith("resnet_conv."):
+            task, rest = k[len("resnet_conv."):].split(".", 1)
+            if task not in tasks:
+                raise ValueError(f"state_dict: task {task!r} of the LibMTL checkpoint is not "
+                                 f"one of this model's tasks {list(tasks)}")
+            out[f"columns.0.{tasks.index(task)}.{rest}"] = value
+        elif k.startswith("resnet_layer."):
+            i, rest = k[len("resnet_layer."):].split(".", 1)
+            out[f"columns.{int(i) + 1}.{rest}"] = value
+        elif k == name:
+            out[ours] = value[keep]
+        else:
+            out[k] = value  # load_state_dict reports it as unexpected
+    return out

@@ -51,7 +51,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ._columns import StackedColumns, check_tasks, make_columns, mix_columns, per_task, resnet
+from ._columns import (
+    StackedColumns,
+    check_tasks,
+    from_libmtl_columns,
+    make_columns,
+    mix_columns,
+    per_task,
+    resnet,
+)
 
 __all__ = ["CrossStitch", "CrossStitchReference"]
 
@@ -103,6 +111,18 @@ class _Base(nn.Module):
 
     def stitch_parameters(self) -> list[nn.Parameter]:
         return [self.stitch]
+
+    def load_libmtl_state_dict(self, state_dict, strict: bool = True):
+        """Load a LibMTL ``Cross_stitch`` checkpoint (its encoder's keys, or a whole model's:
+        ``encoder.`` is dropped, decoders ignored): ``resnet_conv.{task}`` -> ``columns.0.{t}``,
+        ``resnet_layer.{i}.{t}`` -> ``columns.{i+1}.{t}``, ``cross_unit[:3]`` -> ``stitch``.
+        Needs LibMTL's layout: 5 stages, ``stitch_after=(1, 2, 3)``."""
+        if self.stitch_after != (1, 2, 3):
+            raise ValueError("load_libmtl_state_dict needs stitch_after=(1, 2, 3) (LibMTL's "
+                             f"units), got {self.stitch_after}")
+        sd = from_libmtl_columns(state_dict, self.tasks, "cross_unit", "stitch", slice(0, 3),
+                                 len(self.columns))
+        return self.load_state_dict(sd, strict=strict)
 
 
 class CrossStitch(_Base):

@@ -46,7 +46,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._columns import StackedColumns, check_tasks, make_columns, mix_columns, per_task, resnet
+from ._columns import (
+    StackedColumns,
+    check_tasks,
+    from_libmtl_columns,
+    make_columns,
+    mix_columns,
+    per_task,
+    resnet,
+)
 
 __all__ = ["LTB", "LTBReference"]
 
@@ -106,6 +114,14 @@ class _Base(nn.Module):
 
     def branch_parameters(self) -> list[nn.Parameter]:
         return [self.alpha]
+
+    def load_libmtl_state_dict(self, state_dict, strict: bool = True):
+        """Load a LibMTL ``LTB`` checkpoint (its encoder's keys, or a whole model's: ``encoder.``
+        is dropped, decoders ignored): ``resnet_conv.{task}`` -> ``columns.0.{t}``,
+        ``resnet_layer.{i}.{t}`` -> ``columns.{i+1}.{t}``, ``alpha[1:5]`` -> ``alpha``."""
+        sd = from_libmtl_columns(state_dict, self.tasks, "alpha", "alpha", slice(1, 5),
+                                 len(self.columns))
+        return self.load_state_dict(sd, strict=strict)
 
 
 class LTB(_Base):

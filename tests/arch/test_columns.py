@@ -482,3 +482,69 @@ def test_stem_without_a_leading_conv_reads_a_repeated_input():
     torch.manual_seed(2)
     for a, b in zip(bat(x, 10, 10), want, strict=True):
         assert rel_err(a, b) < 1e-5
+
+
+# ---------------------------------------------------------------------- LibMTL checkpoints
+
+class _LibMTLColumns(nn.Module):
+    """LibMTL's ``_transform_resnet_cross`` / ``_transform_resnet_ltb`` layout and forward
+    (restated here for a conformance check): per-task stems in a ModuleDict, per-layer
+    ModuleLists, ``cross_unit`` (4, T, T) or ``alpha`` (6, T, T)."""
+
+    def __init__(self, encoders, tasks, kind):
+        super().__init__()
+        self.tasks, self.kind = tasks, kind
+        self.resnet_conv = nn.ModuleDict({t: nn.Sequential(e.conv1, e.bn1, e.relu, e.maxpool)
+                                          for t, e in zip(tasks, encoders, strict=True)})
+        self.resnet_layer = nn.ModuleDict({str(i): nn.ModuleList(
+            [getattr(e, f"layer{i + 1}") for e in encoders]) for i in range(4)})
+        T = len(tasks)
+        if kind == "cross":
+            self.cross_unit = nn.Parameter(torch.rand(4, T, T))
+        else:
+            self.alpha = nn.Parameter(torch.rand(6, T, T))
+
+    def forward(self, x, epoch=None, epochs=None):
+        T = len(self.tasks)
+        if self.kind == "cross":
+            rep = [self.resnet_layer["0"][t](self.resnet_conv[n](x))
+                   for t, n in enumerate(self.tasks)]
+            for i in range(1, 4):
+                rep = [self.resnet_layer[str(i)][t](sum(self.cross_unit[i - 1][t][j] * rep[j]
+                                                        for j in range(T))) for t in range(T)]
+            return rep
+        if epoch < epochs / 100:
+            alpha = torch.ones(6, T, T)
+        else:
+            alpha = nn.functional.gumbel_softmax(self.alpha, dim=-1,
+                                                 tau=epochs / 20 / (epoch + 1) ** 0.5, hard=True)
+        rep = [self.resnet_conv[n](x) for n in self.tasks]
+        for i in range(1, 5):
+            rep = [self.resnet_layer[str(i - 1)][t](sum(alpha[i, t, j] * rep[j]
+                                                        for j in range(T))) for t in range(T)]
+        return rep
+
+
+@pytest.mark.parametrize("kind", ["cross", "ltb"])
+def test_libmtl_checkpoint_loads_and_matches_its_forward(kind, monkeypatch):
+    tasks = ["seg", "depth", "normal"]
+    lib = _LibMTLColumns([resnet((1, 2, 2, 2), 4) for _ in tasks], tasks, kind).eval()
+    sd = {f"encoder.{k}": v for k, v in lib.state_dict().items()}  # a whole LibMTL model's
+    sd["decoders.seg.weight"] = torch.zeros(1)
+    model = CrossStitch(tasks, _factory()) if kind == "cross" else LTB(tasks, _factory())
+    model.eval()
+    model.load_libmtl_state_dict(sd)
+    # LibMTL samples the branching in eval mode too; make the "sample" the argmax for both
+    monkeypatch.setattr(nn.functional, "gumbel_softmax", lambda logits, tau, hard, dim:
+                        nn.functional.one_hot(logits.argmax(dim), logits.shape[dim]).float())
+    if kind == "ltb":
+        model.sample_in_eval = True
+    x = torch.randn(2, 3, 32, 32)
+    for schedule in ((0, 200), (50, 200)) if kind == "ltb" else ((None, None),):
+        want = lib(x, *schedule)
+        got = model(x, *schedule) if kind == "ltb" else model(x)
+        for a, b in zip(got, want, strict=True):
+            assert rel_err(a, b) < 1e-5
+    with pytest.raises(ValueError, match="task 'seg'"):
+        (CrossStitch(3, _factory()) if kind == "cross" else LTB(3, _factory())) \
+            .load_libmtl_state_dict(sd)
