@@ -121,18 +121,57 @@ class ExpertBank(nn.Module):
                 w.uniform_(-bound, bound)
                 b.uniform_(-bound, bound)
 
+    def _expert_major(self, x: torch.Tensor) -> bool:
+        """The CPU path for experts of one shape (and owners of one size): measured faster
+        than the grouped op's (it keeps the activations expert-major, no transposes)."""
+        return x.device.type == "cpu" and len(set(self.widths)) == 1 and (
+            self.groups is None or len(set(self.groups)) == 1)
+
+    def _forward_expert_major(self, x: torch.Tensor) -> torch.Tensor:
+        """Layer 1: one addmm (shared input) or one baddbmm over owners; layers 2..L: one
+        baddbmm over the (E, M, H) activations; in-place activations; torch autograd."""
+        E, K, widths = self.num_experts, self.in_features, self.widths[0]
+        act = self._act_
+        H = widths[0]
+        if self.groups is None:
+            M = x.shape[0]
+            pre = torch.addmm(self.bias0, x, self.weight0.view(E * H, K).t())
+            h = act(pre).view(M, E, H).transpose(0, 1)
+        else:
+            G, M, n = x.shape[0], x.shape[1], self.groups[0]
+            pre = torch.baddbmm(self.bias0.view(G, 1, n * H), x,
+                                self.weight0.view(G, n * H, K).transpose(1, 2))
+            h = act(pre)
+            if n > 1:
+                h = h.view(G, M, n, H).transpose(1, 2).reshape(E, M, H)
+        for layer in range(1, self.depth):
+            n_in, n_out = widths[layer - 1], widths[layer]
+            w = getattr(self, f"weight{layer}").view(E, n_out, n_in).transpose(1, 2)
+            h = act(torch.baddbmm(getattr(self, f"bias{layer}").view(E, 1, n_out), h, w))
+        return h
+
+    @property
+    def _act_(self):
+        return {"relu": torch.relu_, "gelu": torch.nn.functional.gelu,
+                "silu": torch.nn.functional.silu, "none": lambda t: t}[self.activation]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(M, K)`` (shared input) or ``(G, M, K)`` (per group). Returns ``(E, M, D)``."""
         K, act = self.in_features, self.activation
         if self.groups is None:
             if x.dim() != 2 or x.shape[1] != K:
                 raise ValueError(f"ExpertBank: x must be (M, {K}), got {tuple(x.shape)}")
-            h = grouped_linear(x, self.weight0, self.bias0, [K], [sum(self.layer_widths(0)[1])],
-                               activation=act)
         else:
             G = len(self.groups)
             if x.dim() != 3 or x.shape[0] != G or x.shape[2] != K:
                 raise ValueError(f"ExpertBank: x must be (G={G}, M, {K}), got {tuple(x.shape)}")
+        if self._expert_major(x):
+            return self._forward_expert_major(x)
+        if self.groups is None:
+            h = grouped_linear(x, self.weight0, self.bias0, [K], [sum(self.layer_widths(0)[1])],
+                               activation=act)
+        else:
+            G = len(self.groups)
             outs, start = [], 0
             for n in self.groups:
                 outs.append(sum(w[0] for w in self.widths[start:start + n]))

@@ -102,7 +102,9 @@ def _forward_impl(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 
 def _backward_impl(dz, g, h, need_g: bool, need_h: bool):
-    if backend(_OP, g) == "triton":
+    # dz, not g: under autograd.grad(..., is_grads_batched=True) dz is a legacy vmap
+    # BatchedTensor (no storage for a Triton launch), which the rule sends to torch
+    if backend(_OP, dz) == "triton":
         from ..kernels.triton.mixture import mixture_backward_triton
 
         cdt = _compute_dtype(g)
