@@ -30,6 +30,7 @@ def _models(dtype=torch.float32):
         ("ple_ragged", PLE(K, 2, 2, [1, 0, 3], [[4, 6], [9, 6], [4, 6], [5, 6], [3, 6],
                                                 [4, 6]], 3, **f)),
         ("ple_no_shared", PLE(K, 2, 0, 2, [5], 2, **f)),
+        ("ple_two_per_owner", PLE(K, 2, 2, 2, [8, 6], 3, **f)),
         ("dselect", DSelectK(K, 5, 2, [8, 6], 3, **f)),
         ("dselect_pow2", DSelectK(K, 4, 3, [8], 2, kgamma=50.0, **f)),
     ]
@@ -241,3 +242,14 @@ def test_grouped_op_path_matches_loop(name, monkeypatch):
     named = _grads_in_loop_keys(fused, gf[1:])
     for (key, _), want in zip(loop.named_parameters(), gl[1:], strict=True):
         assert rel_err(named[key], want) < 1e-4, key
+
+
+@pytest.mark.parametrize("name", ["mmoe", "ple_two_per_owner", "dselect"])
+def test_compile_sees_through_the_block(name):
+    fused = _model(name)
+    x = torch.randn(7, K)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    z = compiled(x)
+    assert rel_err(z, fused.unfuse()(x)) < 1e-5
+    z.square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fused.parameters())
