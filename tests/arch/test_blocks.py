@@ -150,6 +150,19 @@ def test_state_dict_round_trips_both_ways(name):
     assert rel_err(fresh.unfuse()(x), other(x)) < 1e-5
 
 
+@pytest.mark.parametrize("name", ["mmoe", "cgc", "ple", "dselect"])
+def test_loop_fuse_is_the_inverse_of_unfuse(name):
+    fused = _model(name)
+    loop = fused.unfuse()
+    back = loop.fuse()
+    assert type(back) is type(fused)
+    for (k1, v1), (k2, v2) in zip(back.state_dict().items(), fused.state_dict().items(),
+                                  strict=True):
+        assert k1 == k2 and torch.equal(v1, v2)
+    x = torch.randn(5, K)
+    assert torch.equal(back(x), fused(x))
+
+
 def test_load_reports_missing_and_mismatched_keys():
     fused = _model("mmoe")
     sd = fused.unfuse().state_dict()
