@@ -4,13 +4,16 @@
 #     bash benchmarks/gpu_check.sh            # report in $OUT, or ./gpu-report/ when unset
 #
 # 1. builds mtlfast._C in place for this GPU's architecture and checks it has CUDA kernels,
-# 2. runs the CUDA tests (pytest -m cuda) and every Triton test file on the GPU (JUnit XML),
+# 2. runs the CUDA tests (pytest -m cuda) and every Triton test file on the GPU (JUnit XML;
+#    a test file mentioning Triton is picked up, e.g. tests/ops/test_mixture.py and
+#    tests/arch/test_triton.py),
 # 3. runs the benchmark suites on the GPU, one step each (python -m mtlfast bench --device cuda
 #    --quick --suite S --out $OUT/bench_S): ops (copy bandwidth, gram / combine /
 #    graddrop vs torch in float32 and bfloat16, each solver kernel vs its torch path),
 #    methods (every method vs torchjd, the floor and PCGrad's pairwise loop, up to T=8
-#    P=1e8), heads (fused vs loop vs concat+bmm), step (full training steps, with peak
-#    memory), weights (the T x T solves vs torchjd); each contender checked equal first,
+#    P=1e8), heads (fused vs loop vs concat+bmm), arch (fused MMoE / PLE vs their loops),
+#    step (full training steps, with peak memory), weights (the T x T solves vs torchjd);
+#    each contender checked equal first,
 # 4. writes gpu_report.json + gpu_report.md (benchmarks/gpu_report.py: environment, step exit
 #    codes, test summaries, pass/fail table with the floor and speed targets, benchmark
 #    table) to the output folder.
@@ -81,7 +84,7 @@ else
 fi
 
 # Most telling first: a suite that no longer fits the budget is the one skipped.
-for suite_limit in ops:90 methods:90 heads:45 step:75 weights:30; do
+for suite_limit in ops:90 methods:90 heads:45 step:75 weights:30 arch:45; do
   suite=${suite_limit%:*}
   step "bench_$suite" "${suite_limit#*:}" "$PY" -m mtlfast bench --device cuda --quick \
     --suite "$suite" --out "$OUT/bench_$suite"

@@ -95,17 +95,6 @@ class GateBank(nn.Module):
             z = z.new_full((M, G * E), float("-inf")).index_copy(1, self._positions, z)
         return torch.softmax(z.view(M, G, E), dim=-1).transpose(0, 1)
 
-    def unfuse_gate(self, g: int) -> nn.Sequential:
-        """Gate ``g`` as LibMTL's ``nn.Sequential(nn.Linear(K, n_g), nn.Softmax(-1))`` (copy)."""
-        w, b = self.blocks()
-        lin = nn.Linear(self.in_features, self.sizes[g], bias=b is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(w[g])
-            if b is not None:
-                lin.bias.copy_(b[g])
-        return nn.Sequential(lin, nn.Softmax(dim=-1))
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, gates={len(self.sizes)}, " \
             f"experts={self.num_experts}, grouped={self.grouped}, bias={self.bias is not None}"

@@ -3,7 +3,8 @@
 tasks. They are the reference the fused blocks are tested against, what ``unfuse()`` returns,
 and the checkpoints the fused blocks load (their ``state_dict`` keys are these modules' keys).
 
-Every ``forward(x)`` returns the per-task representations as one ``(T, *batch, D)`` tensor.
+Every ``forward(x)`` returns the per-task representations as one ``(T, *batch, D)`` tensor;
+``fuse()`` returns the fused block with the same weights (the inverse of its ``unfuse()``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,24 @@ from .experts import expert_widths, make_expert, normalize_activation
 __all__ = ["CGCLoop", "DSelectKLoop", "MMoELoop", "PLELoop", "smooth_step"]
 
 
+class _Loop(nn.Module):
+    """A loop definition that knows its fused twin: ``fuse()`` builds it with these weights."""
+
+    _fused: str = ""
+
+    def _remember(self, **config) -> None:
+        self._config = config
+
+    def fuse(self) -> nn.Module:
+        """The equivalent fused block (``mtlfast.arch``), loaded from this module's weights."""
+        from .. import arch
+
+        p = next(self.parameters())
+        fused = getattr(arch, self._fused)(**self._config, device=p.device, dtype=p.dtype)
+        fused.load_state_dict(self.state_dict())
+        return fused
+
+
 def _gate(in_features: int, n: int, bias: bool, factory) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_features, n, bias=bias, **factory), nn.Softmax(dim=-1))
 
@@ -30,12 +49,17 @@ def _mix(experts_rep: torch.Tensor, selector: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ij..., ji -> j...", experts_rep, selector)
 
 
-class MMoELoop(nn.Module):
+class MMoELoop(_Loop):
     """LibMTL's MMoE: ``experts_shared`` (ModuleList), ``gate_specific`` (ModuleDict)."""
+
+    _fused = "MMoE"
 
     def __init__(self, in_features, num_experts, expert_hidden, tasks, activation="relu",
                  gate_bias=True, device=None, dtype=None):
         super().__init__()
+        self._remember(in_features=in_features, num_experts=num_experts,
+                       expert_hidden=expert_hidden, tasks=tasks, activation=activation,
+                       gate_bias=gate_bias)
         f = {"device": device, "dtype": dtype}
         self.tasks = resolve_tasks(tasks)
         act = normalize_activation(activation)
@@ -91,12 +115,17 @@ class _CGCLevel(nn.Module):
         return out
 
 
-class CGCLoop(nn.Module):
+class CGCLoop(_Loop):
     """LibMTL's CGC: ``experts_shared``, ``experts_specific.{task}``, ``gate_specific.{task}``."""
+
+    _fused = "CGC"
 
     def __init__(self, in_features, num_shared, num_specific, expert_hidden, tasks,
                  activation="relu", gate_bias=True, device=None, dtype=None):
         super().__init__()
+        self._remember(in_features=in_features, num_shared=num_shared,
+                       num_specific=num_specific, expert_hidden=expert_hidden, tasks=tasks,
+                       activation=activation, gate_bias=gate_bias)
         self.tasks = resolve_tasks(tasks)
         counts = specific_counts(num_specific, len(self.tasks))
         widths = expert_widths(expert_hidden, num_shared + sum(counts))
@@ -114,14 +143,19 @@ class CGCLoop(nn.Module):
         return z.reshape(len(self.tasks), *batch, z.shape[-1])
 
 
-class PLELoop(nn.Module):
+class PLELoop(_Loop):
     """PLE (the paper's / DeepCTR's multi-level form): ``levels.{l}`` CGC levels; inner levels
     also carry ``gate_shared`` (over every expert of the level) whose output feeds the next
     level's shared experts; task experts of level l > 0 read their task's representation."""
 
+    _fused = "PLE"
+
     def __init__(self, in_features, num_levels, num_shared, num_specific, expert_hidden, tasks,
                  activation="relu", gate_bias=True, device=None, dtype=None):
         super().__init__()
+        self._remember(in_features=in_features, num_levels=num_levels, num_shared=num_shared,
+                       num_specific=num_specific, expert_hidden=expert_hidden, tasks=tasks,
+                       activation=activation, gate_bias=gate_bias)
         self.tasks = resolve_tasks(tasks)
         counts = specific_counts(num_specific, len(self.tasks))
         if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 1:
@@ -156,13 +190,18 @@ def binary_codes(num_experts: int) -> torch.Tensor:
                                       for v in range(num_experts)]).astype(bool))
 
 
-class DSelectKLoop(nn.Module):
+class DSelectKLoop(_Loop):
     """LibMTL's DSelect-k: ``experts_shared``, ``_z_logits.{task}`` (Linear(K, k * nbits)),
     ``_w_logits.{task}`` (Linear(K, k)); without LibMTL's in-forward entropy regularizer."""
+
+    _fused = "DSelectK"
 
     def __init__(self, in_features, num_experts, num_nonzeros, expert_hidden, tasks,
                  kgamma=1.0, activation="relu", device=None, dtype=None):
         super().__init__()
+        self._remember(in_features=in_features, num_experts=num_experts,
+                       num_nonzeros=num_nonzeros, expert_hidden=expert_hidden, tasks=tasks,
+                       kgamma=kgamma, activation=activation)
         f = {"device": device, "dtype": dtype}
         self.tasks = resolve_tasks(tasks)
         widths = expert_widths(expert_hidden, num_experts)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import demo_suite, heads_suite, methods_suite, ops_suite, step_suite
+from . import arch_suite, demo_suite, heads_suite, methods_suite, ops_suite, step_suite
 from .harness import Case, Config, Record, run_cases
 from .report import fmt_time, print_tables, write_json
 
@@ -24,6 +24,7 @@ SUITES: dict[str, Callable[[Config], Iterator[Case]]] = {
     "step": step_suite.cases,
     "ops": ops_suite.cases,
     "demo": demo_suite.cases,
+    "arch": arch_suite.cases,
 }
 
 

@@ -30,6 +30,7 @@ def _models(dtype=torch.float32):
         ("ple_ragged", PLE(K, 2, 2, [1, 0, 3], [[4, 6], [9, 6], [4, 6], [5, 6], [3, 6],
                                                 [4, 6]], 3, **f)),
         ("ple_no_shared", PLE(K, 2, 0, 2, [5], 2, **f)),
+        ("ple_two_per_owner", PLE(K, 2, 2, 2, [8, 6], 3, **f)),
         ("dselect", DSelectK(K, 5, 2, [8, 6], 3, **f)),
         ("dselect_pow2", DSelectK(K, 4, 3, [8], 2, kgamma=50.0, **f)),
     ]
@@ -53,32 +54,45 @@ def _grads_in_loop_keys(fused, grads):
     return holder.state_dict()
 
 
+def _errors(model, x, c, ref_grads, keys, named_grads):
+    """(output, input-gradient, parameter-gradient) relative errors of ``model`` in x's dtype."""
+    x = x.clone().requires_grad_()
+    z = model(x)
+    grads = torch.autograd.grad((z * c.to(x.dtype)).sum(), [x, *model.parameters()],
+                                allow_unused=True, materialize_grads=True)
+    named = named_grads(grads[1:])
+    got = torch.cat([named[k].double().reshape(-1) for k in keys])
+    want = torch.cat([g.reshape(-1) for g in ref_grads[1:]])
+    return z, rel_err(grads[0], ref_grads[0]), rel_err(got, want), named
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_fused_matches_loop_forward_and_backward(name, dtype):
+    """Both against the fp64 loop; in half types the fused block may be off by at most about
+    what the loop itself is off (input gradients of deep blocks cancel in fp16/bf16)."""
     fused = _model(name, dtype)
     loop = fused.unfuse()
+    ref_model = _model(name, torch.float64).unfuse()
+    ref_model.load_state_dict(fused.state_dict())
+    keys = [k for k, _ in ref_model.named_parameters()]
     for B in (1, 37):
         x = torch.randn(B, K, dtype=dtype)
-        xf, xl = x.clone().requires_grad_(), x.clone().requires_grad_()
-        zf, zl = fused(xf), loop(xl)
-        assert zf.shape == zl.shape == (len(fused.tasks), B, fused.out_features)
-        ref_model = _model(name, torch.float64).unfuse()
-        ref_model.load_state_dict(fused.state_dict())
         x64 = x.double().requires_grad_()
         z64 = ref_model(x64)
-        assert rel_err(zf, z64) < TOL[dtype]
-        assert rel_err(zl, z64) < max(TOL[dtype], 1e-5)
         c = torch.randn_like(z64)
-        gf = torch.autograd.grad((zf * c.to(dtype)).sum(), [xf, *fused.parameters()])
         # (PLE without shared experts: the inner shared gate feeds nothing, unused in the loop)
         g64 = torch.autograd.grad((z64 * c).sum(), [x64, *ref_model.parameters()],
                                   allow_unused=True, materialize_grads=True)
-        assert rel_err(gf[0], g64[0]) < TOL[dtype]  # input gradient
-        named = _grads_in_loop_keys(fused, gf[1:])
-        keys = [k for k, _ in ref_model.named_parameters()]
-        got = torch.cat([named[k].double().reshape(-1) for k in keys])
-        assert rel_err(got, torch.cat([g.reshape(-1) for g in g64[1:]])) < TOL[dtype]
+        zf, fx, fp, named = _errors(fused, x, c, g64, keys,
+                                    lambda g: _grads_in_loop_keys(fused, g))
+        zl, lx, lp, _ = _errors(loop, x, c, g64, keys,
+                                lambda g: dict(zip(keys, g, strict=True)))
+        assert zf.shape == zl.shape == (len(fused.tasks), B, fused.out_features)
+        assert rel_err(zf, z64) < TOL[dtype]
+        assert rel_err(zl, z64) < max(TOL[dtype], 1e-5)
+        assert fx < TOL[dtype] + 2 * lx  # input gradient
+        assert fp < TOL[dtype] + 2 * lp  # every parameter gradient, in the loop's key order
         if dtype == torch.float32:  # half types: tiny gate gradients sit in fp16 subnormals
             for key, want in zip(keys, g64[1:], strict=True):
                 assert rel_err(named[key], want) < 1e-4, key
@@ -134,6 +148,19 @@ def test_state_dict_round_trips_both_ways(name):
     for k, v in other.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
     assert rel_err(fresh.unfuse()(x), other(x)) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["mmoe", "cgc", "ple", "dselect"])
+def test_loop_fuse_is_the_inverse_of_unfuse(name):
+    fused = _model(name)
+    loop = fused.unfuse()
+    back = loop.fuse()
+    assert type(back) is type(fused)
+    for (k1, v1), (k2, v2) in zip(back.state_dict().items(), fused.state_dict().items(),
+                                  strict=True):
+        assert k1 == k2 and torch.equal(v1, v2)
+    x = torch.randn(5, K)
+    assert torch.equal(back(x), fused(x))
 
 
 def test_load_reports_missing_and_mismatched_keys():
@@ -220,3 +247,35 @@ def test_each_layer_is_one_gemm_for_all_experts():
                                            "aten::baddbmm"))
     # layer 1 (addmm), layer 2 (baddbmm), the gates (addmm), the mixture (bmm)
     assert gemms == 4, counts
+
+
+@pytest.mark.parametrize("name", ["mmoe", "cgc", "ple", "dselect", "mmoe_E1_T1"])
+def test_grouped_op_path_matches_loop(name, monkeypatch):
+    """Uniform experts run expert-major bmm's on the CPU; the grouped-linear path (CUDA's,
+    and every ragged layout's) must give the same answer."""
+    fused = _model(name)
+    loop = fused.unfuse()
+    monkeypatch.setattr(ExpertBank, "_expert_major", lambda self, x: False)
+    x = torch.randn(13, K, requires_grad=True)
+    xl = x.detach().clone().requires_grad_()
+    z, zl = fused(x), loop(xl)
+    assert rel_err(z, zl) < 1e-5
+    c = torch.randn_like(z)
+    gf = torch.autograd.grad((z * c).sum(), [x, *fused.parameters()])
+    gl = torch.autograd.grad((zl * c).sum(), [xl, *loop.parameters()], allow_unused=True,
+                             materialize_grads=True)
+    assert rel_err(gf[0], gl[0]) < 1e-5
+    named = _grads_in_loop_keys(fused, gf[1:])
+    for (key, _), want in zip(loop.named_parameters(), gl[1:], strict=True):
+        assert rel_err(named[key], want) < 1e-4, key
+
+
+@pytest.mark.parametrize("name", ["mmoe", "ple_two_per_owner", "dselect"])
+def test_compile_sees_through_the_block(name):
+    fused = _model(name)
+    x = torch.randn(7, K)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    z = compiled(x)
+    assert rel_err(z, fused.unfuse()(x)) < 1e-5
+    z.square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fused.parameters())
