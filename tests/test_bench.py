@@ -68,6 +68,14 @@ def test_every_kernel_equals_its_torch_path(bench_out):
         assert r["params"].get("bytes", 1) > 0
 
 
+def test_arch_suite_checks_every_loop_definition_before_timing_it(bench_out):
+    recs = _records(bench_out, "arch")
+    assert {r["method"] for r in recs} == {"mmoe", "ple", "LS step", "cross-stitch", "mtan", "ltb"}
+    loops = [r for r in recs if r["contender"].startswith("loop")]
+    assert len(loops) == len({(r["method"], r["case"]) for r in recs})
+    assert all(r["status"] == "ok" and r["rel_err"] is not None for r in loops), loops
+
+
 def test_methods_have_their_floor_and_weights_their_solver(bench_out):
     methods = _records(bench_out, "methods")
     cases = {(r["method"], r["case"]) for r in methods}

@@ -520,69 +520,6 @@ def out_channels(module: nn.Module, default: int | None = None) -> int | None:
 
 # ---------------------------------------------------------------------- benchmark
 
-def bench_columns(cases=None, reps: int = 7, threads: int | None = None) -> list[dict]:
-    """Forward + backward of each batched architecture against its loop reference (same
-    parameters, training mode): median seconds over ``reps`` interleaved runs and their ratio.
-
-    ``cases``: ``[(label, arch, T, B, size, width, layers)]``; default a NYUv2-like case scaled
-    for a CPU (T=3, B=8, 64x64, ResNet-18 layout at width 32) and CelebA-like many-task cases
-    (T = 8 and 40, B=16, 32x32, one block per layer at width 8). Prints one line per case.
-    """
-    import statistics
-    import time
-
-    from .cross_stitch import CrossStitch, CrossStitchLoop
-    from .ltb import LTB, LTBLoop
-    from .mtan import MTAN, MTANLoop
-
-    if threads is not None:
-        torch.set_num_threads(threads)
-    if cases is None:
-        cases = [(f"{tag} T={T}", arch, T, B, size, width, layers)
-                 for arch in ("cross_stitch", "mtan", "ltb")
-                 for tag, T, B, size, width, layers in (
-                     ("nyu", 3, 8, 64, 32, (2, 2, 2, 2)),
-                     ("celeba", 8, 16, 32, 8, (1, 2, 2, 2)),
-                     ("celeba", 40, 16, 32, 8, (1, 2, 2, 2)))]
-    rows = []
-    for label, arch, T, B, size, width, layers in cases:
-        def factory(width=width, layers=layers):
-            return resnet(layers, width)
-        torch.manual_seed(0)
-        if arch == "cross_stitch":
-            ref, bat = CrossStitchLoop(T, factory), CrossStitch(T, factory)
-        elif arch == "mtan":
-            enc = factory()
-            ref, bat = MTANLoop(T, copy.deepcopy(enc)), MTAN(T, enc)
-        else:
-            ref, bat = LTBLoop(T, factory), LTB(T, factory)
-            ref.set_epoch(50, 100)
-            bat.set_epoch(50, 100)
-        bat.load_state_dict(ref.state_dict())
-        x = torch.randn(B, 3, size, size)
-
-        def step(model, x=x):
-            outs = model(x)
-            sum(o.sum() for o in outs).backward()
-            model.zero_grad(set_to_none=True)
-
-        times: dict[str, list[float]] = {"loop": [], "batched": []}
-        for model in (ref, bat):  # warm-up
-            step(model)
-        for _ in range(reps):
-            for name, model in (("loop", ref), ("batched", bat)):
-                t0 = time.perf_counter()
-                step(model)
-                times[name].append(time.perf_counter() - t0)
-        loop, batched = statistics.median(times["loop"]), statistics.median(times["batched"])
-        row = {"case": label, "arch": arch, "T": T, "B": B, "size": size, "width": width,
-               "loop_s": loop, "batched_s": batched, "speedup": loop / batched}
-        rows.append(row)
-        print(f"{arch:13s} {label:12s} B={B} {size}x{size} w={width}: loop {loop * 1e3:8.1f} ms"
-              f"  batched {batched * 1e3:8.1f} ms  speedup x{loop / batched:.2f}", flush=True)
-    return rows
-
-
 def from_libmtl_columns(state_dict, tasks: Sequence[str], name: str, ours: str, keep: slice,
                         num_stages: int) -> dict:
     """A LibMTL ``_transform_resnet_cross`` / ``_transform_resnet_ltb`` state_dict (keys

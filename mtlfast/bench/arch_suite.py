@@ -13,6 +13,12 @@ the outputs and every parameter gradient (in the loop's key order) are compared 
 
 The ``LS step`` cases time a whole training step: block + ``FusedHeads`` (per-task path) vs
 the loop block + a ``ModuleDict`` of heads, T regression losses, ``sum(losses).backward()``.
+
+The column architectures (Cross-stitch, MTAN, LTB on ResNet-style encoders) run forward +
+backward batched (``StackedColumns``: grouped convolutions over channel-stacked columns) vs
+their loop definitions, on a CelebA-like many-task case (T = 8, and 40 in full runs, narrow
+columns, 32x32) and, in full runs, a NYUv2-like one (T = 3, ResNet-18 layout at width 32,
+64x64), in training mode; outputs and gradients (by checkpoint key) are compared first.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from torch import nn
 
 from .harness import Case, Config, Contender
 
-__all__ = ["cases", "make_block"]
+__all__ = ["cases", "make_block", "make_columns"]
 
 _BIG = {"K": 256, "hidden": (256, 128), "B": 2048, "T": 8}
 #: label -> block config
@@ -190,8 +196,75 @@ def _ls_contenders(cfg: dict[str, Any], run_cfg: Config) -> list[Contender]:
                       note="+ ModuleDict heads; sum(losses).backward()")]
 
 
+#: label -> (T, B, image size, width, blocks per ResNet layer)
+COLUMNS: dict[str, dict[str, tuple[int, int, int, int, tuple[int, ...]]]] = {
+    "tiny": {"T=2": (2, 2, 16, 4, (1, 2, 2, 2))},
+    "quick": {"CelebA-like T=8": (8, 16, 32, 8, (1, 2, 2, 2))},
+    "full": {"NYUv2-like T=3": (3, 8, 64, 32, (2, 2, 2, 2)),
+             "CelebA-like T=8": (8, 16, 32, 8, (1, 2, 2, 2)),
+             "CelebA-like T=40": (40, 16, 32, 8, (1, 2, 2, 2))},
+}
+
+
+def make_columns(arch: str, T: int, width: int, layers: tuple[int, ...], device: torch.device
+                 ) -> tuple[nn.Module, nn.Module]:
+    """(batched, loop definition) of a column architecture, with the same weights."""
+    from ..arch import LTB, MTAN, CrossStitch, resnet
+
+    torch.manual_seed(0)
+    kinds = {"cross-stitch": CrossStitch, "mtan": MTAN, "ltb": LTB}
+    batched = kinds[arch](T, resnet(layers, width)).to(device)
+    if arch == "ltb":
+        batched.set_epoch(50, 100)  # mid-schedule: every branch weight in use
+    loop = batched.unfuse()
+    return batched, loop
+
+
+def _columns_contenders(arch: str, spec: tuple, run_cfg: Config) -> list[Contender]:
+    T, B, size, width, layers = spec
+    batched, loop = make_columns(arch, T, width, layers, run_cfg.device)
+    x = torch.randn(B, 3, size, size, generator=torch.Generator().manual_seed(1))
+    x = x.to(run_cfg.device)
+
+    def step(model: nn.Module) -> Callable[[], tuple[torch.Tensor, ...]]:
+        def run() -> tuple[torch.Tensor, ...]:
+            model.zero_grad(set_to_none=True)
+            buffers = [b.clone() for b in model.buffers()]
+            torch.manual_seed(5)  # LTB's Gumbel draw: the same sample for both
+            outs = model(x)
+            sum((o * o).mean() for o in outs).backward()
+            with torch.no_grad():  # gradients in the parameters' place, keyed as checkpoints
+                saved = [p.detach().clone() for p in model.parameters()]
+                for p in model.parameters():
+                    p.copy_(p.grad if p.grad is not None else torch.zeros_like(p))
+                # BatchNorm statistics after this forward (compared too), then as before it
+                keyed = model.state_dict()
+                grads = [keyed[k].clone() for k in sorted(keyed) if keyed[k].is_floating_point()]
+                for p, v in zip(model.parameters(), saved, strict=True):
+                    p.copy_(v)
+                for b, v in zip(model.buffers(), buffers, strict=True):
+                    b.copy_(v)
+            return (*(o.detach() for o in outs), *grads)
+
+        return run
+
+    def timed(model: nn.Module) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            model.zero_grad(set_to_none=True)
+            outs = model(x)
+            loss = sum((o * o).mean() for o in outs)
+            loss.backward()
+            return loss.detach()
+
+        return run
+
+    return [Contender("mtlfast fused", run=timed(batched), check=step(batched), reference=True),
+            Contender("loop (LibMTL-style)", run=timed(loop), check=step(loop))]
+
+
 def cases(cfg: Config) -> Iterator[Case]:
-    """Forward + backward of each named block, then the LS training step of the first two."""
+    """Forward + backward of each named block, then the LS training step of the first two,
+    then the column architectures."""
     for label, block_cfg in NAMED[cfg.sizes].items():
         params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in block_cfg.items()}
         yield Case(suite="arch", method=block_cfg["kind"], label=label, params=params,
@@ -202,3 +275,11 @@ def cases(cfg: Config) -> Iterator[Case]:
         yield Case(suite="arch", method="LS step", label=f"{label} + heads", params=params,
                    headline=True, rtol=1e-4,
                    build=lambda c=block_cfg: _ls_contenders(c, cfg))
+    for arch in ("cross-stitch", "mtan", "ltb"):
+        for label, spec in COLUMNS[cfg.sizes].items():
+            T, B, size, width, layers = spec
+            yield Case(suite="arch", method=arch, label=label,
+                       params={"T": T, "B": B, "size": size, "width": width,
+                               "layers": list(layers)},
+                       headline=True, rtol=1e-4,
+                       build=lambda a=arch, sp=spec: _columns_contenders(a, sp, cfg))
