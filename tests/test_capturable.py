@@ -17,7 +17,7 @@ from .conftest import GRAM_METHODS, no_host_sync, rel_err
 # Without host-side state: what a replayed graph reproduces exactly (PCGrad: its orders come
 # from a device-side counter, so each replay draws the orders an eager step would).
 CAPTURABLE = ["UPGrad", "DualProj", "MGDA", "CAGrad", "IMTLG", "FairGrad", "AlignedMTL",
-              "ConFIG", "Mean", "Sum", "PCGrad"]
+              "ConFIG", "Mean", "Sum", "PCGrad", "MoDo", "SDMGrad", "RGW"]
 
 
 def _method(name):
