@@ -9,7 +9,8 @@ import torch
 from .experts import ExpertBank
 from .gates import GateBank
 
-__all__ = ["bank_blocks", "flatten_input", "gate_blocks", "resolve_tasks", "specific_counts"]
+__all__ = ["bank_blocks", "flatten_input", "gate_blocks", "level_reach", "resolve_tasks",
+           "specific_counts"]
 
 
 def resolve_tasks(tasks) -> tuple[str, ...]:
@@ -38,6 +39,36 @@ def specific_counts(num_specific, T: int) -> tuple[int, ...]:
     return tuple(counts)
 
 
+def level_reach(num_levels: int, num_shared: int, counts: Sequence[int]) -> list[dict]:
+    """Which tasks each part of each CGC / PLE level reaches (from the structure alone).
+
+    Level ``l`` of ``num_levels`` (the last one: CGC): the shared experts are mixed by every
+    gate; task t's experts by task t's gate and, at inner levels, by the shared gate; the
+    shared gate's mixture feeds the next level's shared experts and shared gate; task t's
+    gate's mixture feeds the next level's task t experts and gate (at the last level: task
+    t's output). Returns per level ``{"shared_experts", "shared_gate", "task_experts",
+    "task_gates"}``: frozensets of task indices (per task for the last two; the shared gate's
+    is empty at the last level, which has none). A part is shared (LibMTL's
+    ``get_share_params`` generalized to PLE) when it reaches every task.
+    """
+    T = len(counts)
+    out: list[dict] = [{}] * num_levels
+    mix = [frozenset({t}) for t in range(T)]  # what each task's mixture of this level reaches
+    shared_mix: frozenset[int] = frozenset()  # ... and the shared gate's (none at the last)
+    for lvl in reversed(range(num_levels)):
+        inner = lvl < num_levels - 1
+        task_experts = [m | shared_mix if inner else m for m in mix]
+        shared_experts = frozenset().union(*mix, shared_mix)
+        out[lvl] = {"shared_experts": shared_experts, "shared_gate": shared_mix,
+                    "task_experts": task_experts, "task_gates": list(mix)}
+        # the mixtures of level lvl - 1 feed this level's experts and gates
+        mix = [(task_experts[t] if k > 0 else frozenset()) | mix[t]
+               for t, k in enumerate(counts)]
+        shared_mix = (shared_experts if num_shared > 0 else frozenset()) | \
+            (shared_mix if inner else frozenset())
+    return out
+
+
 def flatten_input(name: str, x: object, K: int, ref: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Size]:
     """``x (..., K)`` -> ``(M, K)`` and the batch shape; dtype and device must match ``ref``."""
@@ -58,26 +89,30 @@ def flatten_input(name: str, x: object, K: int, ref: torch.Tensor
 def bank_blocks(fused_prefix: str, bank: ExpertBank, loop_prefixes: Sequence[str]
                 ) -> dict[str, list[tuple[str, torch.Tensor]]]:
     """``{fused name: [(loop key, view)]}`` of an expert bank, expert ``e`` under
-    ``loop_prefixes[e]`` (an ``nn.Sequential`` of Linear, act, ...)."""
+    ``loop_prefixes[e]`` (an ``nn.Sequential`` of Linear, act, ...); each stored part
+    (``shared_weight{l}``: the first ``split`` experts, ``weight{l}``: the others) lists its
+    experts' blocks."""
     out: dict[str, list[tuple[str, torch.Tensor]]] = {}
     step = 1 if bank.activation == "none" else 2
     for layer in range(bank.depth):
         w, b = bank.blocks(layer)
-        out[f"{fused_prefix}weight{layer}"] = [
-            (f"{p}{layer * step}.weight", v) for p, v in zip(loop_prefixes, w, strict=True)]
-        out[f"{fused_prefix}bias{layer}"] = [
-            (f"{p}{layer * step}.bias", v) for p, v in zip(loop_prefixes, b, strict=True)]
+        for name, start, end in bank.parts:
+            keys = loop_prefixes[start:end]
+            out[f"{fused_prefix}{name}weight{layer}"] = [
+                (f"{p}{layer * step}.weight", v) for p, v in zip(keys, w[start:end], strict=True)]
+            out[f"{fused_prefix}{name}bias{layer}"] = [
+                (f"{p}{layer * step}.bias", v) for p, v in zip(keys, b[start:end], strict=True)]
     return out
 
 
 def gate_blocks(fused_prefix: str, gates: GateBank, loop_prefixes: Sequence[str]
                 ) -> dict[str, list[tuple[str, torch.Tensor]]]:
     """The same for a gate bank: gate ``g`` is ``nn.Sequential(Linear, Softmax)`` under
-    ``loop_prefixes[g]``."""
+    ``loop_prefixes[g]``; ``shared_weight`` lists the gates named by ``gates.shared``."""
     w, b = gates.blocks()
-    out = {f"{fused_prefix}weight": [(f"{p}0.weight", v)
-                                     for p, v in zip(loop_prefixes, w, strict=True)]}
-    if b is not None:
-        out[f"{fused_prefix}bias"] = [(f"{p}0.bias", v)
-                                      for p, v in zip(loop_prefixes, b, strict=True)]
+    out = {}
+    for name, gs in gates.parts:
+        out[f"{fused_prefix}{name}weight"] = [(f"{loop_prefixes[g]}0.weight", w[g]) for g in gs]
+        if b is not None:
+            out[f"{fused_prefix}{name}bias"] = [(f"{loop_prefixes[g]}0.bias", b[g]) for g in gs]
     return out

@@ -22,9 +22,13 @@ Otherwise (ragged widths, owners of different sizes, CUDA tensors): one
   on CPU and as the same single Triton launch on CUDA).
 
 Storage: ``weight{l}`` is the flat concatenation of the experts' ``(out, in)`` row-major
-blocks of layer ``l`` (expert order), ``bias{l}`` the concatenation of their biases. The
-output of the last layer is one ``(M, E * D)`` buffer, returned as the ``(E, M, D)`` view the
-mixture op reads. Every expert's last width must be the same ``D`` (they are mixed).
+blocks of layer ``l`` (expert order), ``bias{l}`` the concatenation of their biases. With
+``split=S`` (CGC / PLE levels) the first S experts (the shared ones) are stored apart, in
+``shared_weight{l}`` / ``shared_bias{l}``, and the others in ``weight{l}`` / ``bias{l}``, so
+that ``shared=`` can name the shared experts alone; each layer's GEMM then reads the two
+concatenated (one ``torch.cat`` of the weights per layer, small next to the GEMM). The output
+of the last layer is one ``(M, E * D)`` buffer, returned as the ``(E, M, D)`` view the mixture
+op reads. Every expert's last width must be the same ``D`` (they are mixed).
 """
 
 from __future__ import annotations
@@ -82,11 +86,13 @@ class ExpertBank(nn.Module):
         groups: None when every expert reads the same input ``x (M, K)``; else the number of
             experts of each input group (owner-contiguous), the input then being ``(G, M, K)``.
         activation: after every layer (``"relu" | "gelu" | "silu" | None``).
+        split: store the first ``split`` experts in ``shared_weight{l}`` / ``shared_bias{l}``
+            and the rest in ``weight{l}`` / ``bias{l}`` (None: all in ``weight{l}``).
     """
 
     def __init__(self, in_features: int, widths: Sequence[Sequence[int]],
                  groups: Sequence[int] | None = None, activation: str | None = "relu",
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, split: int | None = None) -> None:
         super().__init__()
         self.in_features = int(in_features)
         self.widths = tuple(tuple(w) for w in widths)
@@ -100,13 +106,48 @@ class ExpertBank(nn.Module):
         self.depth = len(self.widths[0])
         self.out_features = self.widths[0][-1]
         factory = {"device": device, "dtype": dtype}
+        E = self.num_experts
+        if split is not None and not 0 <= split <= E:
+            raise ValueError(f"split must be in [0, {E}], got {split}")
+        S = 0 if split is None else int(split)
+        self.split = split
+        # (name prefix, first expert, end) of each stored part, in bank order, none empty
+        self.parts = tuple((n, a, b) for n, a, b in (("shared_", 0, S), ("", S, E)) if b > a)
         for layer in range(self.depth):
             ins, outs = self.layer_widths(layer)
-            self.register_parameter(f"weight{layer}", nn.Parameter(
-                torch.empty(sum(i * o for i, o in zip(ins, outs, strict=True)), **factory)))
-            self.register_parameter(f"bias{layer}", nn.Parameter(torch.empty(sum(outs),
-                                                                             **factory)))
+            for name, a, b in self.parts:
+                self.register_parameter(f"{name}weight{layer}", nn.Parameter(torch.empty(
+                    sum(i * o for i, o in zip(ins[a:b], outs[a:b], strict=True)), **factory)))
+                self.register_parameter(f"{name}bias{layer}", nn.Parameter(
+                    torch.empty(sum(outs[a:b]), **factory)))
         self.reset_parameters()
+
+    @property
+    def ref(self) -> torch.Tensor:
+        """A parameter of the bank (its dtype and device)."""
+        return getattr(self, f"{self.parts[0][0]}weight0")
+
+    def shared_part(self) -> list[nn.Parameter]:
+        """The parameters of the first ``split`` experts (``shared_weight{l}``, ...)."""
+        return [getattr(self, f"shared_{k}{layer}") for layer in range(self.depth)
+                for k in ("weight", "bias") if self.parts[0][0] == "shared_"]
+
+    def rest_part(self) -> list[nn.Parameter]:
+        """The parameters of the other experts (``weight{l}``, ``bias{l}``)."""
+        return [getattr(self, f"{k}{layer}") for layer in range(self.depth)
+                for k in ("weight", "bias") if self.parts[-1][0] == ""]
+
+    def layer_weight(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s flat weight of all experts, in bank order (one cat when split)."""
+        if len(self.parts) == 1:
+            return getattr(self, f"{self.parts[0][0]}weight{layer}")
+        return torch.cat([getattr(self, f"shared_weight{layer}"), getattr(self, f"weight{layer}")])
+
+    def layer_bias(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s flat bias of all experts, in bank order."""
+        if len(self.parts) == 1:
+            return getattr(self, f"{self.parts[0][0]}bias{layer}")
+        return torch.cat([getattr(self, f"shared_bias{layer}"), getattr(self, f"bias{layer}")])
 
     def layer_widths(self, layer: int) -> tuple[list[int], list[int]]:
         """Per-expert (in, out) widths of ``layer``."""
@@ -114,11 +155,17 @@ class ExpertBank(nn.Module):
         return ins, [w[layer] for w in self.widths]
 
     def blocks(self, layer: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Views of each expert's ``(out, in)`` weight and ``(out,)`` bias of ``layer``."""
+        """Views of each expert's ``(out, in)`` weight and ``(out,)`` bias of ``layer`` (of the
+        parameter that stores it), in bank order."""
         ins, outs = self.layer_widths(layer)
-        w = getattr(self, f"weight{layer}").split([i * o for i, o in zip(ins, outs, strict=True)])
-        b = getattr(self, f"bias{layer}").split(outs)
-        return [v.view(o, i) for v, i, o in zip(w, ins, outs, strict=True)], list(b)
+        ws: list[torch.Tensor] = []
+        bs: list[torch.Tensor] = []
+        for name, a, b in self.parts:
+            w = getattr(self, f"{name}weight{layer}").split(
+                [i * o for i, o in zip(ins[a:b], outs[a:b], strict=True)])
+            ws += [v.view(o, i) for v, i, o in zip(w, ins[a:b], outs[a:b], strict=True)]
+            bs += list(getattr(self, f"{name}bias{layer}").split(outs[a:b]))
+        return ws, bs
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -144,19 +191,19 @@ class ExpertBank(nn.Module):
         H = widths[0]
         if self.groups is None:
             M = x.shape[0]
-            pre = torch.addmm(self.bias0, x, self.weight0.view(E * H, K).t())
+            pre = torch.addmm(self.layer_bias(0), x, self.layer_weight(0).view(E * H, K).t())
             h = act(pre).view(M, E, H).transpose(0, 1)
         else:
             G, M, n = x.shape[0], x.shape[1], self.groups[0]
-            pre = torch.baddbmm(self.bias0.view(G, 1, n * H), x,
-                                self.weight0.view(G, n * H, K).transpose(1, 2))
+            pre = torch.baddbmm(self.layer_bias(0).view(G, 1, n * H), x,
+                                self.layer_weight(0).view(G, n * H, K).transpose(1, 2))
             h = act(pre)
             if n > 1:
                 h = h.view(G, M, n, H).transpose(1, 2).reshape(E, M, H)
         for layer in range(1, self.depth):
             n_in, n_out = widths[layer - 1], widths[layer]
-            w = getattr(self, f"weight{layer}").view(E, n_out, n_in).transpose(1, 2)
-            h = act(torch.baddbmm(getattr(self, f"bias{layer}").view(E, 1, n_out), h, w))
+            w = self.layer_weight(layer).view(E, n_out, n_in).transpose(1, 2)
+            h = act(torch.baddbmm(self.layer_bias(layer).view(E, 1, n_out), h, w))
         return h
 
     @property
@@ -177,8 +224,8 @@ class ExpertBank(nn.Module):
         if self._expert_major(x):
             return self._forward_expert_major(x)
         if self.groups is None:
-            h = grouped_linear(x, self.weight0, self.bias0, [K], [sum(self.layer_widths(0)[1])],
-                               activation=act)
+            h = grouped_linear(x, self.layer_weight(0), self.layer_bias(0), [K],
+                               [sum(self.layer_widths(0)[1])], activation=act)
         else:
             G = len(self.groups)
             outs, start = [], 0
@@ -188,19 +235,19 @@ class ExpertBank(nn.Module):
             live = [i for i, n in enumerate(self.groups) if n > 0]
             if len(live) < G:  # owners without experts read nothing
                 x = x.index_select(0, torch.tensor(live, device=x.device))
-            h = grouped_linear(x, self.weight0, self.bias0, [K] * len(live),
+            h = grouped_linear(x, self.layer_weight(0), self.layer_bias(0), [K] * len(live),
                                [outs[i] for i in live], per_task=True, activation=act)
         for layer in range(1, self.depth):
             ins, outs = self.layer_widths(layer)
-            h = grouped_linear(h, getattr(self, f"weight{layer}"), getattr(self, f"bias{layer}"),
-                               ins, outs, activation=act)
+            h = grouped_linear(h, self.layer_weight(layer), self.layer_bias(layer), ins, outs,
+                               activation=act)
         M = h.shape[0]
         return h.view(M, self.num_experts, self.out_features).transpose(0, 1)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, experts={self.num_experts}, " \
             f"widths={[list(w) for w in self.widths]}, groups={self.groups}, " \
-            f"activation={self.activation}"
+            f"activation={self.activation}, split={self.split}"
 
 
 def make_expert(in_features: int, widths: Sequence[int], activation: str,

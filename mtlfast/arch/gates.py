@@ -9,7 +9,11 @@ experts they do not mix, so one softmax gives exact zeros there: the mixture op 
 every gate alike.
 
 Storage: ``weight`` is the flat concatenation of the gates' ``(n_g, K)`` row-major blocks,
-``bias`` of their ``(n_g,)`` biases.
+``bias`` of their ``(n_g,)`` biases. With ``shared=`` (PLE's inner levels: the gates every
+task reaches) those gates are stored apart, in ``shared_weight`` / ``shared_bias`` (gate
+order), the others in ``weight`` / ``bias``, so that ``shared=`` can name them alone; the
+logits GEMM reads the blocks concatenated back in gate order (one ``torch.cat``; the gates are
+small).
 """
 
 from __future__ import annotations
@@ -34,10 +38,13 @@ class GateBank(nn.Module):
         num_experts: E, the width of the gate tensor ``forward`` returns.
         grouped: gate ``g`` reads ``x[g]`` of a ``(G, M, K)`` input (else one ``(M, K)``).
         bias: as in ``nn.Linear``.
+        shared: the gates stored in ``shared_weight`` / ``shared_bias`` (the rest in
+            ``weight`` / ``bias``); none by default.
     """
 
     def __init__(self, in_features: int, select: Sequence[Sequence[int]], num_experts: int,
-                 grouped: bool = False, bias: bool = True, device=None, dtype=None) -> None:
+                 grouped: bool = False, bias: bool = True, device=None, dtype=None,
+                 shared: Sequence[int] = ()) -> None:
         super().__init__()
         self.in_features = int(in_features)
         self.select = tuple(tuple(int(e) for e in s) for s in select)
@@ -51,8 +58,21 @@ class GateBank(nn.Module):
         self.sizes = tuple(len(s) for s in self.select)
         self.grouped = bool(grouped)
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(sum(self.sizes) * self.in_features, **factory))
-        self.bias = nn.Parameter(torch.empty(sum(self.sizes), **factory)) if bias else None
+        G, K = len(self.sizes), self.in_features
+        self.shared = tuple(sorted({int(g) for g in shared}))
+        if any(not 0 <= g < G for g in self.shared):
+            raise ValueError(f"shared gates {list(shared)} must be in [0, {G})")
+        rest = tuple(g for g in range(G) if g not in self.shared)
+        # (name prefix, gates) of each stored part, none empty
+        self.parts = tuple((n, gs) for n, gs in (("shared_", self.shared), ("", rest)) if gs)
+        self.has_bias = bool(bias)
+        for name, gs in self.parts:
+            n = sum(self.sizes[g] for g in gs)
+            self.register_parameter(f"{name}weight", nn.Parameter(torch.empty(n * K, **factory)))
+            self.register_parameter(f"{name}bias", nn.Parameter(torch.empty(n, **factory))
+                                    if bias else None)
+        # the stored parts concatenate in gate order when the shared gates come first
+        self._prefix = self.shared == tuple(range(len(self.shared)))
         full = all(s == tuple(range(self.num_experts)) for s in self.select)
         pos = [g * self.num_experts + e for g, s in enumerate(self.select) for e in s]
         # flat (gate, expert) position of each logit column; None when every gate is dense
@@ -61,19 +81,45 @@ class GateBank(nn.Module):
         self.reset_parameters()
 
     def blocks(self) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-        """Views of each gate's ``(n_g, K)`` weight and ``(n_g,)`` bias."""
-        K = self.in_features
-        w = [v.view(n, K) for v, n in zip(self.weight.split([n * K for n in self.sizes]),
-                                           self.sizes, strict=True)]
-        b = list(self.bias.split(list(self.sizes))) if self.bias is not None else None
-        return w, b
+        """Views of each gate's ``(n_g, K)`` weight and ``(n_g,)`` bias (of the parameter that
+        stores it), in gate order."""
+        K, G = self.in_features, len(self.sizes)
+        w: list = [None] * G
+        b: list = [None] * G
+        for name, gs in self.parts:
+            sizes = [self.sizes[g] for g in gs]
+            for g, v, n in zip(gs, getattr(self, f"{name}weight").split([n * K for n in sizes]),
+                               sizes, strict=True):
+                w[g] = v.view(n, K)
+            if self.has_bias:
+                for g, v in zip(gs, getattr(self, f"{name}bias").split(sizes), strict=True):
+                    b[g] = v
+        return w, (b if self.has_bias else None)
+
+    def shared_part(self) -> list[nn.Parameter]:
+        """``shared_weight`` and ``shared_bias`` (the gates named by ``shared``)."""
+        if not self.shared:
+            return []
+        return [p for p in (self.shared_weight, self.shared_bias) if p is not None]
+
+    def _flat(self, kind: str) -> torch.Tensor | None:
+        """The flat weight or bias of every gate in gate order (a cat when stored apart)."""
+        if kind == "bias" and not self.has_bias:
+            return None
+        if len(self.parts) == 1:
+            return getattr(self, f"{self.parts[0][0]}{kind}")
+        if self._prefix:
+            return torch.cat([getattr(self, f"shared_{kind}"), getattr(self, kind)])
+        w, b = self.blocks()
+        return torch.cat([v.reshape(-1) for v in (w if kind == "weight" else b)])
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         bound = 1.0 / math.sqrt(self.in_features)
-        self.weight.uniform_(-bound, bound)
-        if self.bias is not None:
-            self.bias.uniform_(-bound, bound)
+        for name, _ in self.parts:  # weights, then biases: unsplit banks draw as before
+            getattr(self, f"{name}weight").uniform_(-bound, bound)
+        for name, _ in self.parts if self.has_bias else ():
+            getattr(self, f"{name}bias").uniform_(-bound, bound)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """``(M, sum n_g)``: every gate's logits, one GEMM."""
@@ -81,11 +127,11 @@ class GateBank(nn.Module):
         if self.grouped:
             if x.dim() != 3 or x.shape[0] != G or x.shape[2] != K:
                 raise ValueError(f"GateBank: x must be (G={G}, M, {K}), got {tuple(x.shape)}")
-            return grouped_linear(x, self.weight, self.bias, [K] * G, list(self.sizes),
-                                  per_task=True)
+            return grouped_linear(x, self._flat("weight"), self._flat("bias"), [K] * G,
+                                  list(self.sizes), per_task=True)
         if x.dim() != 2 or x.shape[1] != K:
             raise ValueError(f"GateBank: x must be (M, {K}), got {tuple(x.shape)}")
-        return grouped_linear(x, self.weight, self.bias, [K], [sum(self.sizes)])
+        return grouped_linear(x, self._flat("weight"), self._flat("bias"), [K], [sum(self.sizes)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Gate weights ``(G, M, E)`` (a transposed view of one ``(M, G, E)`` buffer)."""
@@ -97,4 +143,5 @@ class GateBank(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, gates={len(self.sizes)}, " \
-            f"experts={self.num_experts}, grouped={self.grouped}, bias={self.bias is not None}"
+            f"experts={self.num_experts}, grouped={self.grouped}, bias={self.has_bias}, " \
+            f"shared={list(self.shared)}"

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import resolve_tasks, specific_counts
+from ._common import level_reach, resolve_tasks, specific_counts
 from .experts import expert_widths, make_expert, normalize_activation
 
 __all__ = ["CGCLoop", "DSelectKLoop", "MMoELoop", "PLELoop", "smooth_step"]
@@ -100,6 +100,21 @@ class _CGCLevel(nn.Module):
         if shared_gate:
             self.gate_shared = _gate(in_features, num_shared + sum(counts), gate_bias, f)
 
+    def shared_parameters(self, reach: dict) -> list[nn.Parameter]:
+        """The parameters every task reaches, given this level's ``level_reach`` entry."""
+        everyone = frozenset(range(len(self.tasks)))
+        out = list(self.experts_shared.parameters()) \
+            if reach["shared_experts"] == everyone else []
+        for i, t in enumerate(self.tasks):
+            if reach["task_experts"][i] == everyone:
+                out += self.experts_specific[t].parameters()
+        if hasattr(self, "gate_shared") and reach["shared_gate"] == everyone:
+            out += self.gate_shared.parameters()
+        for i, t in enumerate(self.tasks):
+            if reach["task_gates"][i] == everyone:
+                out += self.gate_specific[t].parameters()
+        return out
+
     def forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """``inputs``: [shared, task 0, ...]; returns [shared (inner levels), task 0, ...]."""
         shared = [e(inputs[0]) for e in self.experts_shared]
@@ -136,6 +151,12 @@ class CGCLoop(_Loop):
         self.experts_specific = level.experts_specific
         self.gate_specific = level.gate_specific
         self._level = [level]  # not a submodule: its children are registered above
+        self._reach = level_reach(1, num_shared, counts)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The shared experts (LibMTL's ``get_share_params``: what every task reaches; with one
+        task, everything)."""
+        return self._level[0].shared_parameters(self._reach[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
@@ -166,6 +187,13 @@ class PLELoop(_Loop):
         self.levels = nn.ModuleList([
             _CGCLevel(in_features if lvl == 0 else D, num_shared, counts, widths, self.tasks,
                       act, gate_bias, lvl < num_levels - 1, f) for lvl in range(num_levels)])
+        self._reach = level_reach(num_levels, num_shared, counts)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Everything every task reaches (see ``PLE.shared_parameters``): the shared experts,
+        the inner levels' shared gates and task experts, the task gates of levels l < L - 2."""
+        return [p for level, reach in zip(self.levels, self._reach, strict=True)
+                for p in level.shared_parameters(reach)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, x = x.shape[:-1], x.reshape(-1, x.shape[-1])

@@ -14,10 +14,22 @@ per-owner grouped GEMM over the stacked [shared, task 0, ...] inputs; later laye
 block-diagonal GEMM), one ``GateBank`` GEMM (per-owner at l > 0), one mixture op.
 
 Parameters and keys of the loop definition ``PLELoop``: level ``l``'s parameters map as in
-``CGC`` (``levels.{l}.experts.*`` -> ``levels.{l}.experts_shared.{j}.*`` /
-``levels.{l}.experts_specific.{t}.{j}.*``; ``levels.{l}.gates.*`` ->
-``levels.{l}.gate_specific.{t}.0.*``), and inner levels' first gate block (over all experts,
-bank order: shared, task 0's, task 1's, ...) -> ``levels.{l}.gate_shared.0.*``.
+``CGC`` with ``levels.{l}.`` for ``level.`` on both sides:
+
+- ``levels.{l}.experts.shared_weight{i}`` / ``shared_bias{i}`` (the S shared experts) ->
+  ``levels.{l}.experts_shared.{j}.*``;
+- ``levels.{l}.experts.weight{i}`` / ``bias{i}`` (the task experts, tasks in order) ->
+  ``levels.{l}.experts_specific.{t}.{j}.*``;
+- the gates every task reaches (``level_reach``: an inner level's shared gate, over all
+  experts in bank order, -> ``levels.{l}.gate_shared.0.*``, and the task gates of levels
+  ``l < L - 2`` whose task has experts further down, -> ``levels.{l}.gate_specific.{t}.0.*``)
+  are ``levels.{l}.gates.shared_weight`` / ``shared_bias`` (gate order: shared gate, then
+  tasks); the other task gates ``levels.{l}.gates.weight`` / ``bias``.
+
+Shared parameters (``shared_parameters()``): everything every task reaches, which for PLE is
+more than the shared experts: every level's shared experts, the inner levels' shared gates
+and task experts (the shared gate mixes them into the next level's shared input), and the
+task gates of levels l < L - 2 (their mixture feeds task experts of an inner level).
 """
 
 from __future__ import annotations
@@ -25,7 +37,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import flatten_input, resolve_tasks, specific_counts
+from ._common import flatten_input, level_reach, resolve_tasks, specific_counts
 from ._interop import Interop
 from .cgc import _Level
 from .experts import expert_widths
@@ -57,20 +69,29 @@ class PLE(Interop, nn.Module):
         widths = expert_widths(expert_hidden, num_shared + sum(counts))
         D = widths[0][-1]
         f = {"device": device, "dtype": dtype}
+        reach = level_reach(num_levels, num_shared, counts)
         self.levels = nn.ModuleList([
             _Level(in_features if lvl == 0 else D, num_shared, counts, widths, activation,
-                   gate_bias, lvl < num_levels - 1, lvl > 0, f) for lvl in range(num_levels)])
+                   gate_bias, lvl < num_levels - 1, lvl > 0, f, reach[lvl])
+            for lvl in range(num_levels)])
         self.out_features = D
         self._register_interop()
 
     def forward(self, x: torch.Tensor, return_experts: bool = False):
         """``(T, *batch, D)``; with ``return_experts`` also the last level's ``(E, M, D)``."""
-        x2, batch = flatten_input("PLE", x, self.in_features, self.levels[0].experts.weight0)
+        x2, batch = flatten_input("PLE", x, self.in_features, self.levels[0].experts.ref)
         z = x2
         for level in self.levels:
             z, h = level(z)
         z = z.reshape(len(self.tasks), *batch, self.out_features)
         return (z, h) if return_experts else z
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Everything every task reaches (LibMTL's ``get_share_params`` for a multi-level
+        block: the shared experts, the inner levels' shared gates and task experts, the task
+        gates of levels l < L - 2; see ``level_reach``): pass it as ``shared`` to
+        ``mtlfast.backward``; the rest gets its ordinary gradients."""
+        return [p for level in self.levels for p in level.shared_parameters()]
 
     def _param_blocks(self):
         out = {}
@@ -82,7 +103,7 @@ class PLE(Interop, nn.Module):
         """The equivalent ``PLELoop`` with copies of these parameters."""
         from .loops import PLELoop
 
-        p = self.levels[0].experts.weight0
+        p = self.levels[0].experts.ref
         loop = PLELoop(**self._config, device=p.device, dtype=p.dtype)
         loop.load_state_dict(self.state_dict())
         return loop
