@@ -115,6 +115,19 @@ def test_demo_command_end_to_end(tmp_path, capsys):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_demo_command_with_an_expert_model(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["demo", "--arch", "ple", "--method", "mgda", "--size", "tiny", "--epochs", "1",
+                 "--no-progress", "--out", str(out)]) == 0
+    assert "model ple" in capsys.readouterr().out
+    summary = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in summary["runs"]] == ["mtlfast MGDA", "linear scalarization",
+                                                    "slow MGDA", "mtlfast MGDA features"]
+    assert summary["notes"]["first_step_difference"] < 1e-4
+    assert "hard parameter sharing only" in summary["notes"]["torchjd"]
+    assert summary["config"]["arch"] == "ple"
+
+
 def test_format_table_delta_m_row():
     summary = {
         "tasks": [{"name": "a", "metric": "accuracy", "higher_is_better": True},
