@@ -30,7 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.grouped_linear import activation_grad, grouped_linear, grouped_linear_input_grad
+from ..ops.grouped_linear import (
+    _eager,
+    activation_grad,
+    apply_activation,
+    grouped_linear,
+    grouped_linear_input_grad,
+    grouped_linear_parts,
+)
 from .spec import normalize_activation, resolve_tasks
 
 __all__ = ["FusedHeads"]
@@ -187,9 +194,16 @@ class FusedHeads(nn.Module):
 
     def _hidden(self, x, per_task, dtype):
         """Layer 1 of MLP heads: act(x W1^T + b1), (M, H), before dropout."""
+        w1, b1 = self.weight1.to(dtype), self._cast(self.bias1, dtype)
+        if not per_task and _eager(x, w1, b1):
+            # One dense GEMM (addmm: cuBLAS / MKL, what the op dispatches to as well) and the
+            # activation, under torch's own autograd: no Python in the backward.
+            pre = F.linear(x, w1, b1)
+            return torch.relu_(pre) if self.activation == "relu" \
+                else apply_activation(pre, self.activation)
         ins, outs = self._first_layer_widths(per_task)
-        return grouped_linear(x, self.weight1.to(dtype).view(-1), self._cast(self.bias1, dtype),
-                              ins, outs, per_task=per_task, activation=self.activation)
+        return grouped_linear(x, w1.view(-1), b1, ins, outs, per_task=per_task,
+                              activation=self.activation)
 
     def forward(self, z, per_task: bool | None = None) -> dict[str, torch.Tensor]:
         """``z``: ``(..., D)`` shared features; or per-task features, a ``(T, ..., D)`` tensor
@@ -199,9 +213,12 @@ class FusedHeads(nn.Module):
         if self.is_mlp:
             h = self._hidden(x, per_task, dtype)
             h = F.dropout(h, self.dropout, self.training) if self.dropout > 0 else h
-            y = grouped_linear(h, self.weight2.to(dtype), self._cast(self.bias2, dtype),
-                               self.hidden_widths, self.out_widths)
-        elif not per_task:
+            parts = grouped_linear_parts(h, self.weight2.to(dtype), self._cast(self.bias2, dtype),
+                                         self.hidden_widths, self.out_widths)
+            if len(batch) != 1:
+                parts = [p.view(*batch, p.shape[-1]) for p in parts]
+            return dict(zip(self.tasks, parts, strict=True))
+        if not per_task:
             # One dense GEMM with no epilogue to fuse: the native op (addmm / cuBLAS) is the
             # fastest and adds no custom-op dispatch overhead.
             y = F.linear(x, self.weight.to(dtype), self._cast(self.bias, dtype))

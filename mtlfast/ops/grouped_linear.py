@@ -24,6 +24,7 @@ them. First-order gradients only (the backward ops have no autograd formula of t
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -41,6 +42,7 @@ __all__ = [
     "grouped_linear",
     "grouped_linear_input_grad",
     "grouped_linear_input_grad_reference",
+    "grouped_linear_parts",
     "grouped_linear_reference",
     "grouped_linear_weight_grad",
     "grouped_linear_weight_grad_reference",
@@ -273,8 +275,19 @@ def _eager(*tensors) -> bool:
     with their fake kernels and vmap rules."""
     if torch.compiler.is_compiling():
         return False
-    return not any(t is not None and (torch._C._functorch.is_functorch_wrapped_tensor(t)
-                                      or is_fake(t)) for t in tensors)
+    for t in tensors:
+        if t is None:
+            continue
+        if torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return False
+        # is_fake costs microseconds per call; a plain tensor or Parameter (no subclass) that
+        # wraps no functional tensor cannot be fake.
+        if (type(t) not in _PLAIN or torch._is_functional_tensor(t)) and is_fake(t):
+            return False
+    return True
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 @torch.library.custom_op("mtlfast::grouped_linear", mutates_args=())
@@ -461,3 +474,64 @@ def grouped_linear_weight_grad(gy: torch.Tensor, x: torch.Tensor, in_widths: Seq
                          f"got {tuple(gy.shape)}")
     weight_grad = _weight_grad_impl if _eager(gy, x) else _weight_grad_op
     return weight_grad(gy, x, list(in_widths), list(out_widths), per_task)
+
+
+# ----------------------------------------------------------------------------- eager, per group
+
+#: Padding ragged groups to the widest one costs ``M * k * (T * n_max - N)`` extra multiply-adds
+#: per GEMM; a loop of per-group GEMMs costs a fixed overhead per extra group instead. Pad while
+#: the extra multiply-adds per saved group stay under this budget (measured on the CPU: one
+#: group's forward + backward ops cost about as much as 2^20 multiply-adds at small sizes;
+#: on a GPU the step is host-bound, so padding wins far longer).
+_PAD_BUDGET = {"cpu": 2**20, "cuda": 2**26}
+
+
+def _pad_ok(M: int, k: int, out_widths, device: torch.device) -> bool:
+    T, N, n_max = len(out_widths), sum(out_widths), max(out_widths)
+    return M * k * (T * n_max - N) <= _PAD_BUDGET.get(device.type, 0) * (T - 1)
+
+
+@functools.cache
+def _pad_rows(out_widths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Row ``t * n_max + j`` of the padded ``(T, n_max, k)`` weights: its row in the packed
+    ``(N, k)`` weights with one zero row ``N`` appended (the padding)."""
+    N, n_max = sum(out_widths), max(out_widths)
+    rows, start = [], 0
+    for n in out_widths:
+        rows += [*range(start, start + n), *[N] * (n_max - n)]
+        start += n
+    return torch.tensor(rows, device=device)
+
+
+def grouped_linear_parts(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                         in_widths: Sequence[int], out_widths: Sequence[int]
+                         ) -> list[torch.Tensor]:
+    """The groups' outputs ``x_t W_t^T + b_t``, a list of ``(M, out_t)`` views of one buffer
+    (x is ``(M, sum in_widths)``, block-diagonal; no activation): the heads' second layer.
+
+    Eager calls with equal in widths (k) run as plain ATen ops under torch's own autograd: one
+    ``baddbmm`` of ``(T, M, k)`` x ``(T, k, n_max)`` views (the backward: two ``bmm`` and a
+    sum, no Python), ragged out widths padded to the widest with zero rows (one
+    ``index_select`` of the packed weights) while that costs less than per-group GEMMs
+    (``_pad_ok``). Everything else (ragged in widths, torch.compile, torch.func, fake
+    tensors) is ``grouped_linear`` split per group.
+    """
+    _check(x, w, bias, in_widths, out_widths, False, "none", "grouped_linear_parts")
+    T, k, M = len(in_widths), in_widths[0], x.shape[0]
+    uniform = _uniform(in_widths, out_widths)
+    if (uniform or len(set(in_widths)) == 1 and _pad_ok(M, k, out_widths, x.device)) \
+            and _eager(x, w, bias):
+        n_max = max(out_widths)
+        if uniform:
+            W, b = w.view(T, n_max, k), bias
+        else:
+            rows = _pad_rows(tuple(out_widths), x.device)
+            W = F.pad(w.view(-1, k), (0, 0, 0, 1)).index_select(0, rows).view(T, n_max, k)
+            b = None if bias is None else F.pad(bias, (0, 1)).index_select(0, rows)
+        xs, Wt = x.view(M, T, k).transpose(0, 1), W.transpose(1, 2)
+        y = torch.bmm(xs, Wt) if b is None else torch.baddbmm(b.view(T, 1, n_max), xs, Wt)
+        parts = y.unbind(0)
+        return list(parts) if uniform else \
+            [p if n == n_max else p[:, :n] for p, n in zip(parts, out_widths, strict=True)]
+    y = grouped_linear(x, w, bias, in_widths, out_widths)
+    return list(y.split(list(out_widths), dim=1))
