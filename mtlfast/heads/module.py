@@ -32,11 +32,11 @@ from torch import nn
 
 from ..ops.grouped_linear import (
     _eager,
+    _parts,
     activation_grad,
     apply_activation,
     grouped_linear,
     grouped_linear_input_grad,
-    grouped_linear_parts,
 )
 from .spec import normalize_activation, resolve_tasks
 
@@ -154,12 +154,13 @@ class FusedHeads(nn.Module):
             per_task = True
         if not isinstance(z, torch.Tensor):
             raise TypeError(f"z must be a torch.Tensor or a dict of them, got {type(z).__name__}")
-        ref = self.weight if not self.is_mlp else self.weight1
-        if z.device != ref.device:
-            raise ValueError(f"z is on {z.device} but the heads' parameters are on {ref.device}")
+        ref = self.weight if self.hidden_widths is None else self.weight1
+        device = z.device
+        if device != ref.device:
+            raise ValueError(f"z is on {device} but the heads' parameters are on {ref.device}")
         if not z.is_floating_point():
             raise TypeError(f"z must be floating point, got {z.dtype}")
-        dev = z.device.type
+        dev = device.type
         if torch.is_autocast_enabled(dev):
             dtype = torch.get_autocast_dtype(dev)
         elif z.dtype != ref.dtype:
@@ -178,8 +179,8 @@ class FusedHeads(nn.Module):
             x = z.reshape(len(self.tasks), -1, self.in_features)
         else:
             batch = z.shape[:-1]
-            x = z.reshape(-1, self.in_features)
-        return x.to(dtype), batch, bool(per_task), dtype
+            x = z if z.dim() == 2 else z.reshape(-1, self.in_features)
+        return (x if x.dtype == dtype else x.to(dtype)), batch, bool(per_task), dtype
 
     def _first_layer_widths(self, per_task: bool):
         T, D = len(self.tasks), self.in_features
@@ -190,12 +191,11 @@ class FusedHeads(nn.Module):
 
     @staticmethod
     def _cast(param, dtype):
-        return None if param is None else param.to(dtype)
+        return param if param is None or param.dtype == dtype else param.to(dtype)
 
-    def _hidden(self, x, per_task, dtype):
+    def _hidden(self, x, w1, b1, per_task, eager):
         """Layer 1 of MLP heads: act(x W1^T + b1), (M, H), before dropout."""
-        w1, b1 = self.weight1.to(dtype), self._cast(self.bias1, dtype)
-        if not per_task and _eager(x, w1, b1):
+        if not per_task and eager:
             # One dense GEMM (addmm: cuBLAS / MKL, what the op dispatches to as well) and the
             # activation, under torch's own autograd: no Python in the backward.
             pre = F.linear(x, w1, b1)
@@ -211,17 +211,20 @@ class FusedHeads(nn.Module):
         """
         x, batch, per_task, dtype = self._prepare(z, per_task)
         if self.is_mlp:
-            h = self._hidden(x, per_task, dtype)
+            w1, b1 = self._cast(self.weight1, dtype), self._cast(self.bias1, dtype)
+            w2, b2 = self._cast(self.weight2, dtype), self._cast(self.bias2, dtype)
+            # eager (no compile, torch.func or fake tensors): plain ATen ops, torch's autograd
+            eager = _eager(x, w1, b1, w2, b2)
+            h = self._hidden(x, w1, b1, per_task, eager)
             h = F.dropout(h, self.dropout, self.training) if self.dropout > 0 else h
-            parts = grouped_linear_parts(h, self.weight2.to(dtype), self._cast(self.bias2, dtype),
-                                         self.hidden_widths, self.out_widths)
+            parts = _parts(h, w2, b2, self.hidden_widths, self.out_widths, eager)
             if len(batch) != 1:
                 parts = [p.view(*batch, p.shape[-1]) for p in parts]
             return dict(zip(self.tasks, parts, strict=True))
         if not per_task:
             # One dense GEMM with no epilogue to fuse: the native op (addmm / cuBLAS) is the
             # fastest and adds no custom-op dispatch overhead.
-            y = F.linear(x, self.weight.to(dtype), self._cast(self.bias, dtype))
+            y = F.linear(x, self._cast(self.weight, dtype), self._cast(self.bias, dtype))
         else:
             ins, outs = self._first_layer_widths(per_task)
             y = grouped_linear(x, self.weight.to(dtype).view(-1), self._cast(self.bias, dtype),

@@ -478,17 +478,24 @@ def grouped_linear_weight_grad(gy: torch.Tensor, x: torch.Tensor, in_widths: Seq
 
 # ----------------------------------------------------------------------------- eager, per group
 
+#: When one ``bmm`` over the groups beats a loop of per-group GEMMs (forward + backward, plain
+#: ATen ops under torch's autograd, measured side by side on the CPU; /tmp-free numbers in the
+#: heads section of benchmarks/RESULTS.md): the loop costs ~20 us of op overhead per group, the
+#: CPU ``bmm`` on the strided (T, M, k) view of x loses to MKL's per-group GEMMs once a group
+#: reads more than about 2^15 elements of x (M * k). On a GPU the step is host-bound: bmm.
+_BMM_MAX_MK = {"cpu": 2**15}
 #: Padding ragged groups to the widest one costs ``M * k * (T * n_max - N)`` extra multiply-adds
-#: per GEMM; a loop of per-group GEMMs costs a fixed overhead per extra group instead. Pad while
-#: the extra multiply-adds per saved group stay under this budget (measured on the CPU: one
-#: group's forward + backward ops cost about as much as 2^20 multiply-adds at small sizes;
-#: on a GPU the step is host-bound, so padding wins far longer).
+#: per GEMM; pad while that stays under this budget per group the padding saves (CPU: one
+#: group's ops cost about as much as 2^20 multiply-adds at the sizes where bmm wins; a GPU
+#: pays launches, not FLOPs, at these sizes).
 _PAD_BUDGET = {"cpu": 2**20, "cuda": 2**26}
 
 
-def _pad_ok(M: int, k: int, out_widths, device: torch.device) -> bool:
+def _bmm_ok(M: int, k: int, out_widths, device: torch.device) -> bool:
+    if M * k > _BMM_MAX_MK.get(device.type, M * k):
+        return False
     T, N, n_max = len(out_widths), sum(out_widths), max(out_widths)
-    return M * k * (T * n_max - N) <= _PAD_BUDGET.get(device.type, 0) * (T - 1)
+    return T * n_max == N or M * k * (T * n_max - N) <= _PAD_BUDGET.get(device.type, 0) * (T - 1)
 
 
 @functools.cache
@@ -503,35 +510,58 @@ def _pad_rows(out_widths: tuple[int, ...], device: torch.device) -> torch.Tensor
     return torch.tensor(rows, device=device)
 
 
+def _parts_bmm(x, w, bias, k, out_widths) -> list[torch.Tensor]:
+    """One ``baddbmm`` of ``(T, M, k)`` x ``(T, k, n_max)`` views, ragged groups zero-padded
+    (width-1 groups on the CPU: a multiply-sum)."""
+    T, M, n_max = len(out_widths), x.shape[0], max(out_widths)
+    if n_max == 1 and x.device.type == "cpu":
+        # T dot products per row: a broadcast multiply-sum beats the CPU's bmm (a batch of
+        # GEMVs) forward and backward, measured 1.1-4x at every size where this path runs.
+        y = (x.view(M, T, k) * w.view(T, k)).sum(-1)
+        return list((y if bias is None else y + bias).split(1, dim=1))
+    if T * n_max == sum(out_widths):
+        W, b = w.view(T, n_max, k), bias
+    else:  # the padded weights: one gather of the packed rows and a zero row
+        rows = _pad_rows(tuple(out_widths), x.device)
+        W = F.pad(w.view(-1, k), (0, 0, 0, 1)).index_select(0, rows).view(T, n_max, k)
+        b = None if bias is None else F.pad(bias, (0, 1)).index_select(0, rows)
+    xs, Wt = x.view(M, T, k).transpose(0, 1), W.transpose(1, 2)
+    y = torch.bmm(xs, Wt) if b is None else torch.baddbmm(b.view(T, 1, n_max), xs, Wt)
+    return [p if n == n_max else p[:, :n] for p, n in zip(y.unbind(0), out_widths, strict=True)]
+
+
+def _parts_loop(x, w, bias, in_widths, out_widths) -> list[torch.Tensor]:
+    """One ``F.linear`` per group on splits of x, w and the bias (each split is one autograd
+    node, so the backward gathers each gradient with one ``cat``)."""
+    biases = bias.split(list(out_widths)) if bias is not None else [None] * len(out_widths)
+    return [F.linear(xt, Wt, bt) for xt, Wt, bt in zip(
+        x.split(list(in_widths), dim=1), _blocks(w, in_widths, out_widths), biases, strict=True)]
+
+
 def grouped_linear_parts(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
                          in_widths: Sequence[int], out_widths: Sequence[int]
                          ) -> list[torch.Tensor]:
     """The groups' outputs ``x_t W_t^T + b_t``, a list of ``(M, out_t)`` views of one buffer
     (x is ``(M, sum in_widths)``, block-diagonal; no activation): the heads' second layer.
 
-    Eager calls with equal in widths (k) run as plain ATen ops under torch's own autograd: one
-    ``baddbmm`` of ``(T, M, k)`` x ``(T, k, n_max)`` views (the backward: two ``bmm`` and a
-    sum, no Python), ragged out widths padded to the widest with zero rows (one
-    ``index_select`` of the packed weights) while that costs less than per-group GEMMs
-    (``_pad_ok``). Everything else (ragged in widths, torch.compile, torch.func, fake
-    tensors) is ``grouped_linear`` split per group.
+    Eager calls run as plain ATen ops under torch's own autograd (no Python in the backward, no
+    custom-op dispatch): with equal in widths ``k`` and where it is measured faster
+    (``_bmm_ok``), one ``baddbmm`` of ``(T, M, k)`` x ``(T, k, n_max)`` views, ragged out widths
+    zero-padded to the widest (one ``index_select`` of the packed weights); otherwise, unless
+    the Triton grouped kernel serves (GPU), one ``F.linear`` per group. torch.compile,
+    torch.func and fake tensors get ``grouped_linear`` (the custom op) split per group.
     """
     _check(x, w, bias, in_widths, out_widths, False, "none", "grouped_linear_parts")
-    T, k, M = len(in_widths), in_widths[0], x.shape[0]
-    uniform = _uniform(in_widths, out_widths)
-    if (uniform or len(set(in_widths)) == 1 and _pad_ok(M, k, out_widths, x.device)) \
-            and _eager(x, w, bias):
-        n_max = max(out_widths)
-        if uniform:
-            W, b = w.view(T, n_max, k), bias
-        else:
-            rows = _pad_rows(tuple(out_widths), x.device)
-            W = F.pad(w.view(-1, k), (0, 0, 0, 1)).index_select(0, rows).view(T, n_max, k)
-            b = None if bias is None else F.pad(bias, (0, 1)).index_select(0, rows)
-        xs, Wt = x.view(M, T, k).transpose(0, 1), W.transpose(1, 2)
-        y = torch.bmm(xs, Wt) if b is None else torch.baddbmm(b.view(T, 1, n_max), xs, Wt)
-        parts = y.unbind(0)
-        return list(parts) if uniform else \
-            [p if n == n_max else p[:, :n] for p, n in zip(parts, out_widths, strict=True)]
+    return _parts(x, w, bias, in_widths, out_widths, _eager(x, w, bias))
+
+
+def _parts(x, w, bias, in_widths, out_widths, eager: bool) -> list[torch.Tensor]:
+    """``grouped_linear_parts`` on checked arguments; ``eager``: ``_eager(x, w, bias)``."""
+    if eager:
+        k = in_widths[0]
+        if len(set(in_widths)) == 1 and _bmm_ok(x.shape[0], k, out_widths, x.device):
+            return _parts_bmm(x, w, bias, k, out_widths)
+        if not _triton(x, in_widths, False):
+            return _parts_loop(x, w, bias, in_widths, out_widths)
     y = grouped_linear(x, w, bias, in_widths, out_widths)
     return list(y.split(list(out_widths), dim=1))
