@@ -1,8 +1,12 @@
 """FusedHeads: T task heads evaluated as one fused computation, forward and backward.
 
 Linear heads are one GEMM over the concatenated weights. MLP heads are one GEMM for all first
-layers (bias + activation fused in its epilogue), then one grouped block-diagonal GEMM for all
-second layers (see ``mtlfast.ops.grouped_linear``). Outputs are views into one buffer.
+layers (+ bias and activation), then the second layers as one grouped block-diagonal GEMM
+(see ``mtlfast.ops.grouped_linear``). Eager calls run plain ATen ops under torch's own autograd
+(``grouped_linear_parts``: one ``bmm`` over equal-width groups, ragged ones zero-padded while
+that is cheap; on the CPU one GEMM per group where that is measured faster); torch.compile and
+torch.func calls, and ragged groups on the GPU, run the ``mtlfast::grouped_linear`` custom op
+(Triton on the GPU).
 
 Parameters (fused storage) and the unfused ``nn.ModuleDict`` keys they map to, task ``t`` with
 output rows ``o_t`` (``out_t`` wide), hidden rows ``h_t`` and packed block ``p_t``:
@@ -49,8 +53,9 @@ class FusedHeads(nn.Module):
     """T task heads on shared features ``z``, computed as one fused op (forward and backward).
 
     ``heads(z)`` returns ``{task: y_t}`` with ``y_t = W2_t act(W1_t z + b1_t) + b2_t`` (MLP
-    heads) or ``y_t = W_t z + b_t`` (Linear heads); the ``y_t`` are views of one ``(..., sum
-    out_t)`` buffer.
+    heads) or ``y_t = W_t z + b_t`` (Linear heads); the ``y_t`` are views of one buffer
+    (``(..., sum out_t)``, or ``(T, ..., max out_t)`` for MLP heads on the bmm path), except
+    where the CPU runs MLP heads' second layers one GEMM per group (large groups).
 
     Args:
         in_features: D, the width of ``z``.

@@ -499,15 +499,18 @@ def _bmm_ok(M: int, k: int, out_widths, device: torch.device) -> bool:
 
 
 @functools.cache
-def _pad_rows(out_widths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+def _pad_rows(out_widths: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
     """Row ``t * n_max + j`` of the padded ``(T, n_max, k)`` weights: its row in the packed
-    ``(N, k)`` weights with one zero row ``N`` appended (the padding)."""
+    ``(N, k)`` weights with one zero row ``N`` appended (the padding); and of the padded bias,
+    where padding repeats the group's last entry (the padded columns are dropped, and their
+    zero gradient adds nothing: no zero entry needed)."""
     N, n_max = sum(out_widths), max(out_widths)
-    rows, start = [], 0
+    rows, bias_rows, start = [], [], 0
     for n in out_widths:
         rows += [*range(start, start + n), *[N] * (n_max - n)]
+        bias_rows += [*range(start, start + n), *[start + n - 1] * (n_max - n)]
         start += n
-    return torch.tensor(rows, device=device)
+    return torch.tensor(rows, device=device), torch.tensor(bias_rows, device=device)
 
 
 def _parts_bmm(x, w, bias, k, out_widths) -> list[torch.Tensor]:
@@ -522,9 +525,9 @@ def _parts_bmm(x, w, bias, k, out_widths) -> list[torch.Tensor]:
     if T * n_max == sum(out_widths):
         W, b = w.view(T, n_max, k), bias
     else:  # the padded weights: one gather of the packed rows and a zero row
-        rows = _pad_rows(tuple(out_widths), x.device)
+        rows, bias_rows = _pad_rows(tuple(out_widths), x.device)
         W = F.pad(w.view(-1, k), (0, 0, 0, 1)).index_select(0, rows).view(T, n_max, k)
-        b = None if bias is None else F.pad(bias, (0, 1)).index_select(0, rows)
+        b = None if bias is None else bias.index_select(0, bias_rows)
     xs, Wt = x.view(M, T, k).transpose(0, 1), W.transpose(1, 2)
     y = torch.bmm(xs, Wt) if b is None else torch.baddbmm(b.view(T, 1, n_max), xs, Wt)
     return [p if n == n_max else p[:, :n] for p, n in zip(y.unbind(0), out_widths, strict=True)]
