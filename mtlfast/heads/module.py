@@ -234,8 +234,10 @@ class FusedHeads(nn.Module):
             ins, outs = self._first_layer_widths(per_task)
             y = grouped_linear(x, self.weight.to(dtype).view(-1), self._cast(self.bias, dtype),
                                ins, outs, per_task=per_task)
-        parts = y.view(*batch, y.shape[-1]).split(list(self.out_widths), dim=-1)
-        return dict(zip(self.tasks, parts, strict=True))
+        if len(batch) != 1:
+            y = y.view(*batch, y.shape[-1])
+        # the ATen method: Tensor.split's Python wrapper costs as much again (tiny heads)
+        return dict(zip(self.tasks, y.split_with_sizes(self.out_widths, -1), strict=True))
 
     # ------------------------------------------------------------------ per-task Jacobian
     @torch.no_grad()
