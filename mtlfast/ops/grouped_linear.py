@@ -518,17 +518,17 @@ def _parts_bmm(x, w, bias, k, out_widths) -> list[torch.Tensor]:
     (width-1 groups on the CPU: a multiply-sum)."""
     T, M, n_max = len(out_widths), x.shape[0], max(out_widths)
     if n_max == 1 and x.device.type == "cpu":
-        # T dot products per row: a broadcast multiply-sum beats the CPU's bmm (a batch of
-        # GEMVs) forward and backward, measured 1.1-4x at every size where this path runs.
-        y = (x.view(M, T, k) * w.view(T, k)).sum(-1)
-        return list((y if bias is None else y + bias).split(1, dim=1))
+        # T dot products per row: a broadcast multiply-sum, forward and backward as fast as
+        # the CPU's bmm (a batch of GEMVs) or up to 2x faster where this path runs.
+        y = (x.reshape(M, T, k) * w.view(T, k)).sum(-1)
+        return list((y if bias is None else y + bias).split_with_sizes(out_widths, 1))
     if T * n_max == sum(out_widths):
         W, b = w.view(T, n_max, k), bias
     else:  # the padded weights: one gather of the packed rows and a zero row
         rows, bias_rows = _pad_rows(tuple(out_widths), x.device)
         W = F.pad(w.view(-1, k), (0, 0, 0, 1)).index_select(0, rows).view(T, n_max, k)
         b = None if bias is None else bias.index_select(0, bias_rows)
-    xs, Wt = x.view(M, T, k).transpose(0, 1), W.transpose(1, 2)
+    xs, Wt = x.reshape(M, T, k).transpose(0, 1), W.transpose(1, 2)
     y = torch.bmm(xs, Wt) if b is None else torch.baddbmm(b.view(T, 1, n_max), xs, Wt)
     return [p if n == n_max else p[:, :n] for p, n in zip(y.unbind(0), out_widths, strict=True)]
 

@@ -88,6 +88,16 @@ def test_parts_outputs_are_views_of_one_buffer(monkeypatch):
         assert len({p._base.data_ptr() for p in parts}) == 1, path
 
 
+@pytest.mark.parametrize("path", list(PATHS))
+def test_parts_take_a_strided_x(path, monkeypatch):
+    _select(monkeypatch, path)
+    ins, outs = PATHS[path][:2]
+    x = torch.randn(7, sum(ins) + 3)[:, 2:-1]  # a column window: not contiguous
+    w, b = torch.randn(sum(gl.block_sizes(ins, outs))), torch.randn(sum(outs))
+    got = torch.cat(gl.grouped_linear_parts(x, w, b, ins, outs), dim=1)
+    assert rel_err(got, gl.grouped_linear_reference(x, w, b, ins, outs)) < 1e-6
+
+
 def test_parts_bad_arguments_are_named():
     with pytest.raises(ValueError, match="grouped_linear_parts: x must be"):
         gl.grouped_linear_parts(torch.randn(3, 5), torch.randn(8), None, (2, 2), (2, 2))
