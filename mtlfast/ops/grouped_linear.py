@@ -479,15 +479,17 @@ def grouped_linear_weight_grad(gy: torch.Tensor, x: torch.Tensor, in_widths: Seq
 # ----------------------------------------------------------------------------- eager, per group
 
 #: When one ``bmm`` over the groups beats a loop of per-group GEMMs (forward + backward, plain
-#: ATen ops under torch's autograd, measured side by side on the CPU; /tmp-free numbers in the
-#: heads section of benchmarks/RESULTS.md): the loop costs ~20 us of op overhead per group, the
-#: CPU ``bmm`` on the strided (T, M, k) view of x loses to MKL's per-group GEMMs once a group
-#: reads more than about 2^15 elements of x (M * k). On a GPU the step is host-bound: bmm.
+#: ATen ops under torch's autograd, measured side by side on the CPU): the loop costs ~20 us of
+#: op overhead per group, but the CPU's ``bmm`` on the strided (T, M, k) view of x loses to
+#: MKL's per-group GEMMs once a group reads more than about 2^15 elements of x (M * k). On a GPU
+#: the step is host-bound at these sizes: bmm.
 _BMM_MAX_MK = {"cpu": 2**15}
-#: Padding ragged groups to the widest one costs ``M * k * (T * n_max - N)`` extra multiply-adds
-#: per GEMM; pad while that stays under this budget per group the padding saves (CPU: one
-#: group's ops cost about as much as 2^20 multiply-adds at the sizes where bmm wins; a GPU
-#: pays launches, not FLOPs, at these sizes).
+#: Padding ragged groups to the widest one multiplies layer 2's work by ``T * n_max / N`` and
+#: adds a gather of the packed weights (and its backward) every step. CPU: pad at most 2x
+#: (measured: 4-5x padding lost to the loop by 1.3-2x even at B=32), and while the extra
+#: multiply-adds ``M * k * (T * n_max - N)`` stay under the budget per group saved. GPU: launches
+#: cost more than FLOPs at these sizes, so only the budget applies.
+_PAD_MAX_RATIO = {"cpu": 2.0}
 _PAD_BUDGET = {"cpu": 2**20, "cuda": 2**26}
 
 
@@ -495,7 +497,10 @@ def _bmm_ok(M: int, k: int, out_widths, device: torch.device) -> bool:
     if M * k > _BMM_MAX_MK.get(device.type, M * k):
         return False
     T, N, n_max = len(out_widths), sum(out_widths), max(out_widths)
-    return T * n_max == N or M * k * (T * n_max - N) <= _PAD_BUDGET.get(device.type, 0) * (T - 1)
+    if T * n_max == N:
+        return True
+    return T * n_max <= _PAD_MAX_RATIO.get(device.type, T) * N \
+        and M * k * (T * n_max - N) <= _PAD_BUDGET.get(device.type, 0) * (T - 1)
 
 
 @functools.cache
