@@ -485,22 +485,24 @@ def grouped_linear_weight_grad(gy: torch.Tensor, x: torch.Tensor, in_widths: Seq
 #: the step is host-bound at these sizes: bmm.
 _BMM_MAX_MK = {"cpu": 2**15}
 #: Padding ragged groups to the widest one multiplies layer 2's work by ``T * n_max / N`` and
-#: adds a gather of the packed weights (and its backward) every step. CPU: pad at most 2x
-#: (measured: 4-5x padding lost to the loop by 1.3-2x even at B=32), and while the extra
-#: multiply-adds ``M * k * (T * n_max - N)`` stay under the budget per group saved. GPU: launches
+#: adds a gather of the packed weights (and its backward) every step. Pad while the extra
+#: multiply-adds ``M * k * (T * n_max - N)`` stay under the budget per group saved; fp32 / fp64
+#: on the CPU also at most 2x (measured: 4-5x padding lost to the loop by 1.3-2x even at B=32,
+#: where in bf16, whose small CPU GEMMs cost ~70 us a call, it won by 1.3-1.9x). GPU: launches
 #: cost more than FLOPs at these sizes, so only the budget applies.
-_PAD_MAX_RATIO = {"cpu": 2.0}
+_PAD_MAX_RATIO = {("cpu", torch.float32): 2.0, ("cpu", torch.float64): 2.0}
 _PAD_BUDGET = {"cpu": 2**20, "cuda": 2**26}
 
 
-def _bmm_ok(M: int, k: int, out_widths, device: torch.device) -> bool:
-    if M * k > _BMM_MAX_MK.get(device.type, M * k):
+def _bmm_ok(x: torch.Tensor, k: int, out_widths) -> bool:
+    M, device = x.shape[0], x.device.type
+    if M * k > _BMM_MAX_MK.get(device, M * k):
         return False
     T, N, n_max = len(out_widths), sum(out_widths), max(out_widths)
     if T * n_max == N:
         return True
-    return T * n_max <= _PAD_MAX_RATIO.get(device.type, T) * N \
-        and M * k * (T * n_max - N) <= _PAD_BUDGET.get(device.type, 0) * (T - 1)
+    return T * n_max <= _PAD_MAX_RATIO.get((device, x.dtype), T) * N \
+        and M * k * (T * n_max - N) <= _PAD_BUDGET.get(device, 0) * (T - 1)
 
 
 @functools.cache
@@ -567,7 +569,7 @@ def _parts(x, w, bias, in_widths, out_widths, eager: bool) -> list[torch.Tensor]
     """``grouped_linear_parts`` on checked arguments; ``eager``: ``_eager(x, w, bias)``."""
     if eager:
         k = in_widths[0]
-        if len(set(in_widths)) == 1 and _bmm_ok(x.shape[0], k, out_widths, x.device):
+        if len(set(in_widths)) == 1 and _bmm_ok(x, k, out_widths):
             return _parts_bmm(x, w, bias, k, out_widths)
         if not _triton(x, in_widths, False):
             return _parts_loop(x, w, bias, in_widths, out_widths)

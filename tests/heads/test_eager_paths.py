@@ -98,6 +98,14 @@ def test_parts_take_a_strided_x(path, monkeypatch):
     assert rel_err(got, gl.grouped_linear_reference(x, w, b, ins, outs)) < 1e-6
 
 
+def test_padding_rule_caps_fp32_cpu_padding_at_2x():
+    outs = (1, 2, 5, 10, 20, 50, 100, 200)  # padded to 8 x 200: 4.1x the 388 columns
+    assert not gl._bmm_ok(torch.empty(32, 8 * 32), 32, outs)
+    assert gl._bmm_ok(torch.empty(32, 8 * 32, dtype=torch.bfloat16), 32, outs)
+    assert gl._bmm_ok(torch.empty(32, 8 * 32), 32, (4, 5, 6, 7, 8, 8, 8, 8))  # 1.2x
+    assert not gl._bmm_ok(torch.empty(4096, 8 * 32), 32, (4,) * 8)  # large groups: loop
+
+
 def test_parts_bad_arguments_are_named():
     with pytest.raises(ValueError, match="grouped_linear_parts: x must be"):
         gl.grouped_linear_parts(torch.randn(3, 5), torch.randn(8), None, (2, 2), (2, 2))
