@@ -31,10 +31,14 @@ NAMED: dict[str, dict[str, tuple[int, int | None, tuple[int, ...], int]]] = {
     "quick": {
         "celeba 40x Linear(512,1)": (512, None, (1,) * 40, 256),
         "8 MLP 512-256-{1..200}": (512, 256, (1, 2, 5, 10, 20, 50, 100, 200), 256),
+        # small binary MLP heads: the host-bound regime (op count and Python per step)
+        "40 MLP 64-16-1, B=32": (64, 16, (1,) * 40, 32),
     },
     "full": {
         "celeba 40x Linear(512,1)": (512, None, (1,) * 40, 256),
         "8 MLP 512-256-{1..200}": (512, 256, (1, 2, 5, 10, 20, 50, 100, 200), 256),
+        "40 MLP 64-16-1, B=32": (64, 16, (1,) * 40, 32),
+        "8 MLP 256-128-32, B=1024": (256, 128, (32,) * 8, 1024),
         "ranking 100x 256-64-1": (256, 64, (1,) * 100, 1024),
     },
 }

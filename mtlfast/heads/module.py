@@ -1,8 +1,12 @@
 """FusedHeads: T task heads evaluated as one fused computation, forward and backward.
 
 Linear heads are one GEMM over the concatenated weights. MLP heads are one GEMM for all first
-layers (bias + activation fused in its epilogue), then one grouped block-diagonal GEMM for all
-second layers (see ``mtlfast.ops.grouped_linear``). Outputs are views into one buffer.
+layers (+ bias and activation), then the second layers as one grouped block-diagonal GEMM
+(see ``mtlfast.ops.grouped_linear``). Eager calls run plain ATen ops under torch's own autograd
+(``grouped_linear_parts``: one ``bmm`` over equal-width groups, ragged ones zero-padded while
+that is cheap; on the CPU one GEMM per group where that is measured faster); torch.compile and
+torch.func calls, and ragged groups on the GPU, run the ``mtlfast::grouped_linear`` custom op
+(Triton on the GPU).
 
 Parameters (fused storage) and the unfused ``nn.ModuleDict`` keys they map to, task ``t`` with
 output rows ``o_t`` (``out_t`` wide), hidden rows ``h_t`` and packed block ``p_t``:
@@ -30,7 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.grouped_linear import activation_grad, grouped_linear, grouped_linear_input_grad
+from ..ops.grouped_linear import (
+    _eager,
+    _parts,
+    activation_grad,
+    apply_activation,
+    grouped_linear,
+    grouped_linear_input_grad,
+)
 from .spec import normalize_activation, resolve_tasks
 
 __all__ = ["FusedHeads"]
@@ -42,8 +53,9 @@ class FusedHeads(nn.Module):
     """T task heads on shared features ``z``, computed as one fused op (forward and backward).
 
     ``heads(z)`` returns ``{task: y_t}`` with ``y_t = W2_t act(W1_t z + b1_t) + b2_t`` (MLP
-    heads) or ``y_t = W_t z + b_t`` (Linear heads); the ``y_t`` are views of one ``(..., sum
-    out_t)`` buffer.
+    heads) or ``y_t = W_t z + b_t`` (Linear heads); the ``y_t`` are views of one buffer
+    (``(..., sum out_t)``, or ``(T, ..., max out_t)`` for MLP heads on the bmm path), except
+    where the CPU runs MLP heads' second layers one GEMM per group (large groups).
 
     Args:
         in_features: D, the width of ``z``.
@@ -147,12 +159,13 @@ class FusedHeads(nn.Module):
             per_task = True
         if not isinstance(z, torch.Tensor):
             raise TypeError(f"z must be a torch.Tensor or a dict of them, got {type(z).__name__}")
-        ref = self.weight if not self.is_mlp else self.weight1
-        if z.device != ref.device:
-            raise ValueError(f"z is on {z.device} but the heads' parameters are on {ref.device}")
+        ref = self.weight if self.hidden_widths is None else self.weight1
+        device = z.device
+        if device != ref.device:
+            raise ValueError(f"z is on {device} but the heads' parameters are on {ref.device}")
         if not z.is_floating_point():
             raise TypeError(f"z must be floating point, got {z.dtype}")
-        dev = z.device.type
+        dev = device.type
         if torch.is_autocast_enabled(dev):
             dtype = torch.get_autocast_dtype(dev)
         elif z.dtype != ref.dtype:
@@ -171,8 +184,8 @@ class FusedHeads(nn.Module):
             x = z.reshape(len(self.tasks), -1, self.in_features)
         else:
             batch = z.shape[:-1]
-            x = z.reshape(-1, self.in_features)
-        return x.to(dtype), batch, bool(per_task), dtype
+            x = z if z.dim() == 2 else z.reshape(-1, self.in_features)
+        return (x if x.dtype == dtype else x.to(dtype)), batch, bool(per_task), dtype
 
     def _first_layer_widths(self, per_task: bool):
         T, D = len(self.tasks), self.in_features
@@ -183,13 +196,19 @@ class FusedHeads(nn.Module):
 
     @staticmethod
     def _cast(param, dtype):
-        return None if param is None else param.to(dtype)
+        return param if param is None or param.dtype == dtype else param.to(dtype)
 
-    def _hidden(self, x, per_task, dtype):
+    def _hidden(self, x, w1, b1, per_task, eager):
         """Layer 1 of MLP heads: act(x W1^T + b1), (M, H), before dropout."""
+        if not per_task and eager:
+            # One dense GEMM (addmm: cuBLAS / MKL, what the op dispatches to as well) and the
+            # activation, under torch's own autograd: no Python in the backward.
+            pre = F.linear(x, w1, b1)
+            return torch.relu_(pre) if self.activation == "relu" \
+                else apply_activation(pre, self.activation)
         ins, outs = self._first_layer_widths(per_task)
-        return grouped_linear(x, self.weight1.to(dtype).view(-1), self._cast(self.bias1, dtype),
-                              ins, outs, per_task=per_task, activation=self.activation)
+        return grouped_linear(x, w1.view(-1), b1, ins, outs, per_task=per_task,
+                              activation=self.activation)
 
     def forward(self, z, per_task: bool | None = None) -> dict[str, torch.Tensor]:
         """``z``: ``(..., D)`` shared features; or per-task features, a ``(T, ..., D)`` tensor
@@ -197,20 +216,28 @@ class FusedHeads(nn.Module):
         """
         x, batch, per_task, dtype = self._prepare(z, per_task)
         if self.is_mlp:
-            h = self._hidden(x, per_task, dtype)
+            w1, b1 = self._cast(self.weight1, dtype), self._cast(self.bias1, dtype)
+            w2, b2 = self._cast(self.weight2, dtype), self._cast(self.bias2, dtype)
+            # eager (no compile, torch.func or fake tensors): plain ATen ops, torch's autograd
+            eager = _eager(x, w1, b1, w2, b2)
+            h = self._hidden(x, w1, b1, per_task, eager)
             h = F.dropout(h, self.dropout, self.training) if self.dropout > 0 else h
-            y = grouped_linear(h, self.weight2.to(dtype), self._cast(self.bias2, dtype),
-                               self.hidden_widths, self.out_widths)
-        elif not per_task:
+            parts = _parts(h, w2, b2, self.hidden_widths, self.out_widths, eager)
+            if len(batch) != 1:
+                parts = [p.view(*batch, p.shape[-1]) for p in parts]
+            return dict(zip(self.tasks, parts, strict=True))
+        if not per_task:
             # One dense GEMM with no epilogue to fuse: the native op (addmm / cuBLAS) is the
             # fastest and adds no custom-op dispatch overhead.
-            y = F.linear(x, self.weight.to(dtype), self._cast(self.bias, dtype))
+            y = F.linear(x, self._cast(self.weight, dtype), self._cast(self.bias, dtype))
         else:
             ins, outs = self._first_layer_widths(per_task)
             y = grouped_linear(x, self.weight.to(dtype).view(-1), self._cast(self.bias, dtype),
                                ins, outs, per_task=per_task)
-        parts = y.view(*batch, y.shape[-1]).split(list(self.out_widths), dim=-1)
-        return dict(zip(self.tasks, parts, strict=True))
+        if len(batch) != 1:
+            y = y.view(*batch, y.shape[-1])
+        # the ATen method: Tensor.split's Python wrapper costs as much again (tiny heads)
+        return dict(zip(self.tasks, y.split_with_sizes(self.out_widths, -1), strict=True))
 
     # ------------------------------------------------------------------ per-task Jacobian
     @torch.no_grad()

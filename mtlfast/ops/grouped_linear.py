@@ -24,6 +24,7 @@ them. First-order gradients only (the backward ops have no autograd formula of t
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -41,6 +42,7 @@ __all__ = [
     "grouped_linear",
     "grouped_linear_input_grad",
     "grouped_linear_input_grad_reference",
+    "grouped_linear_parts",
     "grouped_linear_reference",
     "grouped_linear_weight_grad",
     "grouped_linear_weight_grad_reference",
@@ -273,8 +275,19 @@ def _eager(*tensors) -> bool:
     with their fake kernels and vmap rules."""
     if torch.compiler.is_compiling():
         return False
-    return not any(t is not None and (torch._C._functorch.is_functorch_wrapped_tensor(t)
-                                      or is_fake(t)) for t in tensors)
+    for t in tensors:
+        if t is None:
+            continue
+        if torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return False
+        # is_fake costs microseconds per call; a plain tensor or Parameter (no subclass) that
+        # wraps no functional tensor cannot be fake.
+        if (type(t) not in _PLAIN or torch._is_functional_tensor(t)) and is_fake(t):
+            return False
+    return True
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 @torch.library.custom_op("mtlfast::grouped_linear", mutates_args=())
@@ -461,3 +474,104 @@ def grouped_linear_weight_grad(gy: torch.Tensor, x: torch.Tensor, in_widths: Seq
                          f"got {tuple(gy.shape)}")
     weight_grad = _weight_grad_impl if _eager(gy, x) else _weight_grad_op
     return weight_grad(gy, x, list(in_widths), list(out_widths), per_task)
+
+
+# ----------------------------------------------------------------------------- eager, per group
+
+#: When one ``bmm`` over the groups beats a loop of per-group GEMMs (forward + backward, plain
+#: ATen ops under torch's autograd, measured side by side on the CPU): the loop costs ~20 us of
+#: op overhead per group, but the CPU's ``bmm`` on the strided (T, M, k) view of x loses to
+#: MKL's per-group GEMMs once a group reads more than about 2^15 elements of x (M * k). On a GPU
+#: the step is host-bound at these sizes: bmm.
+_BMM_MAX_MK = {"cpu": 2**15}
+#: Padding ragged groups to the widest one multiplies layer 2's work by ``T * n_max / N`` and
+#: adds a gather of the packed weights (and its backward) every step. Pad while the extra
+#: multiply-adds ``M * k * (T * n_max - N)`` stay under the budget per group saved; fp32 / fp64
+#: on the CPU also at most 2x (measured: 4-5x padding lost to the loop by 1.3-2x even at B=32,
+#: where in bf16, whose small CPU GEMMs cost ~70 us a call, it won by 1.3-1.9x). GPU: launches
+#: cost more than FLOPs at these sizes, so only the budget applies.
+_PAD_MAX_RATIO = {("cpu", torch.float32): 2.0, ("cpu", torch.float64): 2.0}
+_PAD_BUDGET = {"cpu": 2**20, "cuda": 2**26}
+
+
+def _bmm_ok(x: torch.Tensor, k: int, out_widths) -> bool:
+    M, device = x.shape[0], x.device.type
+    if M * k > _BMM_MAX_MK.get(device, M * k):
+        return False
+    T, N, n_max = len(out_widths), sum(out_widths), max(out_widths)
+    if T * n_max == N:
+        return True
+    return T * n_max <= _PAD_MAX_RATIO.get((device, x.dtype), T) * N \
+        and M * k * (T * n_max - N) <= _PAD_BUDGET.get(device, 0) * (T - 1)
+
+
+@functools.cache
+def _pad_rows(out_widths: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Row ``t * n_max + j`` of the padded ``(T, n_max, k)`` weights: its row in the packed
+    ``(N, k)`` weights with one zero row ``N`` appended (the padding); and of the padded bias,
+    where padding repeats the group's last entry (the padded columns are dropped, and their
+    zero gradient adds nothing: no zero entry needed)."""
+    N, n_max = sum(out_widths), max(out_widths)
+    rows, bias_rows, start = [], [], 0
+    for n in out_widths:
+        rows += [*range(start, start + n), *[N] * (n_max - n)]
+        bias_rows += [*range(start, start + n), *[start + n - 1] * (n_max - n)]
+        start += n
+    return torch.tensor(rows, device=device), torch.tensor(bias_rows, device=device)
+
+
+def _parts_bmm(x, w, bias, k, out_widths) -> list[torch.Tensor]:
+    """One ``baddbmm`` of ``(T, M, k)`` x ``(T, k, n_max)`` views, ragged groups zero-padded
+    (width-1 groups on the CPU: a multiply-sum)."""
+    T, M, n_max = len(out_widths), x.shape[0], max(out_widths)
+    if n_max == 1 and x.device.type == "cpu":
+        # T dot products per row: a broadcast multiply-sum, forward and backward as fast as
+        # the CPU's bmm (a batch of GEMVs) or up to 2x faster where this path runs.
+        y = (x.reshape(M, T, k) * w.view(T, k)).sum(-1)
+        return list((y if bias is None else y + bias).split_with_sizes(out_widths, 1))
+    if T * n_max == sum(out_widths):
+        W, b = w.view(T, n_max, k), bias
+    else:  # the padded weights: one gather of the packed rows and a zero row
+        rows, bias_rows = _pad_rows(tuple(out_widths), x.device)
+        W = F.pad(w.view(-1, k), (0, 0, 0, 1)).index_select(0, rows).view(T, n_max, k)
+        b = None if bias is None else bias.index_select(0, bias_rows)
+    xs, Wt = x.reshape(M, T, k).transpose(0, 1), W.transpose(1, 2)
+    y = torch.bmm(xs, Wt) if b is None else torch.baddbmm(b.view(T, 1, n_max), xs, Wt)
+    return [p if n == n_max else p[:, :n] for p, n in zip(y.unbind(0), out_widths, strict=True)]
+
+
+def _parts_loop(x, w, bias, in_widths, out_widths) -> list[torch.Tensor]:
+    """One ``F.linear`` per group on splits of x, w and the bias (each split is one autograd
+    node, so the backward gathers each gradient with one ``cat``)."""
+    biases = bias.split(list(out_widths)) if bias is not None else [None] * len(out_widths)
+    return [F.linear(xt, Wt, bt) for xt, Wt, bt in zip(
+        x.split(list(in_widths), dim=1), _blocks(w, in_widths, out_widths), biases, strict=True)]
+
+
+def grouped_linear_parts(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                         in_widths: Sequence[int], out_widths: Sequence[int]
+                         ) -> list[torch.Tensor]:
+    """The groups' outputs ``x_t W_t^T + b_t``, a list of ``(M, out_t)`` views of one buffer
+    (x is ``(M, sum in_widths)``, block-diagonal; no activation): the heads' second layer.
+
+    Eager calls run as plain ATen ops under torch's own autograd (no Python in the backward, no
+    custom-op dispatch): with equal in widths ``k`` and where it is measured faster
+    (``_bmm_ok``), one ``baddbmm`` of ``(T, M, k)`` x ``(T, k, n_max)`` views, ragged out widths
+    zero-padded to the widest (one ``index_select`` of the packed weights); otherwise, unless
+    the Triton grouped kernel serves (GPU), one ``F.linear`` per group. torch.compile,
+    torch.func and fake tensors get ``grouped_linear`` (the custom op) split per group.
+    """
+    _check(x, w, bias, in_widths, out_widths, False, "none", "grouped_linear_parts")
+    return _parts(x, w, bias, in_widths, out_widths, _eager(x, w, bias))
+
+
+def _parts(x, w, bias, in_widths, out_widths, eager: bool) -> list[torch.Tensor]:
+    """``grouped_linear_parts`` on checked arguments; ``eager``: ``_eager(x, w, bias)``."""
+    if eager:
+        k = in_widths[0]
+        if len(set(in_widths)) == 1 and _bmm_ok(x, k, out_widths):
+            return _parts_bmm(x, w, bias, k, out_widths)
+        if not _triton(x, in_widths, False):
+            return _parts_loop(x, w, bias, in_widths, out_widths)
+    y = grouped_linear(x, w, bias, in_widths, out_widths)
+    return list(y.split(list(out_widths), dim=1))

@@ -29,7 +29,8 @@ def test_batched_backward_through_triton_heads(monkeypatch):
     monkeypatch.setenv("MTLFAST_HEADS_TRITON", "1")
     torch.manual_seed(0)
     trunk = nn.Sequential(nn.Linear(6, 16), nn.Tanh())
-    heads = mtlfast.FusedHeads(16, {"a": 1, "b": 1, "c": 1}, hidden=8)
+    # ragged hidden widths: layer 2 stays on the grouped (Triton) op; equal ones run as bmm
+    heads = mtlfast.FusedHeads(16, {"a": 1, "b": 1, "c": 1}, hidden=[8, 5, 3])
     x, y = torch.randn(5, 6), torch.randn(5, 3)
     engine = mtlfast.MTLBackward(trunk, UPGrad(), mode="jacobian")
     losses, z = _losses(trunk, heads, x, y)

@@ -1,0 +1,227 @@
+"""The eager second-layer paths of FusedHeads (``grouped_linear_parts``: bmm, zero-padded bmm,
+multiply-sum for width-1 groups, one F.linear per group) against the torch reference, forward
+and backward, fp32/fp16/bf16; and a structural check: the MLP heads' forward + backward
+dispatches no more ATen ops than the hand fusion (concatenated Linear + bmm)."""
+
+import importlib
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import mtlfast
+from mtlfast import FusedHeads, baselines
+from tests.conftest import rel_err
+
+gl = importlib.import_module("mtlfast.ops.grouped_linear")
+
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+# path -> (in widths, out widths, _BMM_MAX_MK, _PAD_BUDGET on the CPU) that select it
+PATHS = {
+    "bmm": ((8,) * 3, (5,) * 3, 2**15, 2**20),
+    "padded bmm": ((8,) * 4, (1, 7, 3, 7), 2**15, 2**20),
+    "multiply-sum": ((8,) * 5, (1,) * 5, 2**15, 2**20),
+    "loop (ragged out, padding too dear)": ((8,) * 4, (1, 7, 3, 7), 2**15, 0),
+    "loop (large groups)": ((8,) * 3, (5,) * 3, 0, 2**20),
+    "loop (ragged in)": ((3, 8, 1, 5), (2, 1, 4, 4), 2**15, 2**20),
+}
+
+
+def _select(monkeypatch, path):
+    _, _, max_mk, budget = PATHS[path]
+    monkeypatch.setitem(gl._BMM_MAX_MK, "cpu", max_mk)
+    monkeypatch.setitem(gl._PAD_BUDGET, "cpu", budget)
+
+
+def _spy(monkeypatch):
+    """Which of the eager paths ran (or the custom op)."""
+    ran = []
+    for name in ("_parts_bmm", "_parts_loop", "grouped_linear"):
+        fn = getattr(gl, name)
+        monkeypatch.setattr(gl, name, lambda *a, _fn=fn, _n=name, **k: ran.append(_n) or _fn(*a,
+                                                                                           **k))
+    return ran
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_parts_match_reference_forward_backward(path, dtype, bias, monkeypatch):
+    _select(monkeypatch, path)
+    ran = _spy(monkeypatch)
+    ins, outs = PATHS[path][:2]
+    M = 13
+    x = torch.randn(M, sum(ins), dtype=dtype, requires_grad=True)
+    w = (torch.randn(sum(gl.block_sizes(ins, outs))) / 3).to(dtype).requires_grad_()
+    b = torch.randn(sum(outs), dtype=dtype, requires_grad=True) if bias else None
+    parts = gl.grouped_linear_parts(x, w, b, ins, outs)
+    assert [tuple(p.shape) for p in parts] == [(M, n) for n in outs]
+    want = "_parts_loop" if path.startswith("loop") else "_parts_bmm"
+    assert ran == [want]
+    # the reference in float64
+    leaves = [t for t in (x, w, b) if t is not None]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    rx, rw = ref_leaves[:2]
+    rb = ref_leaves[2] if bias else None
+    ref = gl.grouped_linear_reference(rx, rw, rb, ins, outs)
+    y = torch.cat(parts, dim=1)
+    assert rel_err(y, ref) < TOL[dtype]
+    g = torch.randn(M, sum(outs), dtype=torch.float64)
+    grads = torch.autograd.grad(y, leaves, g.to(dtype))
+    ref_grads = torch.autograd.grad(ref, ref_leaves, g)
+    for got, exp in zip(grads, ref_grads, strict=True):
+        assert got.dtype == dtype and got.shape == exp.shape
+        assert rel_err(got, exp) < TOL[dtype]
+
+
+def test_parts_outputs_are_views_of_one_buffer(monkeypatch):
+    for path in PATHS:
+        if path.startswith("loop"):  # one F.linear output per group: separate buffers
+            continue
+        _select(monkeypatch, path)
+        ins, outs = PATHS[path][:2]
+        parts = gl.grouped_linear_parts(torch.randn(4, sum(ins)),
+                                        torch.randn(sum(gl.block_sizes(ins, outs))),
+                                        torch.randn(sum(outs)), ins, outs)
+        assert len({p._base.data_ptr() for p in parts}) == 1, path
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_parts_take_a_strided_x(path, monkeypatch):
+    _select(monkeypatch, path)
+    ins, outs = PATHS[path][:2]
+    x = torch.randn(7, sum(ins) + 3)[:, 2:-1]  # a column window: not contiguous
+    w, b = torch.randn(sum(gl.block_sizes(ins, outs))), torch.randn(sum(outs))
+    got = torch.cat(gl.grouped_linear_parts(x, w, b, ins, outs), dim=1)
+    assert rel_err(got, gl.grouped_linear_reference(x, w, b, ins, outs)) < 1e-6
+
+
+def test_padding_rule_caps_fp32_cpu_padding_at_2x():
+    outs = (1, 2, 5, 10, 20, 50, 100, 200)  # padded to 8 x 200: 4.1x the 388 columns
+    assert not gl._bmm_ok(torch.empty(32, 8 * 32), 32, outs)
+    assert gl._bmm_ok(torch.empty(32, 8 * 32, dtype=torch.bfloat16), 32, outs)
+    assert gl._bmm_ok(torch.empty(32, 8 * 32), 32, (4, 5, 6, 7, 8, 8, 8, 8))  # 1.2x
+    assert not gl._bmm_ok(torch.empty(4096, 8 * 32), 32, (4,) * 8)  # large groups: loop
+
+
+def test_parts_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="grouped_linear_parts: x must be"):
+        gl.grouped_linear_parts(torch.randn(3, 5), torch.randn(8), None, (2, 2), (2, 2))
+
+
+def test_padding_is_exact_for_inf_weights(monkeypatch):
+    """Padded rows are zeros, never copies of a real row: an inf weight in a narrow head gives
+    the loop's gradients (no 0 * inf = NaN from the padding)."""
+    _select(monkeypatch, "padded bmm")
+    ins, outs = PATHS["padded bmm"][:2]
+    w = torch.randn(sum(gl.block_sizes(ins, outs)))
+    w[0] = float("inf")  # group 0 (width 1) is padded to 7 rows
+    x = torch.randn(6, sum(ins), requires_grad=True)
+    wp = w.clone().requires_grad_()
+    y = torch.cat(gl.grouped_linear_parts(x, wp, None, ins, outs), dim=1)
+    g = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, [x, wp], g)
+    wr = w.clone().requires_grad_()
+    ref = gl.grouped_linear_reference(x, wr, None, ins, outs)
+    rgx, rgw = torch.autograd.grad(ref, [x, wr], g)
+    assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(gx.isnan(), rgx.isnan())
+    assert torch.equal(gw.isnan(), rgw.isnan())
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_mlp_heads_match_loop_on_every_path(path, dtype, monkeypatch):
+    _select(monkeypatch, path)
+    ins, outs = PATHS[path][:2]
+    fused = FusedHeads(6, {f"t{i}": n for i, n in enumerate(outs)}, hidden=list(ins),
+                       activation="gelu", dtype=dtype)
+    plain = fused.unfuse()
+    z = torch.randn(3, 5, 6, dtype=dtype, requires_grad=True)
+    out = fused(z)
+    ref = {t: head(z) for t, head in plain.items()}
+    seeds = {t: torch.randn_like(v) for t, v in ref.items()}
+    got = torch.autograd.grad(sum((out[t] * seeds[t]).sum() for t in out),
+                              [z, *fused.parameters()])
+    want = torch.autograd.grad(sum((ref[t] * seeds[t]).sum() for t in ref),
+                               [z, *plain.parameters()])
+    tol = TOL[dtype] * 2
+    for t in ref:
+        assert out[t].shape == ref[t].shape and rel_err(out[t], ref[t]) < tol, t
+    assert rel_err(got[0], want[0]) < tol
+    # fused gradients, flattened in unfused order, against the loop's
+    by_key = {}
+    fused_g = dict(zip([n for n, _ in fused.named_parameters()], got[1:], strict=True))
+    for name, blocks in fused._param_blocks().items():
+        parts = fused_g[name].reshape(-1).split([b.numel() for _, b in blocks])
+        by_key.update({k: g.view(b.shape) for (k, b), g in zip(blocks, parts, strict=True)})
+    plain_g = dict(zip([n for n, _ in plain.named_parameters()], want[1:], strict=True))
+    for key, g in plain_g.items():
+        assert rel_err(by_key[key], g) < tol, key
+
+
+def test_eager_paths_skip_the_custom_op_and_func_transforms_keep_it(monkeypatch):
+    ran = _spy(monkeypatch)
+    fused = FusedHeads(6, {"a": 2, "b": 2}, hidden=4)
+    z = torch.randn(3, 6)
+    fused(z)
+    assert ran == ["_parts_bmm"]
+    ran.clear()
+    names = [n for n, _ in fused.named_parameters()]
+    params = dict(zip(names, [p.detach() for p in fused.parameters()], strict=True))
+    torch.func.grad(lambda p: sum(v.sum() for v in torch.func.functional_call(
+        fused, p, (z,)).values()))(params)
+    assert ran == ["grouped_linear"]
+
+
+#: ATen ops that only make views (no kernel launch on a GPU)
+_VIEWS = {"view", "_unsafe_view", "transpose", "t", "unsqueeze", "expand", "detach", "split",
+          "split_with_sizes", "select", "slice", "unbind", "permute", "alias", "squeeze"}
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_per_step(model, z, cot):
+    """(all ATen ops, ops that compute) of one forward + backward."""
+    params = list(model.parameters())
+    model(z)  # once before counting: first-call work (cached pad indices) is not per step
+    with _CountOps() as mode:
+        out = model(z)
+        loss = (torch.cat(list(out.values()), dim=-1) * cot).sum()
+        torch.autograd.grad(loss, [z, *params])
+    return len(mode.ops), sum(op not in _VIEWS for op in mode.ops)
+
+
+@pytest.mark.parametrize("T", [2, 8, 40])
+@pytest.mark.parametrize("widths", ["binary", "uniform", "ragged"])
+def test_mlp_heads_dispatch_no_more_aten_ops_than_concat_bmm(T, widths):
+    """Structural (not timed): ATen ops dispatched by forward + backward, the host cost per
+    step (on a GPU the computing ones are the kernel launches), at sizes where the CPU takes
+    the bmm path. Ragged widths at T=2 are the known exception: the packed weights are
+    gathered into the padded layout every step (pad + index_select, and their backward),
+    which the hand fusion skips by storing padded copies as its parameters."""
+    outs = {"binary": [1] * T, "uniform": [4] * T, "ragged": [(3 * t) % 7 + 1 for t in range(T)]}
+    torch.manual_seed(0)
+    heads = nn.ModuleDict({f"t{t}": nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, n))
+                           for t, n in enumerate(outs[widths])})
+    fused = mtlfast.fuse_heads(heads)
+    concat = baselines.ConcatBmmHeads(heads)
+    z = torch.randn(32, 16, requires_grad=True)
+    cot = torch.randn(32, sum(outs[widths]))
+    (all_f, compute_f), (all_c, compute_c) = _ops_per_step(fused, z, cot), \
+        _ops_per_step(concat, z, cot)
+    if widths == "ragged" and T == 2:
+        assert compute_f <= compute_c + 10 and all_f <= all_c + 16
+        return
+    assert compute_f <= compute_c, (compute_f, compute_c)
+    if T >= 8:
+        assert all_f <= all_c, (all_f, all_c)
