@@ -122,15 +122,26 @@ class GateBank(nn.Module):
             getattr(self, f"{name}bias").uniform_(-bound, bound)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """``(M, sum n_g)``: every gate's logits, one GEMM."""
+        """``(M, sum n_g)``: every gate's logits, one GEMM (on the CPU a plain ``addmm`` /
+        ``baddbmm`` under torch's autograd, as ``ExpertBank``'s CPU path: no custom-op or
+        ``autograd.Function`` cost, which shows at small batches)."""
         K, G = self.in_features, len(self.sizes)
         if self.grouped:
             if x.dim() != 3 or x.shape[0] != G or x.shape[2] != K:
                 raise ValueError(f"GateBank: x must be (G={G}, M, {K}), got {tuple(x.shape)}")
+            if x.device.type == "cpu" and len(set(self.sizes)) == 1:
+                n, M = self.sizes[0], x.shape[1]
+                w = self._flat("weight").view(G, n, K).transpose(1, 2)
+                b = self._flat("bias")
+                y = torch.baddbmm(b.view(G, 1, n), x, w) if b is not None else torch.bmm(x, w)
+                return y.transpose(0, 1).reshape(M, G * n)
             return grouped_linear(x, self._flat("weight"), self._flat("bias"), [K] * G,
                                   list(self.sizes), per_task=True)
         if x.dim() != 2 or x.shape[1] != K:
             raise ValueError(f"GateBank: x must be (M, {K}), got {tuple(x.shape)}")
+        if x.device.type == "cpu":
+            w, b = self._flat("weight").view(sum(self.sizes), K).t(), self._flat("bias")
+            return torch.addmm(b, x, w) if b is not None else x @ w
         return grouped_linear(x, self._flat("weight"), self._flat("bias"), [K], [sum(self.sizes)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
