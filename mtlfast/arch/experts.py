@@ -192,7 +192,10 @@ class ExpertBank(nn.Module):
         if self.groups is None:
             M = x.shape[0]
             pre = torch.addmm(self.layer_bias(0), x, self.layer_weight(0).view(E * H, K).t())
-            h = act(pre).view(M, E, H).transpose(0, 1)
+            # out of place, on the (E, M, H) view: its backward writes the gradient in pre's
+            # (M, E * H) layout (with the in-place activation before the view, the view's
+            # backward copied an expert-major M x E x H gradient back, profiled every step)
+            h = self._act_out(pre.view(M, E, H).transpose(0, 1))
         else:
             G, M, n = x.shape[0], x.shape[1], self.groups[0]
             pre = torch.baddbmm(self.layer_bias(0).view(G, 1, n * H), x,
@@ -205,6 +208,11 @@ class ExpertBank(nn.Module):
             w = self.layer_weight(layer).view(E, n_out, n_in).transpose(1, 2)
             h = act(torch.baddbmm(self.layer_bias(layer).view(E, 1, n_out), h, w))
         return h
+
+    @property
+    def _act_out(self):
+        return {"relu": torch.relu, "gelu": torch.nn.functional.gelu,
+                "silu": torch.nn.functional.silu, "none": lambda t: t}[self.activation]
 
     @property
     def _act_(self):
