@@ -150,7 +150,14 @@ class GateBank(nn.Module):
         M, G, E = z.shape[0], len(self.sizes), self.num_experts
         if self._positions is not None:
             z = z.new_full((M, G * E), float("-inf")).index_copy(1, self._positions, z)
-        return torch.softmax(z.view(M, G, E), dim=-1).transpose(0, 1)
+        z = z.view(M, G, E)
+        if z.dtype in (torch.float32, torch.float64):
+            # softmax over E (a few experts) written out: forward + backward measured 2.3x
+            # faster than torch.softmax's on the CPU at E = 8, M >= 256 (one thread); the max
+            # is a constant shift (no gradient); half types keep torch's (fp32 inside)
+            e = (z - z.detach().amax(-1, keepdim=True)).exp()
+            return (e / e.sum(-1, keepdim=True)).transpose(0, 1)
+        return torch.softmax(z, dim=-1).transpose(0, 1)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, gates={len(self.sizes)}, " \
