@@ -116,10 +116,19 @@ class GateBank(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         bound = 1.0 / math.sqrt(self.in_features)
-        for name, _ in self.parts:  # weights, then biases: unsplit banks draw as before
-            getattr(self, f"{name}weight").uniform_(-bound, bound)
-        for name, _ in self.parts if self.has_bias else ():
-            getattr(self, f"{name}bias").uniform_(-bound, bound)
+        if len(self.parts) == 1:
+            getattr(self, f"{self.parts[0][0]}weight").uniform_(-bound, bound)
+            if self.has_bias:
+                getattr(self, f"{self.parts[0][0]}bias").uniform_(-bound, bound)
+            return
+        # drawn in gate order, as one unsplit bank, then spread over the stored parts
+        w, b = self.blocks()
+        for views, n in ((w, sum(self.sizes) * self.in_features),
+                         (b if self.has_bias else None, sum(self.sizes))):
+            if views is not None:
+                flat = views[0].new_empty(n).uniform_(-bound, bound)
+                for v, part in zip(views, flat.split([v.numel() for v in views]), strict=True):
+                    v.copy_(part.view_as(v))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """``(M, sum n_g)``: every gate's logits, one GEMM (on the CPU a plain ``addmm`` /
