@@ -7,8 +7,10 @@ batched GEMM, forward and backward, never a loop over experts.
 CPU, every expert of one shape (and, for per-group inputs, every owner with the same number
 of experts): the expert-major path. Layer 1 is one ``addmm`` over the concatenated weights
 (shared input) or one ``baddbmm`` over owners; layers 2..L one ``baddbmm`` over the
-``(E, M, H)`` activations; in-place ReLU; backward by torch's autograd (bmm's). No transposes
-of the activations: measured faster than the grouped-linear layout below on the arch suite.
+``(E, M, H)`` activations; ReLU in place after layers 2..L (out of place after layer 1, on
+its expert-major view: its gradient then needs no copy); backward by torch's autograd
+(bmm's). No transposes of the activations: measured faster than the grouped-linear layout
+below on the arch suite.
 
 Otherwise (ragged widths, owners of different sizes, CUDA tensors): one
 ``mtlfast.ops.grouped_linear`` call per layer:
@@ -185,7 +187,8 @@ class ExpertBank(nn.Module):
 
     def _forward_expert_major(self, x: torch.Tensor) -> torch.Tensor:
         """Layer 1: one addmm (shared input) or one baddbmm over owners; layers 2..L: one
-        baddbmm over the (E, M, H) activations; in-place activations; torch autograd."""
+        baddbmm over the (E, M, H) activations; in-place activations after layers 2..L;
+        torch autograd."""
         E, K, widths = self.num_experts, self.in_features, self.widths[0]
         act = self._act_
         H = widths[0]
