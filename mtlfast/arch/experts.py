@@ -7,7 +7,7 @@ batched GEMM, forward and backward, never a loop over experts.
 CPU, every expert of one shape (and, for per-group inputs, every owner with the same number
 of experts): the expert-major path. Layer 1 is one ``addmm`` over the concatenated weights
 (shared input) or one ``baddbmm`` over owners; layers 2..L one ``baddbmm`` over the
-``(E, M, H)`` activations; ReLU in place after layers 2..L (out of place after layer 1, on
+``(E, M, H)`` activations; ReLU in place (out of place after a shared-input layer 1, on
 its expert-major view: its gradient then needs no copy); backward by torch's autograd
 (bmm's). No transposes of the activations: measured faster than the grouped-linear layout
 below on the arch suite.
