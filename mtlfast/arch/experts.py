@@ -7,8 +7,10 @@ batched GEMM, forward and backward, never a loop over experts.
 CPU, every expert of one shape (and, for per-group inputs, every owner with the same number
 of experts): the expert-major path. Layer 1 is one ``addmm`` over the concatenated weights
 (shared input) or one ``baddbmm`` over owners; layers 2..L one ``baddbmm`` over the
-``(E, M, H)`` activations; in-place ReLU; backward by torch's autograd (bmm's). No transposes
-of the activations: measured faster than the grouped-linear layout below on the arch suite.
+``(E, M, H)`` activations; ReLU in place (out of place after a shared-input layer 1, on
+its expert-major view: its gradient then needs no copy); backward by torch's autograd
+(bmm's). No transposes of the activations: measured faster than the grouped-linear layout
+below on the arch suite.
 
 Otherwise (ragged widths, owners of different sizes, CUDA tensors): one
 ``mtlfast.ops.grouped_linear`` call per layer:
@@ -185,14 +187,18 @@ class ExpertBank(nn.Module):
 
     def _forward_expert_major(self, x: torch.Tensor) -> torch.Tensor:
         """Layer 1: one addmm (shared input) or one baddbmm over owners; layers 2..L: one
-        baddbmm over the (E, M, H) activations; in-place activations; torch autograd."""
+        baddbmm over the (E, M, H) activations; in-place activations after layers 2..L;
+        torch autograd."""
         E, K, widths = self.num_experts, self.in_features, self.widths[0]
         act = self._act_
         H = widths[0]
         if self.groups is None:
             M = x.shape[0]
             pre = torch.addmm(self.layer_bias(0), x, self.layer_weight(0).view(E * H, K).t())
-            h = act(pre).view(M, E, H).transpose(0, 1)
+            # out of place, on the (E, M, H) view: its backward writes the gradient in pre's
+            # (M, E * H) layout (with the in-place activation before the view, the view's
+            # backward copied an expert-major M x E x H gradient back, profiled every step)
+            h = self._act_out(pre.view(M, E, H).transpose(0, 1))
         else:
             G, M, n = x.shape[0], x.shape[1], self.groups[0]
             pre = torch.baddbmm(self.layer_bias(0).view(G, 1, n * H), x,
@@ -205,6 +211,11 @@ class ExpertBank(nn.Module):
             w = self.layer_weight(layer).view(E, n_out, n_in).transpose(1, 2)
             h = act(torch.baddbmm(self.layer_bias(layer).view(E, 1, n_out), h, w))
         return h
+
+    @property
+    def _act_out(self):
+        return {"relu": torch.relu, "gelu": torch.nn.functional.gelu,
+                "silu": torch.nn.functional.silu, "none": lambda t: t}[self.activation]
 
     @property
     def _act_(self):

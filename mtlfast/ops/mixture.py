@@ -18,7 +18,9 @@ Dispatch (``_dispatch.backend("mixture", g)``): the Triton kernels
 
 ``mtlfast::mixture`` and ``mtlfast::mixture_backward`` are ``torch.library.custom_op``s with
 fake kernels and an autograd formula, so ``torch.compile`` sees through them; plain eager
-calls skip the custom-op layer (as ``grouped_linear`` does). First-order gradients only.
+calls skip the custom-op layer (as ``grouped_linear`` does), and plain eager calls served by
+torch run the bmm directly under torch's autograd (no ``autograd.Function``: its Python cost
+showed at small batches). First-order gradients only (the custom-op path).
 """
 
 from __future__ import annotations
@@ -211,6 +213,10 @@ def mixture(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     Differentiable (first order) in ``g`` and ``h``, compilable. See the module docstring.
     """
     _check(g, h)
+    if _eager(g, h) and backend(_OP, g) == "torch":
+        # plain eager torch path: the bmm itself, differentiated by torch's autograd (the
+        # same two bmm's as _backward_torch, without the Python autograd.Function's cost)
+        return _forward_torch(g, h)
     return _MixtureFn.apply(g, h)
 
 
