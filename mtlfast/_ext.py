@@ -7,6 +7,7 @@ every op falls back to its pure-torch reference and ONE warning says so.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -47,8 +48,10 @@ def has_cuda_kernels() -> bool:
     return extension is not None and bool(extension.has_cuda_kernels())
 
 
+@functools.cache
 def has_triton() -> bool:
-    """True when Triton is importable (kernels run on GPU, or on CPU with TRITON_INTERPRET=1)."""
+    """True when Triton is importable (kernels run on GPU, or on CPU with TRITON_INTERPRET=1).
+    Asked once per process: ``find_spec`` walks sys.path, and the heads ask on every call."""
     return importlib.util.find_spec("triton") is not None
 
 

@@ -35,11 +35,11 @@ import torch
 from torch import nn
 
 from ..ops.grouped_linear import grouped_linear
-from ..ops.mixture import mixture
-from ._common import bank_blocks, flatten_input, resolve_tasks
+from ._common import bank_blocks, resolve_tasks
 from ._interop import Interop
 from .experts import ExpertBank, expert_widths
 from .loops import binary_codes, smooth_step
+from .mmoe import MMoE
 
 __all__ = ["DSelectK"]
 
@@ -93,17 +93,9 @@ class DSelectK(Interop, nn.Module):
         w = torch.softmax(logits[:, T * k * nb:].reshape(M, T, k), dim=-1)
         return torch.einsum("mtk,mtke->tme", w, selector)
 
-    def forward(self, x: torch.Tensor, return_experts: bool = False):
-        """``(T, *batch, D)``; with ``return_experts`` also the experts' ``(E, M, D)``."""
-        x2, batch = flatten_input("DSelectK", x, self.in_features, self.experts.weight0)
-        h = self.experts(x2)
-        z = mixture(self.gates(x2), h).reshape(len(self.tasks), *batch, self.out_features)
-        return (z, h) if return_experts else z
-
-    def shared_parameters(self) -> list[nn.Parameter]:
-        """The experts, which every task mixes (LibMTL's ``get_share_params``): pass them as
-        ``shared`` to ``mtlfast.backward``; the gates get their ordinary gradients."""
-        return list(self.experts.parameters())
+    # The same block around other gates: experts, gates(x), one mixture; experts shared.
+    forward = MMoE.forward
+    shared_parameters = MMoE.shared_parameters
 
     def _param_blocks(self):
         E, K = self.experts.num_experts, self.in_features

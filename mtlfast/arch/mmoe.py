@@ -66,7 +66,8 @@ class MMoE(Interop, nn.Module):
 
     def forward(self, x: torch.Tensor, return_experts: bool = False):
         """``(T, *batch, D)``; with ``return_experts`` also the experts' ``(E, M, D)``."""
-        x2, batch = flatten_input("MMoE", x, self.in_features, self.experts.weight0)
+        x2, batch = flatten_input(type(self).__name__, x, self.in_features,
+                                  self.experts.weight0)
         h = self.experts(x2)
         z = mixture(self.gates(x2), h).reshape(len(self.tasks), *batch, self.out_features)
         return (z, h) if return_experts else z

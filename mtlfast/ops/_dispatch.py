@@ -51,7 +51,6 @@ in the table).
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable
 from typing import Literal
@@ -84,13 +83,6 @@ def _kernel(op: str, t: torch.Tensor, device_type: str) -> bool:
 
 def _solver_size(t: torch.Tensor) -> bool:
     return 0 < t.shape[-1] <= CUDA_SOLVER_MAX_T
-
-
-@functools.cache
-def _triton_installed() -> bool:
-    """``_ext.has_triton()`` once per process: its ``find_spec`` walks sys.path (tens of us),
-    and grouped_linear asks on every call of the heads, forward and backward."""
-    return _ext.has_triton()
 
 
 def _triton_cpu() -> bool:
@@ -136,7 +128,7 @@ RULES: dict[str, tuple[tuple[str, Rule], ...]] = {
     # A legacy vmap BatchedTensor (what autograd.grad(..., is_grads_batched=True) hands the
     # backward) has no storage for a Triton launch; torch's ops have batching rules.
     "grouped_linear": (
-        ("torch", lambda op, t, f: f.get("dense", False) or not _triton_installed()
+        ("torch", lambda op, t, f: f.get("dense", False) or not _ext.has_triton()
          or is_legacy_batchedtensor(t)),
         ("triton", lambda op, t, f: t.is_cuda or (t.device.type == "cpu" and _triton_cpu())),
         ("torch", lambda op, t, f: True)),

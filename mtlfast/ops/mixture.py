@@ -30,6 +30,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from . import _validate
 from ._dispatch import backend
+from .grouped_linear import _vmap_loop
 
 __all__ = ["mixture", "mixture_backward", "mixture_backward_reference", "mixture_reference"]
 
@@ -168,18 +169,6 @@ def _backward(ctx, dz):
 
 
 _mixture_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _vmap_loop(op, info, in_dims, args):
-    """One call per batch element (correct for any batched argument)."""
-    def pick(i):
-        return [a.select(d, i) if isinstance(d, int) else a
-                for a, d in zip(args, in_dims, strict=True)]
-
-    outs = [op(*pick(i)) for i in range(info.batch_size)]
-    if isinstance(outs[0], tuple):
-        return tuple(torch.stack(o) for o in zip(*outs, strict=True)), (0, 0)
-    return torch.stack(outs), 0
 
 
 @_mixture_op.register_vmap
