@@ -1,16 +1,20 @@
-"""ExpertBank: E MLP experts of one level evaluated as one grouped GEMM per layer.
+"""ExpertBank: E MLP experts of one level evaluated as one op per layer, never a Python loop.
 
 Expert ``e`` is ``act(W_{e,L} ... act(W_{e,1} x + b_{e,1}) ... + b_{e,L})`` (the activation
-after every layer, DeepCTR's DNN convention). Layer ``l`` of all experts is one
-batched GEMM, forward and backward, never a loop over experts.
+after every layer, DeepCTR's DNN convention).
 
 CPU, every expert of one shape (and, for per-group inputs, every owner with the same number
-of experts): the expert-major path. Layer 1 is one ``addmm`` over the concatenated weights
-(shared input) or one ``baddbmm`` over owners; layers 2..L one ``baddbmm`` over the
-``(E, M, H)`` activations; ReLU in place (out of place after a shared-input layer 1, on
-its expert-major view: its gradient then needs no copy); backward by torch's autograd
-(bmm's). No transposes of the activations: measured faster than the grouped-linear layout
-below on the arch suite.
+of experts): the expert-major path.
+
+- Plain eager calls from 256 rows with ReLU or no activation run the whole bank as one C++ op
+  each way (``mtlfast.ops.expert_mlp``: MKL GEMMs expert by expert, the activation on
+  cache-resident slices; 1.14-1.21x faster than the bmm's below at 2048 rows,
+  ``benchmarks/experts_cpu.py``).
+- Otherwise layer 1 is one ``addmm`` over the concatenated weights (shared input) or one
+  ``baddbmm`` over owners; layers 2..L one ``baddbmm`` over the ``(E, M, H)`` activations;
+  ReLU in place (out of place after a shared-input layer 1, on its expert-major view: its
+  gradient then needs no copy); backward by torch's autograd (bmm's). No transposes of the
+  activations: measured faster than the grouped-linear layout below on the arch suite.
 
 Otherwise (ragged widths, owners of different sizes, CUDA tensors): one
 ``mtlfast.ops.grouped_linear`` call per layer:
@@ -41,7 +45,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..ops.grouped_linear import ACTIVATIONS, grouped_linear
+from ..ops._dispatch import backend
+from ..ops.expert_mlp import expert_mlp
+from ..ops.grouped_linear import ACTIVATIONS, _eager, grouped_linear
 
 __all__ = ["ExpertBank", "expert_widths"]
 
@@ -189,6 +195,14 @@ class ExpertBank(nn.Module):
         """Layer 1: one addmm (shared input) or one baddbmm over owners; layers 2..L: one
         baddbmm over the (E, M, H) activations; in-place activations after layers 2..L;
         torch autograd."""
+        params = [getattr(self, f"{name}{kind}{layer}") for kind in ("weight", "bias")
+                  for layer in range(self.depth) for name, _, _ in self.parts]
+        if backend("expert_mlp", x, eager=_eager(x, *params),
+                   activation=self.activation) == "cpu":
+            n = len(params) // 2
+            return expert_mlp(x, params[:n], params[n:], [b - a for _, a, b in self.parts],
+                              0 if self.groups is None else self.groups[0],
+                              self.activation == "relu")
         E, K, widths = self.num_experts, self.in_features, self.widths[0]
         act = self._act_
         H = widths[0]

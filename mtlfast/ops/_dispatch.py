@@ -39,6 +39,9 @@ grouped_linear            triton (several groups)       torch               cuBL
                                                                             dense group
 mixture                   triton                        torch (bmm)         one launch for
                                                                             all tasks
+expert_mlp                torch (bmm, grouped GEMM)     cpu (eager, ReLU    MKL per expert,
+                                                        or none, >= 256     cache-resident
+                                                        rows), else torch   elementwise
 ========================  ============================  ==================  =================
 
 "cuda"/"cpu" need the compiled extension with that kernel (``mtlfast._ext``); without it the
@@ -132,6 +135,12 @@ RULES: dict[str, tuple[tuple[str, Rule], ...]] = {
          or is_legacy_batchedtensor(t)),
         ("triton", lambda op, t, f: t.is_cuda or (t.device.type == "cpu" and _triton_cpu())),
         ("torch", lambda op, t, f: True)),
+    # an expert bank's MLPs: the C++ kernel for plain eager CPU calls with ReLU or no
+    # activation from 256 rows (below, its autograd.Function cost ate the gain: 0.96-0.98x at
+    # 32 rows); torch.compile, torch.func and other activations keep ExpertBank's bmm path
+    "expert_mlp": (("cpu", lambda op, t, f: f["eager"] and f["activation"] in ("relu", "none")
+                    and t.shape[-2] >= 256 and _kernel(op, t, "cpu")),
+                   ("torch", lambda op, t, f: True)),
     # the per-task mixture of experts: Triton where it runs, else one torch bmm (the rules of
     # grouped_linear's several-groups case)
     "mixture": (

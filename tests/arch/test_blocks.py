@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 
-from mtlfast import FusedHeads
+from mtlfast import FusedHeads, _ext
 from mtlfast.arch import CGC, PLE, DSelectK, MMoE
 from mtlfast.arch.experts import ExpertBank
 from tests.conftest import rel_err
@@ -234,19 +234,32 @@ def test_bad_input_raises():
         bank(torch.randn(4, K))
 
 
-def test_each_layer_is_one_gemm_for_all_experts():
-    """The experts' forward is one GEMM per layer (no per-expert loop)."""
+def _op_counts(m, x):
     from torch.profiler import ProfilerActivity, profile
 
-    m = MMoE(K, 6, [8, 5], 4)
-    x = torch.randn(16, K)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         m(x)
-    counts = {e.key: e.count for e in prof.key_averages()}
-    gemms = sum(counts.get(k, 0) for k in ("aten::addmm", "aten::mm", "aten::bmm",
-                                           "aten::baddbmm"))
+    return {e.key: e.count for e in prof.key_averages()}
+
+
+_GEMMS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm")
+
+
+def test_each_layer_is_one_gemm_for_all_experts(monkeypatch):
+    """The torch path of the experts (CUDA's and torch.compile's) is one GEMM per layer, no
+    per-expert loop; eager CPU calls run the whole bank as one C++ op."""
+    import mtlfast.arch.experts as experts
+
+    m = MMoE(K, 6, [8, 5], 4)
+    x = torch.randn(256, K)
+    if _ext.has_cpu_kernels():
+        counts = _op_counts(m, x)
+        assert counts.get("mtlfast::expert_mlp") == 1, counts
+    monkeypatch.setattr(experts, "backend", lambda *a, **k: "torch")
+    counts = _op_counts(m, x)
+    assert "mtlfast::expert_mlp" not in counts
     # layer 1 (addmm), layer 2 (baddbmm), the gates (addmm), the mixture (bmm)
-    assert gemms == 4, counts
+    assert sum(counts.get(k, 0) for k in _GEMMS) == 4, counts
 
 
 @pytest.mark.parametrize("name", ["mmoe", "cgc", "ple", "dselect", "mmoe_E1_T1"])
@@ -268,6 +281,34 @@ def test_grouped_op_path_matches_loop(name, monkeypatch):
     named = _grads_in_loop_keys(fused, gf[1:])
     for (key, _), want in zip(loop.named_parameters(), gl[1:], strict=True):
         assert rel_err(named[key], want) < 1e-4, key
+
+
+@pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="needs the C++ extension")
+@pytest.mark.parametrize("name", ["mmoe", "cgc", "ple", "ple_no_shared", "ple_two_per_owner",
+                                  "dselect", "mmoe_ragged"])
+def test_expert_kernel_path_matches_loop(name, monkeypatch):
+    """From 256 rows eager CPU banks run the C++ expert kernel: the block still equals its loop
+    definition, output and every gradient (input included)."""
+    import mtlfast.arch.experts as experts
+
+    calls = []
+    real = experts.expert_mlp
+    monkeypatch.setattr(experts, "expert_mlp", lambda *a: calls.append(1) or real(*a))
+    fused = _model(name, torch.float64)
+    loop = fused.unfuse()
+    x = torch.randn(300, K, dtype=torch.float64, requires_grad=True)
+    xl = x.detach().clone().requires_grad_()
+    z, zl = fused(x), loop(xl)
+    assert bool(calls) == (name != "mmoe_ragged")  # ragged widths: the grouped op
+    assert rel_err(z, zl) < 1e-12
+    c = torch.randn_like(z)
+    gf = torch.autograd.grad((z * c).sum(), [x, *fused.parameters()])
+    gl = torch.autograd.grad((zl * c).sum(), [xl, *loop.parameters()], allow_unused=True,
+                             materialize_grads=True)
+    assert rel_err(gf[0], gl[0]) < 1e-12
+    named = _grads_in_loop_keys(fused, gf[1:])
+    for (key, _), want in zip(loop.named_parameters(), gl[1:], strict=True):
+        assert rel_err(named[key], want) < 1e-12, key
 
 
 @pytest.mark.parametrize("name", ["mmoe", "ple_two_per_owner", "dselect"])
