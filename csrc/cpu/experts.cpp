@@ -109,6 +109,12 @@ std::vector<Tensor> expert_mlp_backward_cpu(const Tensor& dy, const Tensor& x,
   const int64_t M = x.size(-2);
   TORCH_CHECK(static_cast<int64_t>(outs.size()) == bank.depth,
               "expert_mlp_backward: one saved output per layer");
+  for (int64_t l = 0; l < bank.depth; ++l) {
+    TORCH_CHECK(outs[l].dim() == 3 && outs[l].size(0) == bank.E && outs[l].size(1) == M &&
+                    outs[l].size(2) == bank.widths[l + 1] &&
+                    outs[l].scalar_type() == dy.scalar_type(),
+                "expert_mlp_backward: saved output ", l, " must be (E, M, width) of dy's dtype");
+  }
   TORCH_CHECK(dy.dim() == 3 && dy.size(0) == bank.E && dy.size(1) == M &&
                   dy.size(2) == bank.widths.back(),
               "expert_mlp_backward: dy must be (E, M, D)");

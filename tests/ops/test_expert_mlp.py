@@ -118,6 +118,12 @@ def test_kernel_rejects_inconsistent_banks():
         torch.ops.mtlfast.expert_mlp(x, [weights[0][:-1]], biases, [2], 0, True)
     with pytest.raises(RuntimeError, match="grouped input"):
         torch.ops.mtlfast.expert_mlp(x.expand(3, 3, 4), weights, biases, [2], 1, True)
+    outs = torch.ops.mtlfast.expert_mlp(x, weights, biases, [2], 0, True)
+    dy = torch.randn_like(outs[0])
+    for bad in (outs[0][0], outs[0].double(), outs[0][:, :2]):
+        with pytest.raises(RuntimeError, match="saved output 0"):
+            torch.ops.mtlfast.expert_mlp_backward(dy, x, weights, biases, [bad], [2], 0, True,
+                                                  False)
 
 
 @pytest.mark.parametrize("activation, groups", [("relu", None), (None, (2, 2)),
