@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .experts import ExpertBank
+from .experts import ExpertBank, cast, compute_dtype
 from .gates import GateBank
 
 __all__ = ["bank_blocks", "flatten_input", "gate_blocks", "level_reach", "resolve_tasks",
@@ -71,13 +71,13 @@ def level_reach(num_levels: int, num_shared: int, counts: Sequence[int]) -> list
 
 def flatten_input(name: str, x: object, K: int, ref: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Size]:
-    """``x (..., K)`` -> ``(M, K)`` and the batch shape; dtype and device must match ``ref``."""
+    """``x (..., K)`` -> ``(M, K)`` in the block's compute dtype (``compute_dtype``: the
+    parameters', or autocast's) and the batch shape; the device must match ``ref``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name}: x must be floating point, got {x.dtype}")
-    if x.dtype != ref.dtype:
-        raise TypeError(f"{name}: x has dtype {x.dtype} but the parameters are {ref.dtype}")
+    x = cast(x, compute_dtype(name, x, ref))
     if x.device != ref.device:
         raise ValueError(f"{name}: x is on {x.device} but the parameters are on {ref.device}")
     if x.dim() < 2 or x.shape[-1] != K:

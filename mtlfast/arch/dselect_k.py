@@ -37,7 +37,7 @@ from torch import nn
 from ..ops.grouped_linear import grouped_linear
 from ._common import bank_blocks, resolve_tasks
 from ._interop import Interop
-from .experts import ExpertBank, expert_widths
+from .experts import ExpertBank, cast, expert_widths
 from .loops import binary_codes, smooth_step
 from .mmoe import MMoE
 
@@ -85,13 +85,13 @@ class DSelectK(Interop, nn.Module):
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """The expert weights ``(T, M, E)`` of every task (x: ``(M, K)``)."""
         T, k, nb = len(self.tasks), self.num_nonzeros, self.num_binary
-        logits = grouped_linear(x, self.gate_weight, self.gate_bias, [self.in_features],
-                                [sum(self._gate_widths)])
+        logits = grouped_linear(x, cast(self.gate_weight, x.dtype), cast(self.gate_bias, x.dtype),
+                                [self.in_features], [sum(self._gate_widths)])
         M = logits.shape[0]
         s = smooth_step(logits[:, :T * k * nb].reshape(M, T, k, 1, nb))
         selector = torch.where(self._binary_codes, s, 1 - s).prod(-1)  # (M, T, k, E)
         w = torch.softmax(logits[:, T * k * nb:].reshape(M, T, k), dim=-1)
-        return torch.einsum("mtk,mtke->tme", w, selector)
+        return cast(torch.einsum("mtk,mtke->tme", w, selector), x.dtype)
 
     # The same block around other gates: experts, gates(x), one mixture; experts shared.
     forward = MMoE.forward

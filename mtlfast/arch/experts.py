@@ -54,6 +54,24 @@ __all__ = ["ExpertBank", "expert_widths"]
 _ACT_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
 
+def cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """``t`` in ``dtype`` (a differentiable cast; None: unchanged). Under ``torch.autocast``
+    the blocks compute in its dtype, and the custom ops (grouped_linear, mixture, the C++
+    expert kernel) do not cast their arguments themselves."""
+    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+def compute_dtype(name: str, x: torch.Tensor, ref: torch.Tensor) -> torch.dtype:
+    """What a block computes in: autocast's dtype when autocast is on for ``x``'s device, else
+    the parameters' dtype, which ``x`` must then have."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name}: x has dtype {x.dtype} but the parameters are {ref.dtype} "
+                        "(cast one of them, or run under torch.autocast)")
+    return ref.dtype
+
+
 def normalize_activation(activation: str | None) -> str:
     act = "none" if activation is None else activation
     if act not in ACTIVATIONS:
@@ -145,17 +163,21 @@ class ExpertBank(nn.Module):
         return [getattr(self, f"{k}{layer}") for layer in range(self.depth)
                 for k in ("weight", "bias") if self.parts[-1][0] == ""]
 
-    def layer_weight(self, layer: int) -> torch.Tensor:
-        """Layer ``layer``'s flat weight of all experts, in bank order (one cat when split)."""
-        if len(self.parts) == 1:
-            return getattr(self, f"{self.parts[0][0]}weight{layer}")
-        return torch.cat([getattr(self, f"shared_weight{layer}"), getattr(self, f"weight{layer}")])
+    def layer_weight(self, layer: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Layer ``layer``'s flat weight of all experts, in bank order (one cat when split),
+        cast to ``dtype`` (autocast's compute type) when given."""
+        return self._layer("weight", layer, dtype)
 
-    def layer_bias(self, layer: int) -> torch.Tensor:
+    def layer_bias(self, layer: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Layer ``layer``'s flat bias of all experts, in bank order."""
+        return self._layer("bias", layer, dtype)
+
+    def _layer(self, kind: str, layer: int, dtype: torch.dtype | None) -> torch.Tensor:
         if len(self.parts) == 1:
-            return getattr(self, f"{self.parts[0][0]}bias{layer}")
-        return torch.cat([getattr(self, f"shared_bias{layer}"), getattr(self, f"bias{layer}")])
+            t = getattr(self, f"{self.parts[0][0]}{kind}{layer}")
+        else:
+            t = torch.cat([getattr(self, f"shared_{kind}{layer}"), getattr(self, f"{kind}{layer}")])
+        return cast(t, dtype)
 
     def layer_widths(self, layer: int) -> tuple[list[int], list[int]]:
         """Per-expert (in, out) widths of ``layer``."""
@@ -197,8 +219,9 @@ class ExpertBank(nn.Module):
         torch autograd."""
         params = [getattr(self, f"{name}{kind}{layer}") for kind in ("weight", "bias")
                   for layer in range(self.depth) for name, _, _ in self.parts]
-        if backend("expert_mlp", x, eager=_eager(x, *params),
-                   activation=self.activation) == "cpu":
+        dt = x.dtype
+        if params[0].dtype == dt and backend("expert_mlp", x, eager=_eager(x, *params),
+                                              activation=self.activation) == "cpu":
             n = len(params) // 2
             return expert_mlp(x, params[:n], params[n:], [b - a for _, a, b in self.parts],
                               0 if self.groups is None else self.groups[0],
@@ -208,22 +231,23 @@ class ExpertBank(nn.Module):
         H = widths[0]
         if self.groups is None:
             M = x.shape[0]
-            pre = torch.addmm(self.layer_bias(0), x, self.layer_weight(0).view(E * H, K).t())
+            pre = torch.addmm(self.layer_bias(0, dt), x,
+                              self.layer_weight(0, dt).view(E * H, K).t())
             # out of place, on the (E, M, H) view: its backward writes the gradient in pre's
             # (M, E * H) layout (with the in-place activation before the view, the view's
             # backward copied an expert-major M x E x H gradient back, profiled every step)
             h = self._act_out(pre.view(M, E, H).transpose(0, 1))
         else:
             G, M, n = x.shape[0], x.shape[1], self.groups[0]
-            pre = torch.baddbmm(self.layer_bias(0).view(G, 1, n * H), x,
-                                self.layer_weight(0).view(G, n * H, K).transpose(1, 2))
+            pre = torch.baddbmm(self.layer_bias(0, dt).view(G, 1, n * H), x,
+                                self.layer_weight(0, dt).view(G, n * H, K).transpose(1, 2))
             h = act(pre)
             if n > 1:
                 h = h.view(G, M, n, H).transpose(1, 2).reshape(E, M, H)
         for layer in range(1, self.depth):
             n_in, n_out = widths[layer - 1], widths[layer]
-            w = self.layer_weight(layer).view(E, n_out, n_in).transpose(1, 2)
-            h = act(torch.baddbmm(self.layer_bias(layer).view(E, 1, n_out), h, w))
+            w = self.layer_weight(layer, dt).view(E, n_out, n_in).transpose(1, 2)
+            h = act(torch.baddbmm(self.layer_bias(layer, dt).view(E, 1, n_out), h, w))
         return h
 
     @property
@@ -246,10 +270,12 @@ class ExpertBank(nn.Module):
             G = len(self.groups)
             if x.dim() != 3 or x.shape[0] != G or x.shape[2] != K:
                 raise ValueError(f"ExpertBank: x must be (G={G}, M, {K}), got {tuple(x.shape)}")
+        dt = compute_dtype("ExpertBank", x, self.ref)
+        x = cast(x, dt)
         if self._expert_major(x):
             return self._forward_expert_major(x)
         if self.groups is None:
-            h = grouped_linear(x, self.layer_weight(0), self.layer_bias(0), [K],
+            h = grouped_linear(x, self.layer_weight(0, dt), self.layer_bias(0, dt), [K],
                                [sum(self.layer_widths(0)[1])], activation=act)
         else:
             G = len(self.groups)
@@ -260,12 +286,12 @@ class ExpertBank(nn.Module):
             live = [i for i, n in enumerate(self.groups) if n > 0]
             if len(live) < G:  # owners without experts read nothing
                 x = x.index_select(0, torch.tensor(live, device=x.device))
-            h = grouped_linear(x, self.layer_weight(0), self.layer_bias(0), [K] * len(live),
+            h = grouped_linear(x, self.layer_weight(0, dt), self.layer_bias(0, dt), [K] * len(live),
                                [outs[i] for i in live], per_task=True, activation=act)
         for layer in range(1, self.depth):
             ins, outs = self.layer_widths(layer)
-            h = grouped_linear(h, self.layer_weight(layer), self.layer_bias(layer), ins, outs,
-                               activation=act)
+            h = grouped_linear(h, self.layer_weight(layer, dt), self.layer_bias(layer, dt), ins,
+                               outs, activation=act)
         M = h.shape[0]
         return h.view(M, self.num_experts, self.out_features).transpose(0, 1)
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..ops.grouped_linear import grouped_linear
+from .experts import cast, compute_dtype
 
 __all__ = ["GateBank"]
 
@@ -80,6 +81,11 @@ class GateBank(nn.Module):
                              persistent=False)
         self.reset_parameters()
 
+    @property
+    def ref(self) -> torch.Tensor:
+        """A parameter of the bank (its dtype and device)."""
+        return getattr(self, f"{self.parts[0][0]}weight")
+
     def blocks(self) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         """Views of each gate's ``(n_g, K)`` weight and ``(n_g,)`` bias (of the parameter that
         stores it), in gate order."""
@@ -102,16 +108,19 @@ class GateBank(nn.Module):
             return []
         return [p for p in (self.shared_weight, self.shared_bias) if p is not None]
 
-    def _flat(self, kind: str) -> torch.Tensor | None:
-        """The flat weight or bias of every gate in gate order (a cat when stored apart)."""
+    def _flat(self, kind: str, dtype: torch.dtype) -> torch.Tensor | None:
+        """The flat weight or bias of every gate in gate order (a cat when stored apart), in
+        ``dtype``."""
         if kind == "bias" and not self.has_bias:
             return None
         if len(self.parts) == 1:
-            return getattr(self, f"{self.parts[0][0]}{kind}")
-        if self._prefix:
-            return torch.cat([getattr(self, f"shared_{kind}"), getattr(self, kind)])
-        w, b = self.blocks()
-        return torch.cat([v.reshape(-1) for v in (w if kind == "weight" else b)])
+            t = getattr(self, f"{self.parts[0][0]}{kind}")
+        elif self._prefix:
+            t = torch.cat([getattr(self, f"shared_{kind}"), getattr(self, kind)])
+        else:
+            w, b = self.blocks()
+            t = torch.cat([v.reshape(-1) for v in (w if kind == "weight" else b)])
+        return cast(t, dtype)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -135,26 +144,29 @@ class GateBank(nn.Module):
         ``baddbmm`` under torch's autograd, as ``ExpertBank``'s CPU path: no custom-op or
         ``autograd.Function`` cost, which shows at small batches)."""
         K, G = self.in_features, len(self.sizes)
+        w_flat, b_flat = self._flat("weight", x.dtype), self._flat("bias", x.dtype)
         if self.grouped:
             if x.dim() != 3 or x.shape[0] != G or x.shape[2] != K:
                 raise ValueError(f"GateBank: x must be (G={G}, M, {K}), got {tuple(x.shape)}")
             if x.device.type == "cpu" and len(set(self.sizes)) == 1:
                 n, M = self.sizes[0], x.shape[1]
-                w = self._flat("weight").view(G, n, K).transpose(1, 2)
-                b = self._flat("bias")
-                y = torch.baddbmm(b.view(G, 1, n), x, w) if b is not None else torch.bmm(x, w)
+                w = w_flat.view(G, n, K).transpose(1, 2)
+                y = torch.baddbmm(b_flat.view(G, 1, n), x, w) if b_flat is not None \
+                    else torch.bmm(x, w)
                 return y.transpose(0, 1).reshape(M, G * n)
-            return grouped_linear(x, self._flat("weight"), self._flat("bias"), [K] * G,
-                                  list(self.sizes), per_task=True)
+            return grouped_linear(x, w_flat, b_flat, [K] * G, list(self.sizes), per_task=True)
         if x.dim() != 2 or x.shape[1] != K:
             raise ValueError(f"GateBank: x must be (M, {K}), got {tuple(x.shape)}")
         if x.device.type == "cpu":
-            w, b = self._flat("weight").view(sum(self.sizes), K).t(), self._flat("bias")
-            return torch.addmm(b, x, w) if b is not None else x @ w
-        return grouped_linear(x, self._flat("weight"), self._flat("bias"), [K], [sum(self.sizes)])
+            w = w_flat.view(sum(self.sizes), K).t()
+            return torch.addmm(b_flat, x, w) if b_flat is not None else x @ w
+        return grouped_linear(x, w_flat, b_flat, [K], [sum(self.sizes)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Gate weights ``(G, M, E)`` (a transposed view of one ``(M, G, E)`` buffer)."""
+        """Gate weights ``(G, M, E)`` (a transposed view of one ``(M, G, E)`` buffer), in the
+        compute dtype (``compute_dtype``)."""
+        dt = compute_dtype("GateBank", x, self.ref)
+        x = cast(x, dt)
         z = self.logits(x)
         M, G, E = z.shape[0], len(self.sizes), self.num_experts
         if self._positions is not None:
@@ -166,7 +178,7 @@ class GateBank(nn.Module):
             # is a constant shift (no gradient); half types keep torch's (fp32 inside)
             e = (z - z.detach().amax(-1, keepdim=True)).exp()
             return (e / e.sum(-1, keepdim=True)).transpose(0, 1)
-        return torch.softmax(z, dim=-1).transpose(0, 1)
+        return cast(torch.softmax(z, dim=-1), dt).transpose(0, 1)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, gates={len(self.sizes)}, " \

@@ -311,6 +311,32 @@ def test_expert_kernel_path_matches_loop(name, monkeypatch):
         assert rel_err(named[key], want) < 1e-12, key
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("rows", [13, 300])  # 300: the C++ expert kernel's regime
+def test_autocast_bf16_matches_loop_under_autocast(name, rows):
+    """Under torch.autocast a block takes fp32 or bf16 input (a stem's autocast output),
+    computes in bf16 like its loop definition, and its parameter gradients stay fp32."""
+    fused = _model(name)
+    loop = fused.unfuse()
+    stem = torch.nn.Linear(K, K)
+    x = torch.randn(rows, K)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for inp in (x, stem(x)):
+            z, zl = fused(inp), loop(inp)
+            assert z.dtype == zl.dtype == torch.bfloat16
+            assert rel_err(z, zl) < TOL[torch.bfloat16]
+            grads = torch.autograd.grad(z.float().square().sum(), list(fused.parameters()),
+                                        allow_unused=True, materialize_grads=True)
+            assert all(g.dtype == torch.float32 and g.isfinite().all() for g in grads)
+
+
+def test_dtype_mismatch_outside_autocast_raises():
+    with pytest.raises(TypeError, match="torch.autocast"):
+        _model("mmoe")(torch.randn(3, K, dtype=torch.float64))
+    with pytest.raises(TypeError, match="ExpertBank: x has dtype"):
+        ExpertBank(K, [(4,)] * 2)(torch.randn(3, K, dtype=torch.bfloat16))
+
+
 @pytest.mark.parametrize("name", ["mmoe", "ple_two_per_owner", "dselect"])
 def test_compile_sees_through_the_block(name):
     fused = _model(name)

@@ -152,6 +152,23 @@ def test_low_precision_forward(arch, dtype):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_autocast_bf16_matches_reference_under_autocast(arch):
+    """Under torch.autocast the columns compute as their loop definition does (bf16 convs;
+    compared in eval mode: training-mode BatchNorm over 2 values amplifies rounding), and a
+    training step back-propagates into fp32 gradients."""
+    bat, ref = _pair(arch, T=2)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = _run(bat.eval(), x), _run(ref.eval(), x)
+        for a, b in zip(got, want, strict=True):
+            assert a.dtype == b.dtype == torch.bfloat16
+            assert rel_err(a, b) < 8e-2
+        _loss([o.float() for o in _run(bat.train(), x)]).backward()
+    assert all(p.grad is None or (p.grad.dtype == torch.float32 and p.grad.isfinite().all())
+               for p in bat.parameters())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_gradcheck_fp64(arch):
     bat, _ = _pair(arch, T=2, width=2, layers=(1, 2, 2, 2))
     bat = bat.double().eval()  # eval: a deterministic function of x (LTB: argmax branching)
