@@ -18,8 +18,9 @@ from torch import nn
 
 from ._common import level_reach, resolve_tasks, specific_counts
 from .experts import expert_widths, make_expert, normalize_activation
+from .gates import check_top_k, top_k_mask
 
-__all__ = ["CGCLoop", "DSelectKLoop", "MMoELoop", "PLELoop", "smooth_step"]
+__all__ = ["CGCLoop", "DSelectKLoop", "MMoELoop", "PLELoop", "TopKSoftmax", "smooth_step"]
 
 
 class _Loop(nn.Module):
@@ -40,8 +41,24 @@ class _Loop(nn.Module):
         return fused
 
 
-def _gate(in_features: int, n: int, bias: bool, factory) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_features, n, bias=bias, **factory), nn.Softmax(dim=-1))
+class TopKSoftmax(nn.Module):
+    """Softmax over each row's ``k`` largest logits, exactly 0 elsewhere (MMoE's ``top_k``)."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(top_k_mask(logits, self.k), dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}"
+
+
+def _gate(in_features: int, n: int, bias: bool, factory, top_k: int | None = None
+          ) -> nn.Sequential:
+    select = nn.Softmax(dim=-1) if top_k is None else TopKSoftmax(top_k)
+    return nn.Sequential(nn.Linear(in_features, n, bias=bias, **factory), select)
 
 
 def _mix(experts_rep: torch.Tensor, selector: torch.Tensor) -> torch.Tensor:
@@ -55,19 +72,20 @@ class MMoELoop(_Loop):
     _fused = "MMoE"
 
     def __init__(self, in_features, num_experts, expert_hidden, tasks, activation="relu",
-                 gate_bias=True, device=None, dtype=None):
+                 gate_bias=True, device=None, dtype=None, top_k=None):
         super().__init__()
         self._remember(in_features=in_features, num_experts=num_experts,
                        expert_hidden=expert_hidden, tasks=tasks, activation=activation,
-                       gate_bias=gate_bias)
+                       gate_bias=gate_bias, top_k=top_k)
+        top_k = check_top_k(top_k, num_experts)
         f = {"device": device, "dtype": dtype}
         self.tasks = resolve_tasks(tasks)
         act = normalize_activation(activation)
         widths = expert_widths(expert_hidden, num_experts)
         self.experts_shared = nn.ModuleList([make_expert(in_features, w, act, **f)
                                              for w in widths])
-        self.gate_specific = nn.ModuleDict({t: _gate(in_features, num_experts, gate_bias, f)
-                                            for t in self.tasks})
+        self.gate_specific = nn.ModuleDict({t: _gate(in_features, num_experts, gate_bias, f,
+                                                     top_k) for t in self.tasks})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, x = x.shape[:-1], x.reshape(-1, x.shape[-1])

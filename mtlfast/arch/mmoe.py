@@ -34,7 +34,8 @@ __all__ = ["MMoE"]
 
 class MMoE(Interop, nn.Module):
     """``MMoE(in_features, num_experts, expert_hidden, tasks, activation="relu",
-    gate_bias=True)``; ``forward(x (..., K)) -> (T, ..., D)`` per-task representations.
+    gate_bias=True, top_k=None)``; ``forward(x (..., K)) -> (T, ..., D)`` per-task
+    representations.
 
     Args:
         in_features: K, the input width.
@@ -43,24 +44,28 @@ class MMoE(Interop, nn.Module):
             list per expert (ragged hidden widths, same depth and last width).
         tasks: T, or the task names (the loop's ``gate_specific`` keys).
         activation: after every expert layer; ``gate_bias``: the gates' Linear bias.
+        top_k: sparse gating (Shazeer et al. 2017, without the noise): each task mixes, per
+            row, only the experts of its ``top_k`` largest gate logits, softmax over those
+            (``GateBank``); None (LibMTL's MMoE): a dense softmax over all experts. With
+            ``top_k=1`` the gates get no gradient (a softmax over one logit is constant).
     """
 
     def __init__(self, in_features: int, num_experts: int, expert_hidden, tasks,
                  activation: str | None = "relu", gate_bias: bool = True, device=None,
-                 dtype=None) -> None:
+                 dtype=None, top_k: int | None = None) -> None:
         nn.Module.__init__(self)
         self.tasks = resolve_tasks(tasks)
         self.in_features = int(in_features)
         self._config = dict(in_features=in_features, num_experts=num_experts,
                             expert_hidden=expert_hidden, tasks=self.tasks,
-                            activation=activation, gate_bias=gate_bias)
+                            activation=activation, gate_bias=gate_bias, top_k=top_k)
         widths = expert_widths(expert_hidden, num_experts)
         if num_experts < 1:
             raise ValueError("MMoE needs at least one expert")
         f = {"device": device, "dtype": dtype}
         self.experts = ExpertBank(in_features, widths, None, activation, **f)
         self.gates = GateBank(in_features, [range(num_experts)] * len(self.tasks), num_experts,
-                              bias=gate_bias, **f)
+                              bias=gate_bias, **f, top_k=top_k)
         self.out_features = self.experts.out_features
         self._register_interop()
 

@@ -24,6 +24,7 @@ def _models(dtype=torch.float32):
         ("mmoe_ragged", MMoE(K, 3, [[8, 5], [3, 5], [7, 5]], ["a", "b"], activation=None, **f)),
         ("mmoe_E1_T1", MMoE(K, 1, [5], 1, activation="gelu", **f)),
         ("mmoe_nobias", MMoE(K, 5, [4, 4, 3], 3, gate_bias=False, activation="silu", **f)),
+        ("mmoe_top2", MMoE(K, 5, [8, 6], 3, top_k=2, **f)),
         ("cgc", CGC(K, 2, [1, 0, 2], [8, 6], 3, **f)),
         ("cgc_T1", CGC(K, 1, 1, [7], 1, **f)),
         ("ple", PLE(K, 3, 1, 2, [8, 6], 3, **f)),
@@ -328,6 +329,34 @@ def test_autocast_bf16_matches_loop_under_autocast(name, rows):
             grads = torch.autograd.grad(z.float().square().sum(), list(fused.parameters()),
                                         allow_unused=True, materialize_grads=True)
             assert all(g.dtype == torch.float32 and g.isfinite().all() for g in grads)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_top_k_gates_are_sparse(k):
+    """Each row mixes exactly k experts (random logits: no ties), softmax-normalized; the
+    logits of the others get no gradient."""
+    torch.manual_seed(0)
+    m = MMoE(K, 4, [6], 3, top_k=k, dtype=torch.float64)
+    x = torch.randn(50, K, dtype=torch.float64)
+    g = m.gates(x)
+    assert ((g > 0).sum(-1) == k).all()
+    assert torch.allclose(g.sum(-1), torch.ones_like(g[..., 0]))
+    logits = m.gates.logits(x).view(50, 3, 4).transpose(0, 1)
+    chosen = logits >= logits.topk(k, -1).values[..., -1:]
+    assert torch.equal(chosen, g > 0)
+    few = x[:2]  # two rows: some experts chosen by no row of a task
+    (dw,) = torch.autograd.grad(m(few).square().sum(), m.gates.weight)
+    rows = dw.view(3, 4, K).abs().sum(-1)
+    if k == 1:  # a softmax over one logit is constant: top-1 gates get no gradient
+        assert (rows == 0).all()
+    else:  # exactly the experts no row of task t chose have a zero gate-weight gradient row
+        assert torch.equal(rows == 0, ~chosen[:, :2].any(1))
+
+
+@pytest.mark.parametrize("top_k", [0, 5, True, 1.5, "2"])
+def test_bad_top_k(top_k):
+    with pytest.raises(ValueError, match="top_k"):
+        MMoE(K, 4, [6], 2, top_k=top_k)
 
 
 def test_dtype_mismatch_outside_autocast_raises():
