@@ -2,7 +2,8 @@
 with the C++ expert kernel (``mtlfast::expert_mlp``), the same block on its torch (bmm) path,
 the LibMTL-style loop (``unfuse()``) and the GEMM floor of ``bench --suite arch``.
 
-    python benchmarks/experts_cpu.py [--batches 32 256 2048] [--repeats 15] [--threads 1]
+    python benchmarks/experts_cpu.py [--batches 32 256 2048] [--hidden 256 128] [--input 256]
+        [--repeats 15] [--threads 1]
 
 Prints a markdown table of medians (contenders alternated, one torch thread by default).
 """
@@ -28,15 +29,19 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[32, 256, 2048])
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--hidden", type=int, nargs="+", default=[256, 128],
+                    help="the experts' layer widths (the suite's: DeepCTR's default 256 128)")
+    ap.add_argument("--input", type=int, default=256, help="the input width K")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"threads {args.threads}, medians of {args.repeats}\n")
+    print(f"threads {args.threads}, input {args.input}, experts {args.hidden}, medians of "
+          f"{args.repeats}\n")
     print("| case | B | kernel ms | torch path ms | loop ms | floor ms | loop / kernel | "
           "torch path / kernel |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for label in CASES:
         for B in args.batches:
-            cfg = dict(NAMED["quick"][label], B=B)
+            cfg = dict(NAMED["quick"][label], B=B, K=args.input, hidden=tuple(args.hidden))
             block = make_block(cfg, torch.device("cpu"))
             loop = block.unfuse()
             x = torch.randn(B, cfg["K"])

@@ -37,8 +37,9 @@ gradnorm_update
 grouped_linear            triton (several groups)       torch               cuBLAS/MKL beat
                                                                             Triton on one
                                                                             dense group
-mixture                   triton                        torch (bmm)         one launch for
-                                                                            all tasks
+mixture                   triton                        cpu (fp32/fp64,     one pass over
+                                                        >= 256 rows), else  the rows (CPU);
+                                                        torch (bmm)         one launch (GPU)
 expert_mlp                torch (bmm, grouped GEMM)     cpu (eager, ReLU    MKL per expert,
                                                         or none, >= 256     cache-resident
                                                         rows), else torch   elementwise
@@ -73,7 +74,7 @@ BACKENDS: tuple[str, ...] = ("cuda", "cpu", "triton", "torch", "reference")
 CUDA_SOLVER_MAX_T = 64
 
 # Name of each op's kernel under torch.ops.mtlfast when it differs from the op's name.
-_KERNEL_NAME = {"combine": "combine_"}
+_KERNEL_NAME = {"combine": "combine_", "mixture": "mixture_cpu"}
 
 
 def _kernel(op: str, t: torch.Tensor, device_type: str) -> bool:
@@ -141,9 +142,13 @@ RULES: dict[str, tuple[tuple[str, Rule], ...]] = {
     "expert_mlp": (("cpu", lambda op, t, f: f["eager"] and f["activation"] in ("relu", "none")
                     and t.shape[-2] >= 256 and _kernel(op, t, "cpu")),
                    ("torch", lambda op, t, f: True)),
-    # the per-task mixture of experts: Triton where it runs, else one torch bmm (the rules of
+    # the per-task mixture of experts: the C++ kernel for fp32/fp64 CPU tensors of >= 256
+    # rows (below, the autograd.Function around it costs more than the bmm's; unless a test
+    # asks for the Triton interpreter), Triton where it runs, else one torch bmm (the rules of
     # grouped_linear's several-groups case)
     "mixture": (
+        ("cpu", lambda op, t, f: t.dtype in (torch.float32, torch.float64) and not _triton_cpu()
+         and t.shape[1] >= 256 and not is_legacy_batchedtensor(t) and _kernel(op, t, "cpu")),
         ("torch", lambda op, t, f: not _ext.has_triton() or is_legacy_batchedtensor(t)),
         ("triton", lambda op, t, f: t.is_cuda or (t.device.type == "cpu" and _triton_cpu())),
         ("torch", lambda op, t, f: True)),

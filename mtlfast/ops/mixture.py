@@ -8,13 +8,15 @@ buffers, and ``z`` comes back as a transposed view of a ``(B, T, D)`` buffer (to
 
 Gradients: ``dg[t, b, e] = <dz[t, b], h[e, b]>`` and ``dh[e, b] = sum_t g[t, b, e] dz[t, b]``.
 
-Dispatch (``_dispatch.backend("mixture", g)``): the Triton kernels
-(``mtlfast/kernels/triton/mixture.py``) on CUDA tensors (and on CPU tensors under
-``TRITON_INTERPRET=1`` when ``MTLFAST_HEADS_TRITON=1`` asks for it), otherwise torch: one
-``bmm`` over the batch (for each b, ``(T, E) @ (E, D)``), the fastest CPU form measured
-(forward + backward at T = E = 9, B = 2048, D = 128, one thread, alternating runs: bmm
-12-24 ms median, E broadcast multiply-adds 56-82 ms, the same in 128-row cache blocks 25 ms;
-``einsum`` lowers to the same bmm).
+Dispatch (``_dispatch.backend("mixture", g)``): on the CPU the C++ kernel
+(``csrc/cpu/mixture.cpp``: one pass over the rows, each row's gate weights and expert outputs
+read once from cache; fp32/fp64, from 256 rows) and otherwise torch: one ``bmm`` over the
+batch (for each b, ``(T, E) @ (E, D)``). Forward + backward, one thread, the expert blocks'
+sizes (T, E = 8-40, B = 256-2048, D = 32-128): the kernel 1.5-4.5x faster than the three
+bmm's (``benchmarks/RESULTS.md``); the bmm had beaten E broadcast multiply-adds 2.5-4x, and
+``einsum`` lowers to the same bmm. On
+CUDA tensors the Triton kernels (``mtlfast/kernels/triton/mixture.py``; on CPU tensors under
+``TRITON_INTERPRET=1`` when ``MTLFAST_HEADS_TRITON=1`` asks for it).
 
 ``mtlfast::mixture`` and ``mtlfast::mixture_backward`` are ``torch.library.custom_op``s with
 fake kernels and an autograd formula, so ``torch.compile`` sees through them; plain eager
@@ -98,7 +100,10 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _forward_impl(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    if backend(_OP, g) == "triton":
+    which = backend(_OP, g)
+    if which == "cpu":
+        return torch.ops.mtlfast.mixture_cpu(g, h)
+    if which == "triton":
         from ..kernels.triton.mixture import mixture_triton
 
         cdt = _compute_dtype(g)
@@ -109,7 +114,11 @@ def _forward_impl(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 def _backward_impl(dz, g, h, need_g: bool, need_h: bool):
     # dz, not g: under autograd.grad(..., is_grads_batched=True) dz is a legacy vmap
     # BatchedTensor (no storage for a Triton launch), which the rule sends to torch
-    if backend(_OP, dz) == "triton":
+    which = backend(_OP, dz)
+    if which == "cpu":
+        dg, dh = torch.ops.mtlfast.mixture_backward_cpu(dz, g, h, need_g, need_h)
+        return (dg if need_g else None), (dh if need_h else None)
+    if which == "triton":
         from ..kernels.triton.mixture import mixture_backward_triton
 
         cdt = _compute_dtype(g)

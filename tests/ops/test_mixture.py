@@ -104,8 +104,79 @@ def test_compile_sees_through():
 
 
 def test_dispatch_rule():
-    g = torch.zeros(2, 3, 4)
-    assert backend("mixture", g) == "torch"
+    assert backend("mixture", torch.zeros(2, 3, 4)) == "torch"  # few rows
+    many = torch.zeros(2, 256, 4)
+    assert backend("mixture", many) == ("cpu" if _ext.has_cpu_kernels() else "torch")
+    assert backend("mixture", many.bfloat16()) == "torch"
+
+
+# ----------------------------------------------------------------------------- C++ (CPU)
+
+cpp_available = pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="needs the C++ extension")
+
+
+def _cpp_backward(dz, g, h):
+    return torch.ops.mtlfast.mixture_backward_cpu(dz, g, h, True, True)
+
+
+# D across the kernel's 4-vector blocks, single vectors and the scalar tail
+@cpp_available
+@pytest.mark.parametrize("shape", SHAPES + [(9, 40, 9, 128), (40, 7, 8, 64), (2, 3, 5, 37),
+                                            (4, 2, 6, 8), (6, 5, 3, 33)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["arch", "contiguous"])
+def test_cpp_kernel_matches_reference(shape, dtype, layout):
+    _check(torch.ops.mtlfast.mixture_cpu, _cpp_backward, shape, dtype, layout=layout)
+
+
+@cpp_available
+def test_cpp_kernel_strided_inputs_and_one_gradient():
+    """A non-unit last stride (copied inside) and each gradient alone."""
+    T, B, E, D = 3, 6, 4, 10
+    g = torch.randn(T, B, E, 2, dtype=torch.float64)[..., 0].softmax(-1)
+    h = torch.randn(E, B, D, 3, dtype=torch.float64)[..., 1]
+    dz = torch.randn(T, B, D, 2, dtype=torch.float64)[..., 0]
+    z_ref, dg_ref, dh_ref = _ref(g, h, dz)
+    assert rel_err(torch.ops.mtlfast.mixture_cpu(g, h), z_ref) < 1e-12
+    dg, dh = torch.ops.mtlfast.mixture_backward_cpu(dz, g, h, True, False)
+    assert rel_err(dg, dg_ref) < 1e-12 and dh.numel() == 0
+    dg, dh = torch.ops.mtlfast.mixture_backward_cpu(dz, g, h, False, True)
+    assert rel_err(dh, dh_ref) < 1e-12 and dg.numel() == 0
+
+
+@cpp_available
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_public_op_uses_the_kernel_from_256_rows(dtype, monkeypatch):
+    calls = []
+    real = torch.ops.mtlfast.mixture_backward_cpu
+    monkeypatch.setattr(torch.ops.mtlfast, "mixture_backward_cpu",
+                        lambda *a: calls.append(1) or real(*a), raising=False)
+    g, h, dz = _inputs(5, 300, 7, 19, dtype)
+    g.requires_grad_(), h.requires_grad_()
+    z = mx.mixture(g, h)
+    z.backward(dz)
+    assert calls
+    z_ref, dg_ref, dh_ref = _ref(g.detach(), h.detach(), dz)
+    tol = TOL[dtype]
+    assert rel_err(z, z_ref) < tol and rel_err(g.grad, dg_ref) < tol
+    assert rel_err(h.grad, dh_ref) < tol
+    # batched gradients (the engine's jacobian mode) take torch's bmm's
+    dzs = torch.randn(3, *dz.shape, dtype=dtype)
+    dgb, dhb = torch.autograd.grad(mx.mixture(g, h), (g, h), dzs, is_grads_batched=True)
+    for i in range(3):
+        _, dg_i, dh_i = _ref(g.detach(), h.detach(), dzs[i])
+        assert rel_err(dgb[i], dg_i) < tol and rel_err(dhb[i], dh_i) < tol
+
+
+@cpp_available
+def test_cpp_kernel_rejects_bad_input():
+    g, h, dz = _inputs(2, 3, 4, 5, torch.float32)
+    with pytest.raises(RuntimeError, match="float32 or both float64"):
+        torch.ops.mtlfast.mixture_cpu(g.half(), h.half())
+    with pytest.raises(RuntimeError, match="g must be"):
+        torch.ops.mtlfast.mixture_cpu(g, h[:, :2])
+    with pytest.raises(RuntimeError, match="dz must be"):
+        torch.ops.mtlfast.mixture_backward_cpu(dz[:, :, :3], g, h, True, True)
 
 
 def test_bad_input_raises_naming_the_argument():
