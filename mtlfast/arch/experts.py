@@ -6,10 +6,10 @@ after every layer, DeepCTR's DNN convention).
 CPU, every expert of one shape (and, for per-group inputs, every owner with the same number
 of experts): the expert-major path.
 
-- Plain eager calls from 256 rows with ReLU or no activation run the whole bank as one C++ op
-  each way (``mtlfast.ops.expert_mlp``: MKL GEMMs expert by expert, the activation on
-  cache-resident slices; 1.14-1.21x faster than the bmm's below at 2048 rows,
-  ``benchmarks/experts_cpu.py``).
+- Plain eager calls with ReLU or no activation whose experts' first-layer GEMM is large
+  enough (``ops._dispatch.EXPERT_KERNEL_MIN_MACS``) run the whole bank as one C++ op each way
+  (``mtlfast.ops.expert_mlp``: MKL GEMMs expert by expert, the activation on cache-resident
+  slices; 1.1-1.5x faster than the bmm's below at 2048 rows, ``benchmarks/experts_cpu.py``).
 - Otherwise layer 1 is one ``addmm`` over the concatenated weights (shared input) or one
   ``baddbmm`` over owners; layers 2..L one ``baddbmm`` over the ``(E, M, H)`` activations;
   ReLU in place (out of place after a shared-input layer 1, on its expert-major view: its
@@ -220,8 +220,9 @@ class ExpertBank(nn.Module):
         params = [getattr(self, f"{name}{kind}{layer}") for kind in ("weight", "bias")
                   for layer in range(self.depth) for name, _, _ in self.parts]
         dt = x.dtype
+        macs = x.shape[-2] * self.in_features * self.widths[0][0]
         if params[0].dtype == dt and backend("expert_mlp", x, eager=_eager(x, *params),
-                                              activation=self.activation) == "cpu":
+                                              activation=self.activation, macs=macs) == "cpu":
             n = len(params) // 2
             return expert_mlp(x, params[:n], params[n:], [b - a for _, a, b in self.parts],
                               0 if self.groups is None else self.groups[0],

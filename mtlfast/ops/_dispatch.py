@@ -41,8 +41,8 @@ mixture                   triton                        cpu (fp32/fp64,     one 
                                                         >= 256 rows), else  the rows (CPU);
                                                         torch (bmm)         one launch (GPU)
 expert_mlp                torch (bmm, grouped GEMM)     cpu (eager, ReLU    MKL per expert,
-                                                        or none, >= 256     cache-resident
-                                                        rows), else torch   elementwise
+                                                        or none, large      cache-resident
+                                                        GEMMs), else torch  elementwise
 ========================  ============================  ==================  =================
 
 "cuda"/"cpu" need the compiled extension with that kernel (``mtlfast._ext``); without it the
@@ -64,7 +64,7 @@ from torch._C._functorch import is_legacy_batchedtensor
 
 from .. import _ext
 
-__all__ = ["BACKENDS", "CUDA_SOLVER_MAX_T", "Backend", "backend"]
+__all__ = ["BACKENDS", "CUDA_SOLVER_MAX_T", "EXPERT_KERNEL_MIN_MACS", "Backend", "backend"]
 
 Backend = Literal["cuda", "cpu", "triton", "torch", "reference"]
 BACKENDS: tuple[str, ...] = ("cuda", "cpu", "triton", "torch", "reference")
@@ -72,6 +72,11 @@ BACKENDS: tuple[str, ...] = ("cuda", "cpu", "triton", "torch", "reference")
 #: Largest T the CUDA solver kernels take (their workspace lives in shared memory); larger
 #: problems run the torch reference on the GPU.
 CUDA_SOLVER_MAX_T = 64
+
+#: Smallest per-expert first-layer GEMM (rows x in x out multiply-adds) the C++ expert kernel
+#: takes: it makes ~8 ATen calls per expert and layer, which lost to the bmm's below this
+#: (64-32 experts at 256 rows, 1M: 0.82x; 256-128 experts at 256 rows, 17M: 1.10x faster).
+EXPERT_KERNEL_MIN_MACS = 1 << 22
 
 # Name of each op's kernel under torch.ops.mtlfast when it differs from the op's name.
 _KERNEL_NAME = {"combine": "combine_", "mixture": "mixture_cpu"}
@@ -137,10 +142,10 @@ RULES: dict[str, tuple[tuple[str, Rule], ...]] = {
         ("triton", lambda op, t, f: t.is_cuda or (t.device.type == "cpu" and _triton_cpu())),
         ("torch", lambda op, t, f: True)),
     # an expert bank's MLPs: the C++ kernel for plain eager CPU calls with ReLU or no
-    # activation from 256 rows (below, its autograd.Function cost ate the gain: 0.96-0.98x at
-    # 32 rows); torch.compile, torch.func and other activations keep ExpertBank's bmm path
+    # activation whose experts' first-layer GEMMs are large enough (EXPERT_KERNEL_MIN_MACS);
+    # torch.compile, torch.func and other activations keep ExpertBank's bmm path
     "expert_mlp": (("cpu", lambda op, t, f: f["eager"] and f["activation"] in ("relu", "none")
-                    and t.shape[-2] >= 256 and _kernel(op, t, "cpu")),
+                    and f["macs"] >= EXPERT_KERNEL_MIN_MACS and _kernel(op, t, "cpu")),
                    ("torch", lambda op, t, f: True)),
     # the per-task mixture of experts: the C++ kernel for fp32/fp64 CPU tensors of >= 256
     # rows (below, the autograd.Function around it costs more than the bmm's; unless a test

@@ -12,11 +12,11 @@ per step) and writes each part's gradient in its own buffer.
 Dispatch (``_dispatch.backend("expert_mlp", x, ...)``): the C++ kernel
 (``csrc/cpu/experts.cpp``: the experts one after the other, each layer one MKL GEMM, the
 activation and its backward on one expert's cache-resident slice) for plain eager CPU calls
-with ReLU or no activation and at least 256 rows; otherwise ``ExpertBank``'s torch path
-(bmm). The backward runs torch's formula (``expert_mlp_backward_torch``, bmm over experts)
-when autograd hands it a batched gradient (``autograd.grad(..., is_grads_batched=True)``: a
-legacy vmap tensor the kernel cannot read). First-order gradients only: a double backward
-raises.
+with ReLU or no activation and experts large enough (``_dispatch.EXPERT_KERNEL_MIN_MACS``);
+otherwise ``ExpertBank``'s torch path (bmm). The backward runs torch's formula
+(``expert_mlp_backward_torch``, bmm over experts) when autograd hands it a batched gradient
+(``autograd.grad(..., is_grads_batched=True)``: a legacy vmap tensor the kernel cannot read).
+First-order gradients only: a double backward raises.
 """
 
 from __future__ import annotations

@@ -248,9 +248,12 @@ _GEMMS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm")
 
 def test_each_layer_is_one_gemm_for_all_experts(monkeypatch):
     """The torch path of the experts (CUDA's and torch.compile's) is one GEMM per layer, no
-    per-expert loop; eager CPU calls run the whole bank as one C++ op."""
+    per-expert loop; eager CPU calls run the whole bank as one C++ op (large experts; the
+    threshold lowered here)."""
     import mtlfast.arch.experts as experts
+    from mtlfast.ops import _dispatch
 
+    monkeypatch.setattr(_dispatch, "EXPERT_KERNEL_MIN_MACS", 0)
     m = MMoE(K, 6, [8, 5], 4)
     x = torch.randn(256, K)
     if _ext.has_cpu_kernels():
@@ -289,10 +292,13 @@ def test_grouped_op_path_matches_loop(name, monkeypatch):
 @pytest.mark.parametrize("name", ["mmoe", "cgc", "ple", "ple_no_shared", "ple_two_per_owner",
                                   "dselect", "mmoe_ragged"])
 def test_expert_kernel_path_matches_loop(name, monkeypatch):
-    """From 256 rows eager CPU banks run the C++ expert kernel: the block still equals its loop
-    definition, output and every gradient (input included)."""
+    """Eager CPU banks of large enough experts run the C++ expert kernel (the threshold lowered
+    to these): the block still equals its loop definition, output and every gradient (input
+    included)."""
     import mtlfast.arch.experts as experts
+    from mtlfast.ops import _dispatch
 
+    monkeypatch.setattr(_dispatch, "EXPERT_KERNEL_MIN_MACS", 0)
     calls = []
     real = experts.expert_mlp
     monkeypatch.setattr(experts, "expert_mlp", lambda *a: calls.append(1) or real(*a))
@@ -314,7 +320,7 @@ def test_expert_kernel_path_matches_loop(name, monkeypatch):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("rows", [13, 300])  # 300: the C++ expert kernel's regime
+@pytest.mark.parametrize("rows", [13, 300])  # both row regimes of the CPU mixture dispatch
 def test_autocast_bf16_matches_loop_under_autocast(name, rows):
     """Under torch.autocast a block takes fp32 or bf16 input (a stem's autocast output),
     computes in bf16 like its loop definition, and its parameter gradients stay fp32."""

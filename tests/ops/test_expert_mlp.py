@@ -8,6 +8,7 @@ import torch
 
 from mtlfast import _ext
 from mtlfast.arch.experts import ExpertBank
+from mtlfast.ops import _dispatch
 from mtlfast.ops._dispatch import backend
 from mtlfast.ops.expert_mlp import expert_mlp, expert_mlp_backward_torch, expert_mlp_reference
 from tests.conftest import rel_err
@@ -129,11 +130,12 @@ def test_kernel_rejects_inconsistent_banks():
 @pytest.mark.parametrize("activation, groups", [("relu", None), (None, (2, 2)),
                                                 ("relu", (1, 1, 1, 1))])
 def test_expert_bank_dispatches_to_the_kernel(activation, groups, monkeypatch):
-    """Eager CPU calls go to the kernel; torch.func keeps the bmm path; both agree."""
+    """Eager CPU calls go to the kernel (its size threshold lowered to these small experts);
+    torch.func keeps the bmm path; both agree."""
+    monkeypatch.setattr(_dispatch, "EXPERT_KERNEL_MIN_MACS", 0)
     torch.manual_seed(0)
     bank = ExpertBank(6, [(8, 5)] * 4, groups, activation, split=1)
-    x = torch.randn(300, 6) if groups is None else torch.randn(len(groups), 300, 6)
-    assert backend("expert_mlp", x, eager=True, activation=bank.activation) == "cpu"
+    x = torch.randn(30, 6) if groups is None else torch.randn(len(groups), 30, 6)
     calls = []
     kernel = torch.ops.mtlfast.expert_mlp
     monkeypatch.setattr(torch.ops.mtlfast, "expert_mlp",
@@ -151,9 +153,23 @@ def test_expert_bank_dispatches_to_the_kernel(activation, groups, monkeypatch):
         assert rel_err(grads[name], g) < 1e-5
 
 
-def test_other_activations_small_batches_and_transforms_keep_the_torch_path():
-    rows = torch.zeros(256, 2)
-    assert backend("expert_mlp", rows, eager=True, activation="relu") == "cpu"
-    assert backend("expert_mlp", rows, eager=True, activation="gelu") == "torch"
-    assert backend("expert_mlp", rows, eager=False, activation="relu") == "torch"
-    assert backend("expert_mlp", rows[:255], eager=True, activation="relu") == "torch"
+def test_other_activations_small_experts_and_transforms_keep_the_torch_path():
+    x, big = torch.zeros(2, 2), _dispatch.EXPERT_KERNEL_MIN_MACS
+    assert backend("expert_mlp", x, eager=True, activation="relu", macs=big) == "cpu"
+    assert backend("expert_mlp", x, eager=True, activation="none", macs=big) == "cpu"
+    assert backend("expert_mlp", x, eager=True, activation="gelu", macs=big) == "torch"
+    assert backend("expert_mlp", x, eager=False, activation="relu", macs=big) == "torch"
+    assert backend("expert_mlp", x, eager=True, activation="relu", macs=big - 1) == "torch"
+
+
+def test_bank_size_decides(monkeypatch):
+    """256-128 experts at 256 rows (16.7M multiply-adds per expert's layer 1) take the kernel,
+    64-32 experts at 256 rows (1M) the bmm's."""
+    calls = []
+    kernel = torch.ops.mtlfast.expert_mlp
+    monkeypatch.setattr(torch.ops.mtlfast, "expert_mlp",
+                        lambda *a: calls.append(1) or kernel(*a), raising=False)
+    ExpertBank(256, [(256, 128)] * 2)(torch.randn(256, 256))
+    assert len(calls) == 1
+    ExpertBank(64, [(64, 32)] * 2)(torch.randn(256, 64))
+    assert len(calls) == 1
