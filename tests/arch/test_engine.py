@@ -13,11 +13,11 @@ from tests.conftest import rel_err
 WIDTHS = {"a": 1, "b": 2, "c": 1}
 
 
-def _model(kind="mmoe"):
+def _model(kind="mmoe", rows=16):
     torch.manual_seed(0)
     block = MMoE(10, 4, [8, 6], 3) if kind == "mmoe" else PLE(10, 2, 1, 1, [8, 6], 3)
     heads = mtlfast.FusedHeads(6, WIDTHS, hidden=5)
-    x, y = torch.randn(16, 10), torch.randn(16, 4)
+    x, y = torch.randn(rows, 10), torch.randn(rows, 4)
     return block, heads, x, y
 
 
@@ -47,12 +47,27 @@ def _expected_upgrad(block, heads, x, y):
 
 @pytest.mark.parametrize("kind", ["mmoe", "ple"])
 @pytest.mark.parametrize("mode", ["jacobian", "gramian"])
-def test_upgrad_matches_the_definition(kind, mode):
-    block, heads, x, y = _model(kind)
+@pytest.mark.parametrize("kernels", [False, True])
+def test_upgrad_matches_the_definition(kind, mode, kernels, monkeypatch):
+    """``kernels``: 300 rows and the expert kernel's size threshold lowered, so the C++ expert
+    and mixture kernels run (their backward under the engine's batched gradients too)."""
+    import mtlfast.arch.experts as experts
+    from mtlfast import _ext
+    from mtlfast.ops import _dispatch
+
+    if kernels and not _ext.has_cpu_kernels():
+        pytest.skip("needs the C++ extension")
+    calls = []
+    if kernels:
+        monkeypatch.setattr(_dispatch, "EXPERT_KERNEL_MIN_MACS", 0)
+        real = experts.expert_mlp
+        monkeypatch.setattr(experts, "expert_mlp", lambda *a: calls.append(1) or real(*a))
+    block, heads, x, y = _model(kind, 300 if kernels else 16)
     want = _expected_upgrad(block, heads, x, y)
     _zero(block, heads)
     losses, _, _ = _losses(block, heads, x, y)
     mtlfast.backward(losses, shared=block, method=UPGrad(), mode=mode)
+    assert bool(calls) == kernels
     got = [p.grad for p in [*block.parameters(), *heads.parameters()]]
     for g, w in zip(got, want, strict=True):
         assert rel_err(g, w) < 1e-4
