@@ -2,12 +2,13 @@
 
 Cases (LibMTL / DeepCTR-like sizes): MMoE with 8 experts and 8 tasks, and PLE with 2 levels
 (DeepCTR's defaults: 1 shared and 1 specific expert per task per level), input width 256,
-experts 256-128, batch 2048; full runs add CGC and DSelect-k. Contenders on the same weights
-(the fused block's ``unfuse()``): mtlfast's fused block, the LibMTL / DeepCTR-style loop
-(one ``nn.Sequential`` per expert, one gate per task, stack + einsum mixtures),
-``torch.compile`` of that loop (full runs only: compiling takes minutes on a 2-core CPU), and
-the floor: the experts' layer GEMMs (forward, input and weight gradients) as dense ``mm``s of
-the same sizes, the least work any implementation of the block does.
+experts 256-128 (DeepCTR's default widths; GEMM-bound) and input 64, experts 64-32 (where
+the loop's per-op costs weigh), batch 2048; full runs add CGC and DSelect-k. Contenders on
+the same weights (the fused block's ``unfuse()``): mtlfast's fused block, the LibMTL /
+DeepCTR-style loop (one ``nn.Sequential`` per expert, one gate per task, stack + einsum
+mixtures), ``torch.compile`` of that loop (full runs only: compiling takes minutes on a
+2-core CPU), and the floor: the experts' layer GEMMs (forward, input and weight gradients)
+as dense ``mm``s of the same sizes, the least work any implementation of the block does.
 Each call runs the block forward, a loss ``sum(z * c)`` and the backward of every parameter;
 the outputs and every parameter gradient (in the loop's key order) are compared before timing.
 
@@ -34,7 +35,9 @@ from .harness import Case, Config, Contender
 __all__ = ["cases", "make_block", "make_columns"]
 
 _BIG = {"K": 256, "hidden": (256, 128), "B": 2048, "T": 8}
-#: label -> block config
+_SMALL = {"K": 64, "hidden": (64, 32), "B": 2048, "T": 8}
+_MMOE, _PLE = {"kind": "mmoe", "E": 8}, {"kind": "ple", "levels": 2, "S": 1, "k": 1}
+#: label -> block config (the first two also time the LS step)
 NAMED: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
         "MMoE 3x2": {"kind": "mmoe", "K": 16, "E": 3, "T": 2, "hidden": (8, 6), "B": 8},
@@ -42,12 +45,16 @@ NAMED: dict[str, dict[str, dict[str, Any]]] = {
                          "hidden": (8, 6), "B": 8},
     },
     "quick": {
-        "MMoE 8 experts x 8 tasks": {"kind": "mmoe", "E": 8, **_BIG},
-        "PLE 2 levels (1+1/task)": {"kind": "ple", "levels": 2, "S": 1, "k": 1, **_BIG},
+        "MMoE 8 experts x 8 tasks": {**_MMOE, **_BIG},
+        "PLE 2 levels (1+1/task)": {**_PLE, **_BIG},
+        "MMoE 8x8, experts 64-32": {**_MMOE, **_SMALL},
+        "PLE 2 levels, experts 64-32": {**_PLE, **_SMALL},
     },
     "full": {
-        "MMoE 8 experts x 8 tasks": {"kind": "mmoe", "E": 8, **_BIG},
-        "PLE 2 levels (1+1/task)": {"kind": "ple", "levels": 2, "S": 1, "k": 1, **_BIG},
+        "MMoE 8 experts x 8 tasks": {**_MMOE, **_BIG},
+        "PLE 2 levels (1+1/task)": {**_PLE, **_BIG},
+        "MMoE 8x8, experts 64-32": {**_MMOE, **_SMALL},
+        "PLE 2 levels, experts 64-32": {**_PLE, **_SMALL},
         "CGC 2 shared + 1/task": {"kind": "cgc", "S": 2, "k": 1, **_BIG},
         "DSelect-k 8 experts, k=2": {"kind": "dselect", "E": 8, "k": 2, **_BIG},
     },
