@@ -123,7 +123,9 @@ std::vector<Tensor> expert_mlp_backward_cpu(const Tensor& dy, const Tensor& x,
     dws.push_back(at::empty_like(weights[i], at::MemoryFormat::Contiguous));
     dbs.push_back(at::empty_like(biases[i], at::MemoryFormat::Contiguous));
   }
-  Tensor dx = need_x ? at::zeros_like(x, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
+  // each input slice's first expert writes its gradient, the others add to it
+  Tensor dx = need_x ? at::empty_like(x, at::MemoryFormat::Contiguous)
+                     : at::empty({0}, x.options());
   int64_t widest = 0;
   for (int64_t w : bank.widths) widest = std::max(widest, w);
   // masked: the gradient at layer l's pre-activation; carried: at its output
@@ -152,7 +154,12 @@ std::vector<Tensor> expert_mlp_backward_cpu(const Tensor& dy, const Tensor& x,
         at::mm_out(carried, g, w);
       } else if (need_x) {
         Tensor target = per_group == 0 ? dx : dx.select(0, e / per_group);
-        target.addmm_(g, w);
+        const bool first = per_group == 0 ? e == 0 : e % per_group == 0;
+        if (first) {
+          at::mm_out(target, g, w);
+        } else {
+          target.addmm_(g, w);
+        }
       }
     }
   }
