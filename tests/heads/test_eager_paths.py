@@ -106,6 +106,40 @@ def test_padding_rule_caps_fp32_cpu_padding_at_2x():
     assert not gl._bmm_ok(torch.empty(4096, 8 * 32), 32, (4,) * 8)  # large groups: loop
 
 
+def test_padding_rule_charges_the_gather():
+    """Two ragged groups never pad (the gather costs what the second group's GEMMs would);
+    three may. Equal widths need no gather."""
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.empty(32, 2 * 16, dtype=dtype)
+        assert not gl._bmm_ok(x, 16, (1, 2))
+        assert gl._bmm_ok(x, 16, (2, 2))
+        assert gl._bmm_ok(torch.empty(32, 3 * 16, dtype=dtype), 16, (1, 2, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("small", [True, False])
+def test_width_one_groups_multiply_sum_or_bmm(dtype, small, monkeypatch):
+    """Width-1 groups: the multiply-sum in fp32, and in fp16/bf16 while (M, T, k) is small;
+    otherwise one baddbmm. Both against the float64 reference, forward and backward."""
+    if not small:
+        monkeypatch.setattr(gl, "_MULSUM_MAX_LOWP", 0)
+    ran = []
+    monkeypatch.setattr(torch, "baddbmm", lambda *a, _f=torch.baddbmm: ran.append(1) or _f(*a))
+    ins, outs, M = (8,) * 5, (1,) * 5, 13
+    x = torch.randn(M, sum(ins), dtype=dtype, requires_grad=True)
+    w = (torch.randn(sum(outs) * 8) / 3).to(dtype).requires_grad_()
+    b = torch.randn(sum(outs), dtype=dtype, requires_grad=True)
+    y = torch.cat(gl.grouped_linear_parts(x, w, b, ins, outs), dim=1)
+    assert bool(ran) == (not small and dtype != torch.float32)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    ref = gl.grouped_linear_reference(*ref_leaves, ins, outs)
+    assert rel_err(y, ref) < TOL[dtype]
+    g = torch.randn(M, sum(outs), dtype=torch.float64)
+    for got, exp in zip(torch.autograd.grad(y, [x, w, b], g.to(dtype)),
+                        torch.autograd.grad(ref, ref_leaves, g), strict=True):
+        assert got.dtype == dtype and rel_err(got, exp) < TOL[dtype]
+
+
 def test_parts_bad_arguments_are_named():
     with pytest.raises(ValueError, match="grouped_linear_parts: x must be"):
         gl.grouped_linear_parts(torch.randn(3, 5), torch.randn(8), None, (2, 2), (2, 2))
@@ -225,3 +259,4 @@ def test_mlp_heads_dispatch_no_more_aten_ops_than_concat_bmm(T, widths):
     assert compute_f <= compute_c, (compute_f, compute_c)
     if T >= 8:
         assert all_f <= all_c, (all_f, all_c)
+
