@@ -485,6 +485,12 @@ def grouped_linear_weight_grad(gy: torch.Tensor, x: torch.Tensor, in_widths: Seq
 #: MKL's per-group GEMMs once a group reads more than about 2^15 elements of x (M * k). On a GPU
 #: the step is host-bound at these sizes: bmm.
 _BMM_MAX_MK = {"cpu": 2**15}
+#: Past these ``M * k`` FusedHeads runs whole MLP heads on their own (``_large_groups``): its
+#: fused (M, T * k) hidden layer lost 1.1-1.8x to the loop of heads there (fp32 from 2^16; in
+#: bf16/fp16, whose small CPU GEMMs cost more, only from 2^18: at 2^16 the fused layer still won
+#: 0.7-0.9x; T=2..40, benchmarks/heads_grid.py).
+_HEADS_LOOP_MK = {("cpu", torch.float32): 2**15, ("cpu", torch.float64): 2**15,
+                  ("cpu", torch.bfloat16): 2**17, ("cpu", torch.float16): 2**17}
 #: Padding ragged groups to the widest one multiplies layer 2's work by ``T * n_max / N`` and
 #: adds a copy of the packed weights into the padded layout (and its backward) every step. Pad
 #: while the extra multiply-adds ``M * k * (T * n_max - N)`` stay under the budget per group
@@ -512,6 +518,12 @@ def _bmm_ok(x: torch.Tensor, k: int, out_widths) -> bool:
         return True
     return T * n_max <= _PAD_MAX_RATIO.get((device, x.dtype), T) * N \
         and M * k * (T * n_max - N) <= _PAD_BUDGET.get(device, 0) * (T - 1 - _PAD_COPY_GROUPS)
+
+
+def _large_groups(x: torch.Tensor, in_widths) -> bool:
+    """Groups past ``_HEADS_LOOP_MK``: FusedHeads then runs each MLP head on its own (layer 1
+    too), as the loop of heads would."""
+    return x.shape[0] * max(in_widths) > _HEADS_LOOP_MK.get((x.device.type, x.dtype), math.inf)
 
 
 @functools.cache

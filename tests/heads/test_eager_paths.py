@@ -195,6 +195,54 @@ def test_fused_mlp_heads_match_loop_on_every_path(path, dtype, monkeypatch):
         assert rel_err(by_key[key], g) < tol, key
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_large_groups_run_each_head_on_its_own(dtype, activation, bias, monkeypatch):
+    """Past ``_HEADS_LOOP_MK`` each MLP head runs both layers on views of the fused parameters
+    (no fused hidden layer, no grouped second layer): same outputs and gradients as the
+    unfused heads, at ragged hidden and output widths."""
+    monkeypatch.setitem(gl._HEADS_LOOP_MK, ("cpu", dtype), 0)
+    ran = _spy(monkeypatch)
+    torch.manual_seed(0)
+    fused = FusedHeads(6, {"a": 1, "b": 7, "c": 3}, hidden=[5, 2, 4], activation=activation,
+                       bias=bias, dtype=dtype)
+    plain = fused.unfuse()
+    z = torch.randn(2, 5, 6, dtype=dtype, requires_grad=True)
+    out = fused(z)
+    assert ran == []
+    ref = {t: head(z) for t, head in plain.items()}
+    seeds = {t: torch.randn_like(v) for t, v in ref.items()}
+    got = torch.autograd.grad(sum((out[t] * seeds[t]).sum() for t in out),
+                              [z, *fused.parameters()])
+    want = torch.autograd.grad(sum((ref[t] * seeds[t]).sum() for t in ref),
+                               [z, *plain.parameters()])
+    tol = TOL[dtype] * 2
+    for t in ref:
+        assert out[t].shape == ref[t].shape and rel_err(out[t], ref[t]) < tol, t
+    assert rel_err(got[0], want[0]) < tol
+    fused_g = dict(zip([n for n, _ in fused.named_parameters()], got[1:], strict=True))
+    plain_g = dict(zip([n for n, _ in plain.named_parameters()], want[1:], strict=True))
+    for name, blocks in fused._param_blocks().items():
+        parts = fused_g[name].reshape(-1).split([b.numel() for _, b in blocks])
+        for (key, block), g in zip(blocks, parts, strict=True):
+            assert g.dtype == dtype and rel_err(g.view(block.shape), plain_g[key]) < tol, key
+
+
+def test_large_groups_dropout_is_per_head_and_off_in_eval(monkeypatch):
+    monkeypatch.setitem(gl._HEADS_LOOP_MK, ("cpu", torch.float32), 0)
+    fused = FusedHeads(6, {"a": 3, "b": 3}, hidden=4, dropout=0.5)
+    plain = fused.unfuse().eval()
+    z = torch.randn(64, 6)
+    fused.eval()
+    for t, y in fused(z).items():
+        assert rel_err(y, plain[t](z)) < 1e-6
+    fused.train()
+    torch.manual_seed(0)
+    train = fused(z)
+    assert not torch.equal(train["a"], fused.eval()(z)["a"])
+
+
 def test_eager_paths_skip_the_custom_op_and_func_transforms_keep_it(monkeypatch):
     ran = _spy(monkeypatch)
     fused = FusedHeads(6, {"a": 2, "b": 2}, hidden=4)
@@ -260,3 +308,12 @@ def test_mlp_heads_dispatch_no_more_aten_ops_than_concat_bmm(T, widths):
     if T >= 8:
         assert all_f <= all_c, (all_f, all_c)
 
+
+def test_large_groups_rule_by_dtype():
+    """Whole heads on their own from M * hidden > 2^15 in fp32, > 2^17 in bf16; never on
+    devices without a measured threshold."""
+    assert not gl._large_groups(torch.empty(2**9, 64), (64, 8))
+    assert gl._large_groups(torch.empty(2**10, 64), (64, 8))
+    assert not gl._large_groups(torch.empty(2**10, 64, dtype=torch.bfloat16), (64, 8))
+    assert gl._large_groups(torch.empty(2**10, 64, dtype=torch.bfloat16), (256, 8))
+    assert not gl._large_groups(torch.empty(2**20, 64, device="meta"), (256,))
