@@ -119,13 +119,14 @@ def test_padding_rule_charges_the_gather():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("small", [True, False])
 def test_width_one_groups_multiply_sum_or_bmm(dtype, small, monkeypatch):
-    """Width-1 groups: the multiply-sum in fp32, and in fp16/bf16 while (M, T, k) is small;
-    otherwise one baddbmm. Both against the float64 reference, forward and backward."""
+    """Width-1 groups: the multiply-sum in fp32, and in fp16/bf16 below 8 groups or while
+    (M, T, k) is small; otherwise one baddbmm. Both against the float64 reference, forward and
+    backward."""
     if not small:
         monkeypatch.setattr(gl, "_MULSUM_MAX_LOWP", 0)
     ran = []
     monkeypatch.setattr(torch, "baddbmm", lambda *a, _f=torch.baddbmm: ran.append(1) or _f(*a))
-    ins, outs, M = (8,) * 5, (1,) * 5, 13
+    ins, outs, M = (8,) * 8, (1,) * 8, 13
     x = torch.randn(M, sum(ins), dtype=dtype, requires_grad=True)
     w = (torch.randn(sum(outs) * 8) / 3).to(dtype).requires_grad_()
     b = torch.randn(sum(outs), dtype=dtype, requires_grad=True)
@@ -317,3 +318,13 @@ def test_large_groups_rule_by_dtype():
     assert not gl._large_groups(torch.empty(2**10, 64, dtype=torch.bfloat16), (64, 8))
     assert gl._large_groups(torch.empty(2**10, 64, dtype=torch.bfloat16), (256, 8))
     assert not gl._large_groups(torch.empty(2**20, 64, device="meta"), (256,))
+
+
+def test_width_one_rule_keeps_the_multiply_sum_below_8_low_precision_groups(monkeypatch):
+    monkeypatch.setattr(gl, "_MULSUM_MAX_LOWP", 0)
+    ran = []
+    monkeypatch.setattr(torch, "baddbmm", lambda *a, _f=torch.baddbmm: ran.append(1) or _f(*a))
+    x = torch.randn(5, 7 * 4, dtype=torch.bfloat16)
+    gl.grouped_linear_parts(x, torch.randn(7 * 4, dtype=torch.bfloat16),
+                            torch.randn(7, dtype=torch.bfloat16), (4,) * 7, (1,) * 7)
+    assert ran == []
