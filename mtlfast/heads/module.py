@@ -218,9 +218,6 @@ class FusedHeads(nn.Module):
         return torch.relu_(pre) if self.activation == "relu" \
             else apply_activation(pre, self.activation)
 
-    def _dropout(self, h):
-        return F.dropout(h, self.dropout, self.training) if self.dropout > 0 else h
-
     def _per_head(self, x, w1, b1, w2, b2) -> list[torch.Tensor]:
         """Each MLP head on its own, both layers on views of the fused parameters: at large
         groups the fused hidden layer only moves memory (the split of its (M, H) output is a
@@ -233,7 +230,9 @@ class FusedHeads(nn.Module):
         for w1t, b1t, w2t, b2t in zip(w1.split_with_sizes(hid), b1s, _blocks(w2, hid, outs),
                                       b2s, strict=True):
             h = self._act(F.linear(x, w1t, b1t))
-            parts.append(F.linear(self._dropout(h), w2t, b2t))
+            if self.dropout > 0:
+                h = F.dropout(h, self.dropout, self.training)
+            parts.append(F.linear(h, w2t, b2t))
         return parts
 
     def forward(self, z, per_task: bool | None = None) -> dict[str, torch.Tensor]:
@@ -241,7 +240,7 @@ class FusedHeads(nn.Module):
         with ``per_task=True`` or a dict ``{task: (..., D)}``. Returns ``{task: (..., out_t)}``.
         """
         x, batch, per_task, dtype = self._prepare(z, per_task)
-        if self.is_mlp:
+        if self.hidden_widths is not None:
             w1, b1, w2, b2 = self.weight1, self.bias1, self.weight2, self.bias2
             if w1.dtype != dtype:  # autocast
                 w1, b1, w2, b2 = (self._cast(p, dtype) for p in (w1, b1, w2, b2))
@@ -251,7 +250,8 @@ class FusedHeads(nn.Module):
                 parts = self._per_head(x, w1, b1, w2, b2)
             else:
                 h = self._hidden(x, w1, b1, per_task, eager)
-                h = self._dropout(h)
+                if self.dropout > 0:
+                    h = F.dropout(h, self.dropout, self.training)
                 parts = _parts(h, w2, b2, self.hidden_widths, self.out_widths, eager)
             if len(batch) != 1:
                 parts = [p.view(*batch, p.shape[-1]) for p in parts]

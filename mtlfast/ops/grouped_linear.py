@@ -491,6 +491,7 @@ _BMM_MAX_MK = {"cpu": 2**15}
 #: 0.7-0.9x; T=2..40, benchmarks/heads_grid.py).
 _HEADS_LOOP_MK = {("cpu", torch.float32): 2**15, ("cpu", torch.float64): 2**15,
                   ("cpu", torch.bfloat16): 2**17, ("cpu", torch.float16): 2**17}
+_HEADS_LOOP_MIN = min(_HEADS_LOOP_MK.values())
 #: Padding ragged groups to the widest one multiplies layer 2's work by ``T * n_max / N`` and
 #: adds a copy of the packed weights into the padded layout (and its backward) every step. Pad
 #: while the extra multiply-adds ``M * k * (T * n_max - N)`` stay under the budget per group
@@ -525,7 +526,9 @@ def _bmm_ok(x: torch.Tensor, k: int, out_widths) -> bool:
 def _large_groups(x: torch.Tensor, in_widths) -> bool:
     """Groups past ``_HEADS_LOOP_MK``: FusedHeads then runs each MLP head on its own (layer 1
     too), as the loop of heads would."""
-    return x.shape[0] * max(in_widths) > _HEADS_LOOP_MK.get((x.device.type, x.dtype), math.inf)
+    mk = x.shape[0] * max(in_widths)
+    # (the first test alone answers tiny heads, where this runs on every ~0.2 ms step)
+    return mk > _HEADS_LOOP_MIN and mk > _HEADS_LOOP_MK.get((x.device.type, x.dtype), math.inf)
 
 
 @functools.cache

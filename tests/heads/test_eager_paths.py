@@ -196,6 +196,11 @@ def test_fused_mlp_heads_match_loop_on_every_path(path, dtype, monkeypatch):
         assert rel_err(by_key[key], g) < tol, key
 
 
+def _heads_loop_from(monkeypatch, dtype, mk):
+    monkeypatch.setitem(gl._HEADS_LOOP_MK, ("cpu", dtype), mk)
+    monkeypatch.setattr(gl, "_HEADS_LOOP_MIN", min(gl._HEADS_LOOP_MK.values()))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 @pytest.mark.parametrize("bias", [True, False])
@@ -203,7 +208,7 @@ def test_large_groups_run_each_head_on_its_own(dtype, activation, bias, monkeypa
     """Past ``_HEADS_LOOP_MK`` each MLP head runs both layers on views of the fused parameters
     (no fused hidden layer, no grouped second layer): same outputs and gradients as the
     unfused heads, at ragged hidden and output widths."""
-    monkeypatch.setitem(gl._HEADS_LOOP_MK, ("cpu", dtype), 0)
+    _heads_loop_from(monkeypatch, dtype, 0)
     ran = _spy(monkeypatch)
     torch.manual_seed(0)
     fused = FusedHeads(6, {"a": 1, "b": 7, "c": 3}, hidden=[5, 2, 4], activation=activation,
@@ -231,7 +236,7 @@ def test_large_groups_run_each_head_on_its_own(dtype, activation, bias, monkeypa
 
 
 def test_large_groups_dropout_is_per_head_and_off_in_eval(monkeypatch):
-    monkeypatch.setitem(gl._HEADS_LOOP_MK, ("cpu", torch.float32), 0)
+    _heads_loop_from(monkeypatch, torch.float32, 0)
     fused = FusedHeads(6, {"a": 3, "b": 3}, hidden=4, dropout=0.5)
     plain = fused.unfuse().eval()
     z = torch.randn(64, 6)
