@@ -505,11 +505,13 @@ _PAD_BUDGET = {"cpu": 2**20, "cuda": 2**26}
 #: lost 1.0-1.5x padded (fp32 and bf16, B=32..256, benchmarks/heads_grid.py), so padding must
 #: save more than that.
 _PAD_COPY_GROUPS = 1
-#: Width-1 groups in fp16/bf16 on the CPU: the multiply-sum over (M, T, k) elements beats the
-#: batched GEMV below 8 groups, and from 8 on only while small (bf16, 8-40 heads: 0.9x at B=32,
-#: 1.1-1.5x at B >= 256; 2-4 heads: 0.9-1.0x up to B=1024).
+#: Width-1 groups in fp16/bf16 on the CPU: the multiply-sum reduces over k, and below ~16
+#: elements that inner loop is too short to run fast, so the batched GEMV beat it once there are
+#: enough rows (M * T >= 2^13: bf16, 8-40 heads, k=8-16, 0.6-0.9x); at k >= 64, or at fewer
+#: rows, the multiply-sum won (bmm 1.0-1.5x). Below 8 groups it was not slower anywhere measured.
 _MULSUM_LOWP_MIN_T = 8
-_MULSUM_MAX_LOWP = 2**15
+_MULSUM_LOWP_MAX_K = 16
+_MULSUM_LOWP_MIN_MT = 2**13
 
 
 def _bmm_ok(x: torch.Tensor, k: int, out_widths) -> bool:
@@ -546,7 +548,7 @@ def _parts_bmm(x, w, bias, k, out_widths) -> list[torch.Tensor]:
     T, M, n_max = len(out_widths), x.shape[0], max(out_widths)
     if n_max == 1 and x.device.type == "cpu" and (
             x.dtype in (torch.float32, torch.float64) or T < _MULSUM_LOWP_MIN_T
-            or M * T * k <= _MULSUM_MAX_LOWP):
+            or k > _MULSUM_LOWP_MAX_K or M * T < _MULSUM_LOWP_MIN_MT):
         # T dot products per row: a broadcast multiply-sum, forward and backward as fast as
         # the CPU's bmm (a batch of GEMVs) or up to 2x faster where this path runs.
         y = (x.reshape(M, T, k) * w.view(T, k)).sum(-1)
@@ -586,8 +588,8 @@ def grouped_linear_parts(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | 
     (``_bmm_ok``; ragged out widths only from three groups on, the padding costing about one
     group), one ``baddbmm`` of ``(T, M, k)`` x ``(T, k, n_max)`` views, ragged out widths
     zero-padded to the widest (one ``index_copy`` of the packed weights into zeros), or for
-    width-1 groups on the CPU a multiply-sum (fp32/fp64; fp16/bf16 below 8 groups or while
-    ``M * T * k`` is small); otherwise, unless the Triton grouped kernel serves (GPU), one
+    width-1 groups on the CPU a multiply-sum (fp32/fp64; fp16/bf16 unless 8+ groups of
+    k <= 16 over 2^13+ rows); otherwise, unless the Triton grouped kernel serves (GPU), one
     ``F.linear`` per group. torch.compile, torch.func and fake tensors get ``grouped_linear``
     (the custom op) split per group.
     """

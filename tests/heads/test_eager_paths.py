@@ -119,11 +119,11 @@ def test_padding_rule_charges_the_gather():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("small", [True, False])
 def test_width_one_groups_multiply_sum_or_bmm(dtype, small, monkeypatch):
-    """Width-1 groups: the multiply-sum in fp32, and in fp16/bf16 below 8 groups or while
-    (M, T, k) is small; otherwise one baddbmm. Both against the float64 reference, forward and
+    """Width-1 groups: the multiply-sum in fp32, and in fp16/bf16 below 8 groups, at k > 16 or
+    at few rows; otherwise one baddbmm. Both against the float64 reference, forward and
     backward."""
     if not small:
-        monkeypatch.setattr(gl, "_MULSUM_MAX_LOWP", 0)
+        monkeypatch.setattr(gl, "_MULSUM_LOWP_MIN_MT", 0)
     ran = []
     monkeypatch.setattr(torch, "baddbmm", lambda *a, _f=torch.baddbmm: ran.append(1) or _f(*a))
     ins, outs, M = (8,) * 8, (1,) * 8, 13
@@ -325,11 +325,12 @@ def test_large_groups_rule_by_dtype():
     assert not gl._large_groups(torch.empty(2**20, 64, device="meta"), (256,))
 
 
-def test_width_one_rule_keeps_the_multiply_sum_below_8_low_precision_groups(monkeypatch):
-    monkeypatch.setattr(gl, "_MULSUM_MAX_LOWP", 0)
+@pytest.mark.parametrize(("T", "k", "M", "bmm"), [(7, 4, 2**11, False), (8, 32, 2**10, False),
+                                                   (8, 16, 2**9, False), (8, 16, 2**10, True)])
+def test_width_one_rule_in_low_precision(T, k, M, bmm, monkeypatch):
     ran = []
     monkeypatch.setattr(torch, "baddbmm", lambda *a, _f=torch.baddbmm: ran.append(1) or _f(*a))
-    x = torch.randn(5, 7 * 4, dtype=torch.bfloat16)
-    gl.grouped_linear_parts(x, torch.randn(7 * 4, dtype=torch.bfloat16),
-                            torch.randn(7, dtype=torch.bfloat16), (4,) * 7, (1,) * 7)
-    assert ran == []
+    x = torch.randn(M, T * k, dtype=torch.bfloat16)
+    gl.grouped_linear_parts(x, torch.randn(T * k, dtype=torch.bfloat16),
+                            torch.randn(T, dtype=torch.bfloat16), (k,) * T, (1,) * T)
+    assert bool(ran) == bmm
