@@ -4,9 +4,11 @@ Linear heads are one GEMM over the concatenated weights. MLP heads are one GEMM 
 layers (+ bias and activation), then the second layers as one grouped block-diagonal GEMM
 (see ``mtlfast.ops.grouped_linear``). Eager calls run plain ATen ops under torch's own autograd
 (``grouped_linear_parts``: one ``bmm`` over equal-width groups, ragged ones zero-padded while
-that is cheap; on the CPU one GEMM per group where that is measured faster); torch.compile and
-torch.func calls, and ragged groups on the GPU, run the ``mtlfast::grouped_linear`` custom op
-(Triton on the GPU).
+that is cheap; on the CPU one GEMM per group where that is measured faster); on the CPU, once a
+head's hidden layer is large (batch x hidden past ``_HEADS_LOOP_MK``), each head runs both layers
+on its own, on views of the fused parameters (the loop of heads, measured faster there).
+torch.compile and torch.func calls, and ragged groups on the GPU, run the
+``mtlfast::grouped_linear`` custom op (Triton on the GPU).
 
 Parameters (fused storage) and the unfused ``nn.ModuleDict`` keys they map to, task ``t`` with
 output rows ``o_t`` (``out_t`` wide), hidden rows ``h_t`` and packed block ``p_t``:
@@ -35,7 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.grouped_linear import (
+    _blocks,
     _eager,
+    _large_groups,
     _parts,
     activation_grad,
     apply_activation,
@@ -55,7 +59,8 @@ class FusedHeads(nn.Module):
     ``heads(z)`` returns ``{task: y_t}`` with ``y_t = W2_t act(W1_t z + b1_t) + b2_t`` (MLP
     heads) or ``y_t = W_t z + b_t`` (Linear heads); the ``y_t`` are views of one buffer
     (``(..., sum out_t)``, or ``(T, ..., max out_t)`` for MLP heads on the bmm path), except
-    where the CPU runs MLP heads' second layers one GEMM per group (large groups).
+    where the CPU runs MLP heads' second layers, or whole heads (large groups), one GEMM per
+    group.
 
     Args:
         in_features: D, the width of ``z``.
@@ -203,26 +208,51 @@ class FusedHeads(nn.Module):
         if not per_task and eager:
             # One dense GEMM (addmm: cuBLAS / MKL, what the op dispatches to as well) and the
             # activation, under torch's own autograd: no Python in the backward.
-            pre = F.linear(x, w1, b1)
-            return torch.relu_(pre) if self.activation == "relu" \
-                else apply_activation(pre, self.activation)
+            return self._act(F.linear(x, w1, b1))
         ins, outs = self._first_layer_widths(per_task)
         return grouped_linear(x, w1.view(-1), b1, ins, outs, per_task=per_task,
                               activation=self.activation)
+
+    def _act(self, pre):
+        # in place on a fresh GEMM output: addmm's backward does not read its output
+        return torch.relu_(pre) if self.activation == "relu" \
+            else apply_activation(pre, self.activation)
+
+    def _per_head(self, x, w1, b1, w2, b2) -> list[torch.Tensor]:
+        """Each MLP head on its own, both layers on views of the fused parameters: at large
+        groups the fused hidden layer only moves memory (the split of its (M, H) output is a
+        cat of H columns in the backward, and each group's GEMMs copy their strided column
+        slice), while the per-group op overhead it saves is negligible there."""
+        hid, outs = self.hidden_widths, self.out_widths
+        b1s = b1.split_with_sizes(hid) if b1 is not None else [None] * len(hid)
+        b2s = b2.split_with_sizes(outs) if b2 is not None else [None] * len(outs)
+        parts = []
+        for w1t, b1t, w2t, b2t in zip(w1.split_with_sizes(hid), b1s, _blocks(w2, hid, outs),
+                                      b2s, strict=True):
+            h = self._act(F.linear(x, w1t, b1t))
+            if self.dropout > 0:
+                h = F.dropout(h, self.dropout, self.training)
+            parts.append(F.linear(h, w2t, b2t))
+        return parts
 
     def forward(self, z, per_task: bool | None = None) -> dict[str, torch.Tensor]:
         """``z``: ``(..., D)`` shared features; or per-task features, a ``(T, ..., D)`` tensor
         with ``per_task=True`` or a dict ``{task: (..., D)}``. Returns ``{task: (..., out_t)}``.
         """
         x, batch, per_task, dtype = self._prepare(z, per_task)
-        if self.is_mlp:
-            w1, b1 = self._cast(self.weight1, dtype), self._cast(self.bias1, dtype)
-            w2, b2 = self._cast(self.weight2, dtype), self._cast(self.bias2, dtype)
+        if self.hidden_widths is not None:
+            w1, b1, w2, b2 = self.weight1, self.bias1, self.weight2, self.bias2
+            if w1.dtype != dtype:  # autocast
+                w1, b1, w2, b2 = (self._cast(p, dtype) for p in (w1, b1, w2, b2))
             # eager (no compile, torch.func or fake tensors): plain ATen ops, torch's autograd
             eager = _eager(x, w1, b1, w2, b2)
-            h = self._hidden(x, w1, b1, per_task, eager)
-            h = F.dropout(h, self.dropout, self.training) if self.dropout > 0 else h
-            parts = _parts(h, w2, b2, self.hidden_widths, self.out_widths, eager)
+            if eager and not per_task and _large_groups(x, self.hidden_widths):
+                parts = self._per_head(x, w1, b1, w2, b2)
+            else:
+                h = self._hidden(x, w1, b1, per_task, eager)
+                if self.dropout > 0:
+                    h = F.dropout(h, self.dropout, self.training)
+                parts = _parts(h, w2, b2, self.hidden_widths, self.out_widths, eager)
             if len(batch) != 1:
                 parts = [p.view(*batch, p.shape[-1]) for p in parts]
             return dict(zip(self.tasks, parts, strict=True))

@@ -122,7 +122,8 @@ def block_sizes(in_widths: Sequence[int], out_widths: Sequence[int]) -> list[int
 
 
 def _blocks(w: torch.Tensor, in_widths, out_widths) -> list[torch.Tensor]:
-    parts = w.split(block_sizes(in_widths, out_widths))
+    # (the ATen method: Tensor.split's Python wrapper costs ~2 us a call, on hot eager paths)
+    parts = w.split_with_sizes(block_sizes(in_widths, out_widths))
     return [b.view(n, k) for b, n, k in zip(parts, out_widths, in_widths, strict=True)]
 
 
@@ -484,14 +485,33 @@ def grouped_linear_weight_grad(gy: torch.Tensor, x: torch.Tensor, in_widths: Seq
 #: MKL's per-group GEMMs once a group reads more than about 2^15 elements of x (M * k). On a GPU
 #: the step is host-bound at these sizes: bmm.
 _BMM_MAX_MK = {"cpu": 2**15}
+#: Past these ``M * k`` FusedHeads runs whole MLP heads on their own (``_large_groups``): its
+#: fused (M, T * k) hidden layer lost 1.1-1.8x to the loop of heads there (fp32 from 2^16; in
+#: bf16/fp16, whose small CPU GEMMs cost more, only from 2^18: at 2^16 the fused layer still won
+#: 0.7-0.9x; T=2..40, benchmarks/heads_grid.py).
+_HEADS_LOOP_MK = {("cpu", torch.float32): 2**15, ("cpu", torch.float64): 2**15,
+                  ("cpu", torch.bfloat16): 2**17, ("cpu", torch.float16): 2**17}
+_HEADS_LOOP_MIN = min(_HEADS_LOOP_MK.values())
 #: Padding ragged groups to the widest one multiplies layer 2's work by ``T * n_max / N`` and
-#: adds a gather of the packed weights (and its backward) every step. Pad while the extra
-#: multiply-adds ``M * k * (T * n_max - N)`` stay under the budget per group saved; fp32 / fp64
-#: on the CPU also at most 2x (measured: 4-5x padding lost to the loop by 1.3-2x even at B=32,
-#: where in bf16, whose small CPU GEMMs cost ~70 us a call, it won by 1.3-1.9x). GPU: launches
-#: cost more than FLOPs at these sizes, so only the budget applies.
+#: adds a copy of the packed weights into the padded layout (and its backward) every step. Pad
+#: while the extra multiply-adds ``M * k * (T * n_max - N)`` stay under the budget per group
+#: saved; fp32 / fp64 on the CPU also at most 2x (measured: 4-5x padding lost to the loop by
+#: 1.3-2x even at B=32, where in bf16, whose small CPU GEMMs cost ~70 us a call, it won by
+#: 1.3-1.9x). GPU: launches cost more than FLOPs at these sizes, so only the budget applies.
 _PAD_MAX_RATIO = {("cpu", torch.float32): 2.0, ("cpu", torch.float64): 2.0}
 _PAD_BUDGET = {"cpu": 2**20, "cuda": 2**26}
+#: The copy into the padded layout and its backward (new_zeros, index_copy, index_select for
+#: the weights and the bias) cost about as much as one group of the loop: T=2 ragged groups
+#: lost 1.0-1.5x padded (fp32 and bf16, B=32..256, benchmarks/heads_grid.py), so padding must
+#: save more than that.
+_PAD_COPY_GROUPS = 1
+#: Width-1 groups in fp16/bf16 on the CPU: the multiply-sum reduces over k, and below ~16
+#: elements that inner loop is too short to run fast, so the batched GEMV beat it once there are
+#: enough rows (M * T >= 2^13: bf16, 8-40 heads, k=8-16, 0.6-0.9x); at k >= 64, or at fewer
+#: rows, the multiply-sum won (bmm 1.0-1.5x). Below 8 groups it was not slower anywhere measured.
+_MULSUM_LOWP_MIN_T = 8
+_MULSUM_LOWP_MAX_K = 16
+_MULSUM_LOWP_MIN_MT = 2**13
 
 
 def _bmm_ok(x: torch.Tensor, k: int, out_widths) -> bool:
@@ -502,39 +522,47 @@ def _bmm_ok(x: torch.Tensor, k: int, out_widths) -> bool:
     if T * n_max == N:
         return True
     return T * n_max <= _PAD_MAX_RATIO.get((device, x.dtype), T) * N \
-        and M * k * (T * n_max - N) <= _PAD_BUDGET.get(device, 0) * (T - 1)
+        and M * k * (T * n_max - N) <= _PAD_BUDGET.get(device, 0) * (T - 1 - _PAD_COPY_GROUPS)
+
+
+def _large_groups(x: torch.Tensor, in_widths) -> bool:
+    """Groups past ``_HEADS_LOOP_MK``: FusedHeads then runs each MLP head on its own (layer 1
+    too), as the loop of heads would."""
+    mk = x.shape[0] * max(in_widths)
+    # (the first test alone answers tiny heads, where this runs on every ~0.2 ms step)
+    return mk > _HEADS_LOOP_MIN and mk > _HEADS_LOOP_MK.get((x.device.type, x.dtype), math.inf)
 
 
 @functools.cache
-def _pad_rows(out_widths: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Row ``t * n_max + j`` of the padded ``(T, n_max, k)`` weights: its row in the packed
-    ``(N, k)`` weights with one zero row ``N`` appended (the padding); and of the padded bias,
-    where padding repeats the group's last entry (the padded columns are dropped, and their
-    zero gradient adds nothing: no zero entry needed)."""
-    N, n_max = sum(out_widths), max(out_widths)
-    rows, bias_rows, start = [], [], 0
-    for n in out_widths:
-        rows += [*range(start, start + n), *[N] * (n_max - n)]
-        bias_rows += [*range(start, start + n), *[start + n - 1] * (n_max - n)]
-        start += n
-    return torch.tensor(rows, device=device), torch.tensor(bias_rows, device=device)
+def _pad_positions(out_widths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Where each packed row of the ``(N, k)`` weights (and each bias entry) goes in the padded
+    ``(T * n_max, k)`` layout: row ``j`` of group ``t`` to ``t * n_max + j``."""
+    n_max = max(out_widths)
+    return torch.tensor([t * n_max + j for t, n in enumerate(out_widths) for j in range(n)],
+                        device=device)
 
 
 def _parts_bmm(x, w, bias, k, out_widths) -> list[torch.Tensor]:
     """One ``baddbmm`` of ``(T, M, k)`` x ``(T, k, n_max)`` views, ragged groups zero-padded
     (width-1 groups on the CPU: a multiply-sum)."""
     T, M, n_max = len(out_widths), x.shape[0], max(out_widths)
-    if n_max == 1 and x.device.type == "cpu":
+    if n_max == 1 and x.device.type == "cpu" and (
+            x.dtype in (torch.float32, torch.float64) or T < _MULSUM_LOWP_MIN_T
+            or k > _MULSUM_LOWP_MAX_K or M * T < _MULSUM_LOWP_MIN_MT):
         # T dot products per row: a broadcast multiply-sum, forward and backward as fast as
         # the CPU's bmm (a batch of GEMVs) or up to 2x faster where this path runs.
         y = (x.reshape(M, T, k) * w.view(T, k)).sum(-1)
         return list((y if bias is None else y + bias).split_with_sizes(out_widths, 1))
     if T * n_max == sum(out_widths):
         W, b = w.view(T, n_max, k), bias
-    else:  # the padded weights: one gather of the packed rows and a zero row
-        rows, bias_rows = _pad_rows(tuple(out_widths), x.device)
-        W = F.pad(w.view(-1, k), (0, 0, 0, 1)).index_select(0, rows).view(T, n_max, k)
-        b = None if bias is None else bias.index_select(0, bias_rows)
+    else:
+        # The packed rows copied into zeros: padding rows are exact zeros (an inf weight gives
+        # no 0 * inf in the padding), and the backward is one gather (index_select), where a
+        # gather forward's backward is an index_add, row by row on the CPU (bf16, 8 ragged
+        # heads, B=32: 1.09x -> 1.01x of the hand fusion's step).
+        pos = _pad_positions(tuple(out_widths), x.device)
+        W = w.new_zeros(T * n_max, k).index_copy(0, pos, w.view(-1, k)).view(T, n_max, k)
+        b = None if bias is None else bias.new_zeros(T * n_max).index_copy(0, pos, bias)
     xs, Wt = x.reshape(M, T, k).transpose(0, 1), W.transpose(1, 2)
     y = torch.bmm(xs, Wt) if b is None else torch.baddbmm(b.view(T, 1, n_max), xs, Wt)
     return [p if n == n_max else p[:, :n] for p, n in zip(y.unbind(0), out_widths, strict=True)]
@@ -543,9 +571,10 @@ def _parts_bmm(x, w, bias, k, out_widths) -> list[torch.Tensor]:
 def _parts_loop(x, w, bias, in_widths, out_widths) -> list[torch.Tensor]:
     """One ``F.linear`` per group on splits of x, w and the bias (each split is one autograd
     node, so the backward gathers each gradient with one ``cat``)."""
-    biases = bias.split(list(out_widths)) if bias is not None else [None] * len(out_widths)
+    biases = bias.split_with_sizes(out_widths) if bias is not None else [None] * len(out_widths)
     return [F.linear(xt, Wt, bt) for xt, Wt, bt in zip(
-        x.split(list(in_widths), dim=1), _blocks(w, in_widths, out_widths), biases, strict=True)]
+        x.split_with_sizes(in_widths, 1), _blocks(w, in_widths, out_widths), biases,
+        strict=True)]
 
 
 def grouped_linear_parts(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
@@ -556,10 +585,13 @@ def grouped_linear_parts(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | 
 
     Eager calls run as plain ATen ops under torch's own autograd (no Python in the backward, no
     custom-op dispatch): with equal in widths ``k`` and where it is measured faster
-    (``_bmm_ok``), one ``baddbmm`` of ``(T, M, k)`` x ``(T, k, n_max)`` views, ragged out widths
-    zero-padded to the widest (one ``index_select`` of the packed weights); otherwise, unless
-    the Triton grouped kernel serves (GPU), one ``F.linear`` per group. torch.compile,
-    torch.func and fake tensors get ``grouped_linear`` (the custom op) split per group.
+    (``_bmm_ok``; ragged out widths only from three groups on, the padding costing about one
+    group), one ``baddbmm`` of ``(T, M, k)`` x ``(T, k, n_max)`` views, ragged out widths
+    zero-padded to the widest (one ``index_copy`` of the packed weights into zeros), or for
+    width-1 groups on the CPU a multiply-sum (fp32/fp64; fp16/bf16 unless 8+ groups of
+    k <= 16 over 2^13+ rows); otherwise, unless the Triton grouped kernel serves (GPU), one
+    ``F.linear`` per group. torch.compile, torch.func and fake tensors get ``grouped_linear``
+    (the custom op) split per group.
     """
     _check(x, w, bias, in_widths, out_widths, False, "none", "grouped_linear_parts")
     return _parts(x, w, bias, in_widths, out_widths, _eager(x, w, bias))

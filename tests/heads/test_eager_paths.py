@@ -106,6 +106,41 @@ def test_padding_rule_caps_fp32_cpu_padding_at_2x():
     assert not gl._bmm_ok(torch.empty(4096, 8 * 32), 32, (4,) * 8)  # large groups: loop
 
 
+def test_padding_rule_charges_the_gather():
+    """Two ragged groups never pad (the gather costs what the second group's GEMMs would);
+    three may. Equal widths need no gather."""
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.empty(32, 2 * 16, dtype=dtype)
+        assert not gl._bmm_ok(x, 16, (1, 2))
+        assert gl._bmm_ok(x, 16, (2, 2))
+        assert gl._bmm_ok(torch.empty(32, 3 * 16, dtype=dtype), 16, (1, 2, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("small", [True, False])
+def test_width_one_groups_multiply_sum_or_bmm(dtype, small, monkeypatch):
+    """Width-1 groups: the multiply-sum in fp32, and in fp16/bf16 below 8 groups, at k > 16 or
+    at few rows; otherwise one baddbmm. Both against the float64 reference, forward and
+    backward."""
+    if not small:
+        monkeypatch.setattr(gl, "_MULSUM_LOWP_MIN_MT", 0)
+    ran = []
+    monkeypatch.setattr(torch, "baddbmm", lambda *a, _f=torch.baddbmm: ran.append(1) or _f(*a))
+    ins, outs, M = (8,) * 8, (1,) * 8, 13
+    x = torch.randn(M, sum(ins), dtype=dtype, requires_grad=True)
+    w = (torch.randn(sum(outs) * 8) / 3).to(dtype).requires_grad_()
+    b = torch.randn(sum(outs), dtype=dtype, requires_grad=True)
+    y = torch.cat(gl.grouped_linear_parts(x, w, b, ins, outs), dim=1)
+    assert bool(ran) == (not small and dtype != torch.float32)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    ref = gl.grouped_linear_reference(*ref_leaves, ins, outs)
+    assert rel_err(y, ref) < TOL[dtype]
+    g = torch.randn(M, sum(outs), dtype=torch.float64)
+    for got, exp in zip(torch.autograd.grad(y, [x, w, b], g.to(dtype)),
+                        torch.autograd.grad(ref, ref_leaves, g), strict=True):
+        assert got.dtype == dtype and rel_err(got, exp) < TOL[dtype]
+
+
 def test_parts_bad_arguments_are_named():
     with pytest.raises(ValueError, match="grouped_linear_parts: x must be"):
         gl.grouped_linear_parts(torch.randn(3, 5), torch.randn(8), None, (2, 2), (2, 2))
@@ -159,6 +194,59 @@ def test_fused_mlp_heads_match_loop_on_every_path(path, dtype, monkeypatch):
     plain_g = dict(zip([n for n, _ in plain.named_parameters()], want[1:], strict=True))
     for key, g in plain_g.items():
         assert rel_err(by_key[key], g) < tol, key
+
+
+def _heads_loop_from(monkeypatch, dtype, mk):
+    monkeypatch.setitem(gl._HEADS_LOOP_MK, ("cpu", dtype), mk)
+    monkeypatch.setattr(gl, "_HEADS_LOOP_MIN", min(gl._HEADS_LOOP_MK.values()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_large_groups_run_each_head_on_its_own(dtype, activation, bias, monkeypatch):
+    """Past ``_HEADS_LOOP_MK`` each MLP head runs both layers on views of the fused parameters
+    (no fused hidden layer, no grouped second layer): same outputs and gradients as the
+    unfused heads, at ragged hidden and output widths."""
+    _heads_loop_from(monkeypatch, dtype, 0)
+    ran = _spy(monkeypatch)
+    torch.manual_seed(0)
+    fused = FusedHeads(6, {"a": 1, "b": 7, "c": 3}, hidden=[5, 2, 4], activation=activation,
+                       bias=bias, dtype=dtype)
+    plain = fused.unfuse()
+    z = torch.randn(2, 5, 6, dtype=dtype, requires_grad=True)
+    out = fused(z)
+    assert ran == []
+    ref = {t: head(z) for t, head in plain.items()}
+    seeds = {t: torch.randn_like(v) for t, v in ref.items()}
+    got = torch.autograd.grad(sum((out[t] * seeds[t]).sum() for t in out),
+                              [z, *fused.parameters()])
+    want = torch.autograd.grad(sum((ref[t] * seeds[t]).sum() for t in ref),
+                               [z, *plain.parameters()])
+    tol = TOL[dtype] * 2
+    for t in ref:
+        assert out[t].shape == ref[t].shape and rel_err(out[t], ref[t]) < tol, t
+    assert rel_err(got[0], want[0]) < tol
+    fused_g = dict(zip([n for n, _ in fused.named_parameters()], got[1:], strict=True))
+    plain_g = dict(zip([n for n, _ in plain.named_parameters()], want[1:], strict=True))
+    for name, blocks in fused._param_blocks().items():
+        parts = fused_g[name].reshape(-1).split([b.numel() for _, b in blocks])
+        for (key, block), g in zip(blocks, parts, strict=True):
+            assert g.dtype == dtype and rel_err(g.view(block.shape), plain_g[key]) < tol, key
+
+
+def test_large_groups_dropout_is_per_head_and_off_in_eval(monkeypatch):
+    _heads_loop_from(monkeypatch, torch.float32, 0)
+    fused = FusedHeads(6, {"a": 3, "b": 3}, hidden=4, dropout=0.5)
+    plain = fused.unfuse().eval()
+    z = torch.randn(64, 6)
+    fused.eval()
+    for t, y in fused(z).items():
+        assert rel_err(y, plain[t](z)) < 1e-6
+    fused.train()
+    torch.manual_seed(0)
+    train = fused(z)
+    assert not torch.equal(train["a"], fused.eval()(z)["a"])
 
 
 def test_eager_paths_skip_the_custom_op_and_func_transforms_keep_it(monkeypatch):
@@ -225,3 +313,24 @@ def test_mlp_heads_dispatch_no_more_aten_ops_than_concat_bmm(T, widths):
     assert compute_f <= compute_c, (compute_f, compute_c)
     if T >= 8:
         assert all_f <= all_c, (all_f, all_c)
+
+
+def test_large_groups_rule_by_dtype():
+    """Whole heads on their own from M * hidden > 2^15 in fp32, > 2^17 in bf16; never on
+    devices without a measured threshold."""
+    assert not gl._large_groups(torch.empty(2**9, 64), (64, 8))
+    assert gl._large_groups(torch.empty(2**10, 64), (64, 8))
+    assert not gl._large_groups(torch.empty(2**10, 64, dtype=torch.bfloat16), (64, 8))
+    assert gl._large_groups(torch.empty(2**10, 64, dtype=torch.bfloat16), (256, 8))
+    assert not gl._large_groups(torch.empty(2**20, 64, device="meta"), (256,))
+
+
+@pytest.mark.parametrize(("T", "k", "M", "bmm"), [(7, 4, 2**11, False), (8, 32, 2**10, False),
+                                                   (8, 16, 2**9, False), (8, 16, 2**10, True)])
+def test_width_one_rule_in_low_precision(T, k, M, bmm, monkeypatch):
+    ran = []
+    monkeypatch.setattr(torch, "baddbmm", lambda *a, _f=torch.baddbmm: ran.append(1) or _f(*a))
+    x = torch.randn(M, T * k, dtype=torch.bfloat16)
+    gl.grouped_linear_parts(x, torch.randn(T * k, dtype=torch.bfloat16),
+                            torch.randn(T, dtype=torch.bfloat16), (k,) * T, (1,) * T)
+    assert bool(ran) == bmm
