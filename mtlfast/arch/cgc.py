@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._interop import Interop
 from ..ops.mixture import mixture
 from ._common import (
     bank_blocks,
@@ -45,7 +46,6 @@ from ._common import (
     resolve_tasks,
     specific_counts,
 )
-from ._interop import Interop
 from .experts import ExpertBank, expert_widths
 from .gates import GateBank
 

@@ -34,9 +34,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._interop import Interop
 from ..ops.grouped_linear import grouped_linear
 from ._common import bank_blocks, resolve_tasks
-from ._interop import Interop
 from .experts import ExpertBank, cast, expert_widths
 from .loops import binary_codes, smooth_step
 from .mmoe import MMoE

@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._interop import Interop
 from ..ops.mixture import mixture
 from ._common import bank_blocks, flatten_input, gate_blocks, resolve_tasks
-from ._interop import Interop
 from .experts import ExpertBank, expert_widths
 from .gates import GateBank
 

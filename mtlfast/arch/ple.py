@@ -37,8 +37,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._interop import Interop
 from ._common import flatten_input, level_reach, resolve_tasks, specific_counts
-from ._interop import Interop
 from .cgc import _Level
 from .experts import expert_widths
 

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._interop import Interop
 from ..ops.grouped_linear import (
     _blocks,
     _eager,
@@ -53,7 +54,7 @@ __all__ = ["FusedHeads"]
 _ACT_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
 
-class FusedHeads(nn.Module):
+class FusedHeads(Interop, nn.Module):
     """T task heads on shared features ``z``, computed as one fused op (forward and backward).
 
     ``heads(z)`` returns ``{task: y_t}`` with ``y_t = W2_t act(W1_t z + b1_t) + b2_t`` (MLP
@@ -109,8 +110,7 @@ class FusedHeads(nn.Module):
                 torch.empty(sum(n * h for n, h in zip(widths, hiddens, strict=True)), **factory))
             self.bias2 = nn.Parameter(torch.empty(N, **factory)) if bias else None
         self.reset_parameters()
-        self._register_load_state_dict_pre_hook(_load_pre_hook, with_module=True)
-        self._register_state_dict_hook(_state_dict_hook)
+        self._register_interop()
 
     # ------------------------------------------------------------------ layout helpers
     @property
@@ -138,11 +138,14 @@ class FusedHeads(nn.Module):
             plan["bias2"] = [(f"{t}.{i2}.bias", v) for t, v in zip(names, b2, strict=True)]
         return plan
 
-    def _unfused_order(self, key: str) -> tuple[int, int, int]:
-        """Sort key of an unfused state_dict key: (task, layer index, weight before bias)."""
-        parts = key.split(".")
-        layer = int(parts[1]) if len(parts) == 3 else 0
-        return self.tasks.index(parts[0]), layer, parts[-1] == "bias"
+    def _unfused_keys(self, keys: list[str]) -> list[str]:
+        """The ModuleDict's order: task by task, layer by layer, weight before bias."""
+        def order(key: str) -> tuple[int, int, bool]:
+            parts = key.split(".")
+            layer = int(parts[1]) if len(parts) == 3 else 0
+            return self.tasks.index(parts[0]), layer, parts[-1] == "bias"
+
+        return sorted(keys, key=order)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -326,41 +329,3 @@ class FusedHeads(nn.Module):
         tasks = dict(zip(self.tasks, self.out_widths, strict=True))
         return f"in_features={self.in_features}, tasks={tasks}, {kind}" \
             f"bias={(self.bias if not self.is_mlp else self.bias1) is not None}"
-
-
-# ---------------------------------------------------------------------- state_dict hooks
-
-def _state_dict_hook(module: FusedHeads, state_dict, prefix, local_metadata):
-    """Replace each fused entry by its per-task views, under the unfused ModuleDict keys and in
-    the ModuleDict's order (task by task, layer by layer, weight before bias)."""
-    entries = {}
-    for fused, blocks in module._param_blocks().items():
-        value = state_dict.pop(prefix + fused)
-        keep_vars = isinstance(value, nn.Parameter)
-        for key, block in blocks:
-            entries[key] = block if keep_vars else block.detach()
-    for key in sorted(entries, key=module._unfused_order):
-        state_dict[prefix + key] = entries[key]
-    return state_dict
-
-
-def _load_pre_hook(module: FusedHeads, state_dict, prefix, local_metadata, strict,
-                   missing_keys, unexpected_keys, error_msgs):
-    """Assemble the fused parameters from the per-task (unfused) keys of a checkpoint.
-
-    A missing per-task key is reported under its own (unfused) name and its block keeps its
-    current value."""
-    for fused, blocks in module._param_blocks().items():
-        parts = []
-        for key, block in blocks:
-            value = state_dict.pop(prefix + key, None)
-            if value is None:
-                missing_keys.append(prefix + key)
-                value = block.detach()
-            elif value.shape != block.shape:
-                error_msgs.append(f"size mismatch for {prefix + key}: checkpoint "
-                                  f"{tuple(value.shape)}, model {tuple(block.shape)}")
-                value = block.detach()
-            value = value.to(block.device)
-            parts.append(value.reshape(-1) if fused == "weight2" else value)
-        state_dict[prefix + fused] = torch.cat(parts, dim=0)
