@@ -172,8 +172,13 @@ def test_fused_mlp_heads_match_loop_on_every_path(path, dtype, monkeypatch):
     ins, outs = PATHS[path][:2]
     fused = FusedHeads(6, {f"t{i}": n for i, n in enumerate(outs)}, hidden=list(ins),
                        activation="gelu", dtype=dtype)
+    _assert_matches_unfused(fused, torch.randn(3, 5, 6, dtype=dtype, requires_grad=True))
+
+
+def _assert_matches_unfused(fused, z):
+    """Outputs, input gradient and every parameter gradient (each fused block against its
+    unfused parameter, in the fused dtype) equal the unfused heads'."""
     plain = fused.unfuse()
-    z = torch.randn(3, 5, 6, dtype=dtype, requires_grad=True)
     out = fused(z)
     ref = {t: head(z) for t, head in plain.items()}
     seeds = {t: torch.randn_like(v) for t, v in ref.items()}
@@ -181,19 +186,16 @@ def test_fused_mlp_heads_match_loop_on_every_path(path, dtype, monkeypatch):
                               [z, *fused.parameters()])
     want = torch.autograd.grad(sum((ref[t] * seeds[t]).sum() for t in ref),
                                [z, *plain.parameters()])
-    tol = TOL[dtype] * 2
+    tol = TOL[z.dtype] * 2
     for t in ref:
         assert out[t].shape == ref[t].shape and rel_err(out[t], ref[t]) < tol, t
     assert rel_err(got[0], want[0]) < tol
-    # fused gradients, flattened in unfused order, against the loop's
-    by_key = {}
     fused_g = dict(zip([n for n, _ in fused.named_parameters()], got[1:], strict=True))
+    plain_g = dict(zip([n for n, _ in plain.named_parameters()], want[1:], strict=True))
     for name, blocks in fused._param_blocks().items():
         parts = fused_g[name].reshape(-1).split([b.numel() for _, b in blocks])
-        by_key.update({k: g.view(b.shape) for (k, b), g in zip(blocks, parts, strict=True)})
-    plain_g = dict(zip([n for n, _ in plain.named_parameters()], want[1:], strict=True))
-    for key, g in plain_g.items():
-        assert rel_err(by_key[key], g) < tol, key
+        for (key, block), g in zip(blocks, parts, strict=True):
+            assert g.dtype == z.dtype and rel_err(g.view(block.shape), plain_g[key]) < tol, key
 
 
 def _heads_loop_from(monkeypatch, dtype, mk):
@@ -213,26 +215,8 @@ def test_large_groups_run_each_head_on_its_own(dtype, activation, bias, monkeypa
     torch.manual_seed(0)
     fused = FusedHeads(6, {"a": 1, "b": 7, "c": 3}, hidden=[5, 2, 4], activation=activation,
                        bias=bias, dtype=dtype)
-    plain = fused.unfuse()
-    z = torch.randn(2, 5, 6, dtype=dtype, requires_grad=True)
-    out = fused(z)
+    _assert_matches_unfused(fused, torch.randn(2, 5, 6, dtype=dtype, requires_grad=True))
     assert ran == []
-    ref = {t: head(z) for t, head in plain.items()}
-    seeds = {t: torch.randn_like(v) for t, v in ref.items()}
-    got = torch.autograd.grad(sum((out[t] * seeds[t]).sum() for t in out),
-                              [z, *fused.parameters()])
-    want = torch.autograd.grad(sum((ref[t] * seeds[t]).sum() for t in ref),
-                               [z, *plain.parameters()])
-    tol = TOL[dtype] * 2
-    for t in ref:
-        assert out[t].shape == ref[t].shape and rel_err(out[t], ref[t]) < tol, t
-    assert rel_err(got[0], want[0]) < tol
-    fused_g = dict(zip([n for n, _ in fused.named_parameters()], got[1:], strict=True))
-    plain_g = dict(zip([n for n, _ in plain.named_parameters()], want[1:], strict=True))
-    for name, blocks in fused._param_blocks().items():
-        parts = fused_g[name].reshape(-1).split([b.numel() for _, b in blocks])
-        for (key, block), g in zip(blocks, parts, strict=True):
-            assert g.dtype == dtype and rel_err(g.view(block.shape), plain_g[key]) < tol, key
 
 
 def test_large_groups_dropout_is_per_head_and_off_in_eval(monkeypatch):
