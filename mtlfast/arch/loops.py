@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -230,15 +229,20 @@ def smooth_step(t: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
 
 
 def binary_codes(num_experts: int) -> torch.Tensor:
-    """(E, ceil(log2 E)) bool: expert e's binary code, most significant bit first."""
+    """(E, ceil(log2 E)) bool: expert e's binary code, most significant bit first (the paper's
+    and the official implementation's). LibMTL builds it as
+    ``np.array([list(np.binary_repr(e, nb)) ...]).astype(bool)``, which casts the characters
+    '0' and '1' alike to True (a non-empty string): every expert then gets the same code and
+    the same weight. This module follows the paper."""
     nb = math.ceil(math.log2(num_experts))
-    return torch.from_numpy(np.array([list(np.binary_repr(v, width=nb))
-                                      for v in range(num_experts)]).astype(bool))
+    shifts = torch.arange(nb - 1, -1, -1)
+    return (torch.arange(num_experts)[:, None] >> shifts) & 1 == 1
 
 
 class DSelectKLoop(_Loop):
     """LibMTL's DSelect-k: ``experts_shared``, ``_z_logits.{task}`` (Linear(K, k * nbits)),
-    ``_w_logits.{task}`` (Linear(K, k)); without LibMTL's in-forward entropy regularizer."""
+    ``_w_logits.{task}`` (Linear(K, k)); without LibMTL's in-forward entropy regularizer, and
+    with the paper's binary codes (``binary_codes``)."""
 
     _fused = "DSelectK"
 

@@ -4,6 +4,7 @@ round trips both ways, bad input, and the FusedHeads per-task path on their outp
 
 import copy
 import io
+import math
 
 import pytest
 import torch
@@ -358,6 +359,43 @@ def test_top_k_gates_are_sparse(k):
         assert (rows == 0).all()
     else:  # exactly the experts no row of task t chose have a zero gate-weight gradient row
         assert torch.equal(rows == 0, ~chosen[:, :2].any(1))
+
+
+@pytest.mark.parametrize("E", [2, 3, 4, 5, 8, 9, 16])
+def test_dselect_binary_codes_are_the_papers(E):
+    """Expert e's code spells e in binary, most significant bit first (LibMTL's numpy cast
+    turns every bit into 1)."""
+    from mtlfast.arch.loops import binary_codes
+
+    codes = binary_codes(E)
+    assert codes.dtype == torch.bool and codes.shape == (E, math.ceil(math.log2(E)))
+    assert [int("".join("1" if b else "0" for b in row), 2) for row in codes.tolist()] == \
+        list(range(E))
+
+
+@pytest.mark.parametrize("E", [2, 5, 8])
+@pytest.mark.parametrize("fused", [True, False])
+def test_dselect_saturated_selectors_pick_their_experts(E, fused):
+    """Smooth steps saturated (|z| >= 1/2): each selector is one-hot on the expert its bits
+    spell, and the task's expert weights are the selector softmax over those experts."""
+    torch.manual_seed(0)
+    T, k, nb = 2, 2, math.ceil(math.log2(E))
+    m = DSelectK(K, E, k, [6], T, dtype=torch.float64)
+    targets = torch.randint(0, E, (T, k))
+    w_bias = torch.randn(T, k, dtype=torch.float64)
+    bits = (targets[..., None] >> torch.arange(nb - 1, -1, -1)) & 1  # (T, k, nb)
+    with torch.no_grad():
+        m.gate_weight.zero_()
+        m.gate_bias.copy_(torch.cat([(bits * 2.0 - 1).reshape(-1), w_bias.reshape(-1)]))
+    block = m if fused else m.unfuse()
+    x = torch.randn(5, K, dtype=torch.float64)
+    z, h = m(x, return_experts=True)
+    want_g = torch.zeros(T, E, dtype=torch.float64)
+    for t in range(T):
+        want_g[t].index_add_(0, targets[t], w_bias[t].softmax(0))
+    assert rel_err(block(x), torch.einsum("te,emd->tmd", want_g, h)) < 1e-12
+    if fused:
+        assert rel_err(m.gates(x), want_g[:, None].expand(T, 5, E)) < 1e-12
 
 
 @pytest.mark.parametrize("top_k", [0, 5, True, 1.5, "2"])
