@@ -214,9 +214,9 @@ class ExpertBank(nn.Module):
             self.groups is None or len(set(self.groups)) == 1)
 
     def _forward_expert_major(self, x: torch.Tensor) -> torch.Tensor:
-        """Layer 1: one addmm (shared input) or one baddbmm over owners; layers 2..L: one
-        baddbmm over the (E, M, H) activations; in-place activations after layers 2..L;
-        torch autograd."""
+        """The C++ expert kernel where the dispatch table picks it; else layer 1: one addmm
+        (shared input) or one baddbmm over owners, layers 2..L: one baddbmm over the (E, M, H)
+        activations, in-place activations after layers 2..L, torch autograd."""
         params = [getattr(self, f"{name}{kind}{layer}") for kind in ("weight", "bias")
                   for layer in range(self.depth) for name, _, _ in self.parts]
         dt = x.dtype
