@@ -105,7 +105,9 @@ class Bottleneck(nn.Module):
 
 class ResNet(nn.Module):
     """A ResNet trunk without pooling/fc: ``conv1 bn1 relu maxpool layer1..layer4`` (the
-    attribute names of torchvision's ResNet and LibMTL's ``ResnetDilated``)."""
+    attribute names of torchvision's ResNet and LibMTL's ``ResnetDilated``), initialised as
+    torchvision's: convolutions ``kaiming_normal_(mode="fan_out", nonlinearity="relu")``,
+    BatchNorm weight 1 and bias 0."""
 
     def __init__(self, block=BasicBlock, layers=(2, 2, 2, 2), width: int = 64,
                  in_channels: int = 3) -> None:
@@ -127,6 +129,9 @@ class ResNet(nn.Module):
                 inplanes = planes * block.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.feature_dim = inplanes
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

@@ -3,7 +3,9 @@
 T copies of a stage-wise encoder (one column per task); after stage ``k`` of every column, for
 each ``k`` in ``stitch_after`` (default: every stage but the stem and the last, LibMTL's rule
 for ResNets), column ``t`` reads ``sum_j stitch[u, t, j] * out_j`` (a learned T x T matrix per
-unit, initialised to ones as LibMTL does).
+unit, initialised to ones as LibMTL does: after the first unit every column then reads the
+same input, where the paper starts near independent columns with a convex 0.9 / 0.1 mix;
+set ``stitch`` to that to follow the paper).
 
 :class:`CrossStitch` runs each stage's T columns as one module on channel-stacked columns
 (``_columns.StackedColumns``: grouped convolutions, ``BatchNorm2d(T*C)``, the stem's first

@@ -2,16 +2,19 @@
 
 Task t has k selectors over E shared experts. Selector j of task t puts the weight
 ``prod_b (c_{e,b} ? s_b : 1 - s_b)`` on expert e, where ``c_e`` is e's binary code (most
-significant bit first, ceil(log2 E) bits; LibMTL's code turns every bit into 1, see
-``loops.binary_codes``: this block follows the paper) and ``s = smooth_step(z_logits)``
-(gamma = 1, the value LibMTL's forward uses; ``kgamma`` only scales the initialisation, as
-in LibMTL); the selectors are mixed by ``softmax(w_logits)``. Both logits are linear in the
-input.
+significant bit first, ceil(log2 E) bits; see ``loops.binary_codes``) and
+``s = smooth_step(z_logits)`` with gamma = 1, the value LibMTL's forward uses: ``kgamma``
+only scales the initialisation, as in LibMTL (the paper's and the official implementation's
+smooth step has width gamma; the two agree at the default ``kgamma = 1``). The selectors are
+mixed by ``softmax(w_logits)``. Both logits are linear in the input.
 
-LibMTL also adds an entropy regulariser to the selector outputs in training mode by calling
-``backward`` inside ``forward`` (for the last task only); this block, like its loop
-definition ``DSelectKLoop``, leaves it out (the entropy-free variant): the forward is a pure
-function of the input.
+LibMTL also adds a regulariser to the selector outputs in training mode by calling
+``backward`` inside ``forward`` (for the last task only): the selectors' entropy (x 1e-6)
+and, when E is not a power of 2, ``sum 1 / (selector mass)``, which pushes the mass of the
+codes >= E (no expert) back onto the experts. This block, like its loop definition
+``DSelectKLoop``, leaves both out: the forward is a pure function of the input. With E a power
+of 2 each selector's weights sum to 1; otherwise they sum to less (0.6-0.8 at initialisation
+for E = 3, 5) and nothing pushes them back: prefer E = 2^n, or add that penalty to the loss.
 
 Fused: the experts are one ``ExpertBank`` (one GEMM per layer), the z- and w-logits of all
 tasks one GEMM (``gate_weight``/``gate_bias``), the smooth-step selection a few batched

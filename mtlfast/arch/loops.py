@@ -229,11 +229,11 @@ def smooth_step(t: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
 
 
 def binary_codes(num_experts: int) -> torch.Tensor:
-    """(E, ceil(log2 E)) bool: expert e's binary code, most significant bit first (the paper's
-    and the official implementation's). LibMTL builds it as
-    ``np.array([list(np.binary_repr(e, nb)) ...]).astype(bool)``, which casts the characters
-    '0' and '1' alike to True (a non-empty string): every expert then gets the same code and
-    the same weight. This module follows the paper."""
+    """(E, ceil(log2 E)) bool: expert e's binary code, most significant bit first. LibMTL and
+    the official implementation build it as
+    ``np.array([list(np.binary_repr(e, nb)) ...]).astype(bool)``: under NumPy 1.x (LibMTL pins
+    1.26) '0' casts to False, but NumPy >= 2 casts any non-empty string to True, so there every
+    expert gets the same code and the same weight. Built from integer bits here."""
     nb = math.ceil(math.log2(num_experts))
     shifts = torch.arange(nb - 1, -1, -1)
     return (torch.arange(num_experts)[:, None] >> shifts) & 1 == 1

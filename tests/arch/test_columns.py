@@ -124,6 +124,17 @@ def test_batched_matches_reference(arch, T, B, train, dtype):
         assert torch.allclose(sb[k].double(), sr[k].double(), rtol=1e-5, atol=1e-6), k
 
 
+def test_default_encoder_is_initialised_as_torchvision():
+    """Convolutions kaiming-normal over fan_out (std sqrt(2 / (C_out k^2))), BatchNorm 1 / 0."""
+    torch.manual_seed(0)
+    enc = resnet((2, 2, 2, 2), 64)
+    conv = enc.layer1[0].conv1
+    want = (2.0 / (conv.out_channels * 9)) ** 0.5
+    assert abs(conv.weight.std().item() / want - 1) < 0.05
+    assert torch.equal(enc.bn1.weight, torch.ones(64)) and torch.equal(enc.bn1.bias,
+                                                                       torch.zeros(64))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_bottleneck_encoder(arch):
     bat, ref = _pair(arch, T=2, width=4, block="bottleneck")
