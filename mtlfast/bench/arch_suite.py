@@ -288,5 +288,6 @@ def cases(cfg: Config) -> Iterator[Case]:
             yield Case(suite="arch", method=arch, label=label,
                        params={"T": T, "B": B, "size": size, "width": width,
                                "layers": list(layers)},
-                       headline=True, rtol=1e-4,
+                       headline=True, rtol=1e-3,  # training-mode BatchNorm over few
+                       # values amplifies fp32 rounding (the tests' tolerance too)
                        build=lambda a=arch, sp=spec: _columns_contenders(a, sp, cfg))
