@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .experts import ExpertBank, cast, compute_dtype
+from ..ops.grouped_linear import cast
+from .experts import ExpertBank, compute_dtype
 from .gates import GateBank
 
 __all__ = ["bank_blocks", "flatten_input", "gate_blocks", "level_reach", "resolve_tasks",

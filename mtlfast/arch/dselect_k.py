@@ -36,14 +36,16 @@ fused parameter           loop key
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from .._interop import Interop
-from ..ops.grouped_linear import grouped_linear
+from ..ops.grouped_linear import cast, grouped_linear
 from ._common import bank_blocks, resolve_tasks
-from .experts import ExpertBank, cast, expert_widths
-from .loops import binary_codes, smooth_step
+from .experts import ExpertBank, expert_widths
+from .loops import smooth_step
 from .mmoe import MMoE
 
 __all__ = ["DSelectK"]
@@ -72,7 +74,7 @@ class DSelectK(Interop, nn.Module):
         self.experts = ExpertBank(K, expert_widths(expert_hidden, num_experts), None,
                                   activation, **f)
         self.num_nonzeros = num_nonzeros
-        self.num_binary = binary_codes(num_experts).shape[1]
+        self.num_binary = math.ceil(math.log2(num_experts))
         T, k, nb = len(self.tasks), num_nonzeros, self.num_binary
         self._gate_widths = [k * nb] * T + [k] * T
         self.gate_weight = nn.Parameter(torch.empty(sum(self._gate_widths) * K, **f))

@@ -47,18 +47,11 @@ from torch import nn
 
 from ..ops._dispatch import backend
 from ..ops.expert_mlp import expert_mlp
-from ..ops.grouped_linear import ACTIVATIONS, _eager, grouped_linear
+from ..ops.grouped_linear import ACTIVATIONS, _eager, cast, grouped_linear
 
 __all__ = ["ExpertBank", "expert_widths"]
 
 _ACT_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
-
-
-def cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
-    """``t`` in ``dtype`` (a differentiable cast; None: unchanged). Under ``torch.autocast``
-    the blocks compute in its dtype, and the custom ops (grouped_linear, mixture, the C++
-    expert kernel) do not cast their arguments themselves."""
-    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
 
 
 def compute_dtype(name: str, x: torch.Tensor, ref: torch.Tensor) -> torch.dtype:

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..ops.grouped_linear import grouped_linear
-from .experts import cast, compute_dtype
+from ..ops.grouped_linear import cast, grouped_linear
+from .experts import compute_dtype
 
 __all__ = ["GateBank"]
 

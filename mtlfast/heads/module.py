@@ -44,6 +44,7 @@ from ..ops.grouped_linear import (
     _parts,
     activation_grad,
     apply_activation,
+    cast,
     grouped_linear,
     grouped_linear_input_grad,
 )
@@ -202,10 +203,6 @@ class FusedHeads(Interop, nn.Module):
             return [D] * T, list(outs)
         return [D], [sum(outs)]
 
-    @staticmethod
-    def _cast(param, dtype):
-        return param if param is None or param.dtype == dtype else param.to(dtype)
-
     def _hidden(self, x, w1, b1, per_task, eager):
         """Layer 1 of MLP heads: act(x W1^T + b1), (M, H), before dropout."""
         if not per_task and eager:
@@ -246,7 +243,7 @@ class FusedHeads(Interop, nn.Module):
         if self.hidden_widths is not None:
             w1, b1, w2, b2 = self.weight1, self.bias1, self.weight2, self.bias2
             if w1.dtype != dtype:  # autocast
-                w1, b1, w2, b2 = (self._cast(p, dtype) for p in (w1, b1, w2, b2))
+                w1, b1, w2, b2 = (cast(p, dtype) for p in (w1, b1, w2, b2))
             # eager (no compile, torch.func or fake tensors): plain ATen ops, torch's autograd
             eager = _eager(x, w1, b1, w2, b2)
             if eager and not per_task and _large_groups(x, self.hidden_widths):
@@ -262,10 +259,10 @@ class FusedHeads(Interop, nn.Module):
         if not per_task:
             # One dense GEMM with no epilogue to fuse: the native op (addmm / cuBLAS) is the
             # fastest and adds no custom-op dispatch overhead.
-            y = F.linear(x, self._cast(self.weight, dtype), self._cast(self.bias, dtype))
+            y = F.linear(x, cast(self.weight, dtype), cast(self.bias, dtype))
         else:
             ins, outs = self._first_layer_widths(per_task)
-            y = grouped_linear(x, self.weight.to(dtype).view(-1), self._cast(self.bias, dtype),
+            y = grouped_linear(x, self.weight.to(dtype).view(-1), cast(self.bias, dtype),
                                ins, outs, per_task=per_task)
         if len(batch) != 1:
             y = y.view(*batch, y.shape[-1])
@@ -304,7 +301,7 @@ class FusedHeads(Interop, nn.Module):
                                  "eval() mode or use dropout=0")
             ins, outs = self._first_layer_widths(per_task)
             h_pre = grouped_linear(x, self.weight1.to(dtype).view(-1),
-                                   self._cast(self.bias1, dtype), ins, outs, per_task=per_task)
+                                   cast(self.bias1, dtype), ins, outs, per_task=per_task)
             gh = grouped_linear_input_grad(g, self.weight2.to(dtype), self.hidden_widths,
                                            self.out_widths)
             # relu' reads the output's sign, which equals the pre-activation's.

@@ -269,6 +269,13 @@ def _weight_grad_impl(gy, x, in_widths, out_widths, per_task):
     return _weight_grad_torch(gy, x, in_widths, out_widths, per_task).contiguous()
 
 
+def cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """``t`` in ``dtype`` (a differentiable cast; None: unchanged). Under ``torch.autocast``
+    FusedHeads and the expert blocks compute in its dtype, and the custom ops (this one,
+    mixture, the C++ expert kernel) do not cast their arguments themselves."""
+    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
+
+
 def _eager(*tensors) -> bool:
     """True for plain eager calls, which skip the custom-op layer: on an H200 its Python
     dispatch cost several times the kernels' GPU time (benchmarks/RESULTS.md, heads). Under
