@@ -94,6 +94,13 @@ class Engine:
             if self.layerwise():
                 raise ValueError(f"mode='features': {name} is layer-wise (granularity="
                                  "'parameter'); the feature Gram has no layers")
+            if getattr(method, "batches", 1) != 1:
+                # Each batch's losses depend on its own rows of Z only: the cross-batch blocks
+                # of the feature Gram, which such a method reads, are zero.
+                raise ValueError(f"mode='features': {name}(batches={method.batches}) reads "
+                                 "products of gradients from different mini-batches, and "
+                                 "those of dL/dZ are zero (each batch's losses depend on its "
+                                 "own features only); use mode='jacobian', 'gramian' or 'auto'")
             resolved = "features"
         elif mode == "auto" and (self.reducer.needs_jacobian or self.accumulator is not None):
             resolved = "jacobian"

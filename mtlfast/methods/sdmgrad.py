@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from ._simplex import check_int, check_real, project_simplex
+from ._simplex import (
+    check_batch_count,
+    check_batches,
+    check_int,
+    check_real,
+    cross_gram,
+    on_last_batch,
+    project_simplex,
+)
 from ._state import state_dtype
 from .base import GramMethod, NonFinitePolicy
 
@@ -25,12 +33,24 @@ class SDMGrad(GramMethod):
     ``(w + lamda / T) / (1 + lamda)`` (they sum to 1). ``lamda = 0.3`` is LibMTL's default
     (``SDMGrad_lamda``).
 
-    Deviation (the one-step protocol gives one ``G`` per step): the paper and LibMTL draw three
-    independent mini-batches per step, the inner problem on ``G_xi1 G_xi2^T`` (unbiased for
-    ``E[G] E[G]^T``) and the update from ``G_zeta``. Here all three are the step's one batch:
-    the inner problem is solved on ``K = G G^T`` (biased by the batch's gradient covariance)
-    and the update uses the same batch. The projection is exact (LibMTL runs it in numpy on
-    the host; here it runs on the device).
+    ``batches=3`` is the paper's and LibMTL's step, exactly: each step takes the losses of three
+    independent mini-batches ``xi1, xi2, zeta`` stacked batch-major, ``3T`` losses (all tasks
+    on ``xi1``, then on ``xi2``, then on ``zeta``; LibMTL's SDMGrad reads ``zeta`` first),
+    e.g. three forward passes and
+    ``mtlfast.backward(torch.cat([losses_xi1, losses_xi2, losses_zeta]), shared, method)``.
+    The inner problem (its scale too, from the diagonal of the block, clamped at 0) runs on
+    the block ``G_xi1 G_xi2^T`` of the ``3T x 3T`` Gram (unbiased for ``E[G] E[G]^T``; not
+    symmetric, as in LibMTL), and the weights are zeros on ``xi1, xi2`` and the ones above on
+    ``zeta``, so the update is ``(w @ G_zeta + lamda mean(G_zeta)) / (1 + lamda)``.
+    ``num_tasks`` then counts the ``3T`` losses. The heads (non-shared parameters) get the
+    ordinary gradient of all ``3T`` losses, the three batches' summed (as LibMTL's). Not with
+    ``mode="features"`` (ValueError, read by the engine from ``method.batches``): gradients
+    with respect to different batches' features have zero products, so the block would be 0.
+
+    ``batches=1`` (default): one mini-batch per step, used three times: the inner problem is
+    solved on ``K = G G^T`` (which estimates ``E[G] E[G]^T`` plus the batch's gradient
+    covariance, the bias the double sampling removes) and the update uses the same batch.
+    The projection is exact (LibMTL runs it in numpy on the host; here it runs on the device).
 
     Not scale-homogeneous for gradient norms near ``sqrt(eps) = 1e-4`` or below (``eps`` is
     absolute, as in LibMTL).
@@ -40,7 +60,7 @@ class SDMGrad(GramMethod):
     deterministic = False
 
     def __init__(self, *, lamda: float = 0.3, niter: int = 20, lr: float = 5.0,
-                 momentum: float = 0.5, eps: float = 1e-8,
+                 momentum: float = 0.5, eps: float = 1e-8, batches: int = 1,
                  on_nonfinite: NonFinitePolicy = "raise") -> None:
         super().__init__(on_nonfinite=on_nonfinite)
         self.lamda = check_real("lamda", lamda, low=0.0)
@@ -48,20 +68,24 @@ class SDMGrad(GramMethod):
         self.lr = check_real("lr", lr, low=0.0, low_open=True)
         self.momentum = check_real("momentum", momentum, low=0.0, high=1.0, high_open=True)
         self.eps = check_real("eps", eps, low=0.0)
+        self.batches = check_batches(batches)
+
+    def check_tasks(self, num_tasks: int) -> None:
+        check_batch_count("SDMGrad", num_tasks, self.batches)
+        super().check_tasks(num_tasks)
 
     def _initial_state(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
-        T = like.shape[-1]
-        return {"inner_weights": torch.full(like.shape[:-1], 1.0 / T,
+        T = like.shape[-1] // self.batches
+        return {"inner_weights": torch.full((*like.shape[:-2], T), 1.0 / T,
                                             dtype=state_dtype(like.dtype), device=like.device)}
 
     def _step(self, gram, losses, state):
+        K = cross_gram(gram, self.batches, "SDMGrad")
         w0 = state["inner_weights"]
-        if w0.shape != gram.shape[:-1]:
+        if w0.shape != K.shape[:-1]:
             raise ValueError(f"SDMGrad keeps weights of shape {tuple(w0.shape)}; got a Gram of "
-                             f"shape {tuple(gram.shape)}")
-        T = gram.shape[-1]
-        K = gram.to(torch.float64)
-        K = (K + K.transpose(-1, -2)) / 2
+                             f"shape {tuple(gram.shape)} (batches={self.batches})")
+        T = K.shape[-1]
         scale = K.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt().mean(-1)
         A = K / (scale * scale + self.eps)[..., None, None]
         pull = self.lamda * A.mean(-1)
@@ -71,8 +95,10 @@ class SDMGrad(GramMethod):
             buf = self.momentum * buf + (A @ w.unsqueeze(-1)).squeeze(-1) + pull
             w = project_simplex(w - self.lr * buf)
         out = (w + self.lamda / T) / (1 + self.lamda)
-        return out.to(gram.dtype), {"inner_weights": w.to(w0.dtype)}
+        return (on_last_batch(out.to(gram.dtype), self.batches),
+                {"inner_weights": w.to(w0.dtype)})
 
     def extra_repr(self) -> str:
         return (f"lamda={self.lamda}, niter={self.niter}, lr={self.lr}, "
-                f"momentum={self.momentum}, eps={self.eps}, {super().extra_repr()}")
+                f"momentum={self.momentum}, eps={self.eps}, batches={self.batches}, "
+                f"{super().extra_repr()}")
