@@ -3,10 +3,13 @@
 The references below are written from the papers and LibMTL's code (``LibMTL/weighting/
 ExcessMTL.py``, ``MoDo.py``, ``SDMGrad.py``; RGW from the commit that added it, b65bf41), in
 numpy / plain Python, loop by loop as there, sharing nothing with ``mtlfast.methods``. MoDo and
-SDMGrad are transcribed in the single-batch form the one-step protocol allows (LibMTL's three
-mini-batch gradients all equal to the step's G; the deviation documented on the methods).
-Each method runs several steps (state evolution included) at T = 2, 3, 8, 17, gradient
-scales 1e-3..1e3 with unequal task norms, rank-deficient Grams and T > P.
+SDMGrad are transcribed as LibMTL's, on three separate gradient matrices per step (the
+mini-batches xi1, xi2, zeta): ``batches=3`` is checked against them with three different
+matrices per step, the default single-batch form with all three equal to the step's G (and
+``batches=3`` fed three equal blocks follows the single-batch steps). Each method runs several
+steps (state evolution included) at T = 2, 3, 8, 17, gradient scales 1e-3..1e3 with unequal
+task norms, rank-deficient Grams and T > P. ``batches=3`` also runs end to end through
+``mtlfast.backward`` on a tiny model against ``lambda @ G_zeta`` computed by hand.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+import mtlfast
 import mtlfast.methods as M
 from mtlfast.methods.rgw import counter_normals
 
@@ -27,23 +31,41 @@ KINDS = ("full", "rank_deficient", "wide")
 STEPS = 6
 
 
-def _sequence(T, kind, scale, seed, steps=STEPS):
+def _sequence(T, kind, scale, seed, steps=STEPS, draws=1):
     """``steps`` float64 (T, P) matrices: unequal task norms that drift from step to step
-    (so that every method's state moves), full rank, rank T // 2, or T > P."""
+    (so that every method's state moves), full rank, rank T // 2, or T > P. ``draws = 3``:
+    per step a tuple of three different matrices (three mini-batches: the step's matrix plus
+    independent noise of half its size in the same subspace, so the norms vary by batch)."""
     g = torch.Generator().manual_seed(seed + 100 * T)
     P = {"full": T + 9, "rank_deficient": T + 9, "wide": max(1, T // 3)}[kind]
     norms = torch.rand(T, generator=g, dtype=torch.float64) * 3 + 0.2
     drift = torch.rand(T, generator=g, dtype=torch.float64) * 0.6 + 0.7
     basis = torch.randn(max(1, T // 2), P, generator=g, dtype=torch.float64)
+
+    def draw():
+        if kind == "rank_deficient":
+            return torch.randn(T, basis.shape[0], generator=g, dtype=torch.float64) @ basis
+        return torch.randn(T, P, generator=g, dtype=torch.float64)
+
     out = []
     for k in range(steps):
-        if kind == "rank_deficient":
-            G = torch.randn(T, basis.shape[0], generator=g, dtype=torch.float64) @ basis
-        else:
-            G = torch.randn(T, P, generator=g, dtype=torch.float64)
-        G = G / G.norm(dim=1, keepdim=True).clamp_min(1e-300)
-        out.append(G * (norms * drift**k)[:, None] * scale)
+        G = draw()
+        factor = (norms * drift**k)[:, None] * scale / G.norm(dim=1, keepdim=True).clamp_min(
+            1e-300)
+        step = [G] if draws == 1 else [G + 0.5 * draw() for _ in range(draws)]
+        out.append(step[0] * factor if draws == 1 else tuple(B * factor for B in step))
     return out
+
+
+def _same(Gs):
+    """The single-batch form: each step's G as all three of LibMTL's mini-batches."""
+    return [(G, G, G) for G in Gs]
+
+
+def _stacked_gram(Gs3):
+    """The ``(3T, 3T)`` Gram of the three mini-batches' losses stacked batch-major."""
+    G = torch.cat(Gs3)
+    return G @ G.T
 
 
 def _cases():
@@ -69,16 +91,17 @@ def _libmtl_modo_projection(y):
     return np.maximum(y - tmax_f, 0.0)
 
 
-def modo_reference(Gs, gamma=1e-3, rho=0.1):
-    """Per step: ``lambda <- Proj(lambda - gamma (G1 (G2^T lambda) + rho lambda))`` with
-    ``G1 = G2 = G3 = G``; returns the weights (lambda) and the updates ``lambda @ G3``."""
-    T = Gs[0].shape[0]
+def modo_reference(steps, gamma=1e-3, rho=0.1):
+    """Per step ``(G1, G2, G3)`` (LibMTL's ``grads[0..2]``, three mini-batches):
+    ``lambda <- Proj(lambda - gamma (G1 (G2^T lambda) + rho lambda))``; returns the weights
+    (lambda) and the updates ``lambda @ G3``."""
+    T = steps[0][0].shape[0]
     lam = np.full(T, 1.0 / T)
     out = []
-    for G in Gs:
-        G = G.numpy()
-        lam = _libmtl_modo_projection(lam - gamma * (G @ (G.T @ lam) + rho * lam))
-        out.append((lam.copy(), lam @ G))
+    for G1, G2, G3 in steps:
+        G1, G2, G3 = G1.numpy(), G2.numpy(), G3.numpy()
+        lam = _libmtl_modo_projection(lam - gamma * (G1 @ (G2.T @ lam) + rho * lam))
+        out.append((lam.copy(), lam @ G3))
     return out
 
 
@@ -95,15 +118,16 @@ def _libmtl_sdmgrad_projection(v, s=1.0):
     return (v - theta).clip(min=0)
 
 
-def sdmgrad_step_reference(w, G, lamda=0.3, niter=20, lr=5.0, momentum=0.5):
-    """One step of LibMTL's SDMGrad with ``zeta = xi1 = xi2 = G`` from the kept ``w``: the
-    scaled Gram, ``niter`` steps of ``torch.optim.SGD(lr, momentum)`` (fresh each step) on ``w``
-    each followed by the projection; returns the new ``w``, the weights of ``d`` and
-    ``d = (w @ G + lamda mean(G)) / (1 + lamda)``."""
-    T = G.shape[0]
-    G = G.numpy()
+def sdmgrad_step_reference(w, Gs3, lamda=0.3, niter=20, lr=5.0, momentum=0.5):
+    """One step of LibMTL's SDMGrad on ``Gs3 = (xi1, xi2, zeta)`` (LibMTL unpacks its grads
+    as ``zeta, xi1, xi2``) from the kept ``w``: ``GG = xi1 xi2^T`` scaled by its clamped
+    diagonal, ``niter`` steps of ``torch.optim.SGD(lr, momentum)`` (fresh each step) on ``w``
+    each followed by the projection; returns the new ``w``, the weights of ``d`` (on ``zeta``)
+    and ``d = (w @ zeta + lamda mean(zeta)) / (1 + lamda)``."""
+    xi1, xi2, zeta = (G.numpy() for G in Gs3)
+    T = zeta.shape[0]
     w = np.array(w, dtype=np.float64)
-    GG = G @ G.T
+    GG = xi1 @ xi2.T
     diag = np.diag(GG).copy()
     diag[diag < 0] = 0
     scale = np.mean(np.sqrt(diag))
@@ -114,16 +138,17 @@ def sdmgrad_step_reference(w, G, lamda=0.3, niter=20, lr=5.0, momentum=0.5):
         grad = GG @ w + lamda * Gg
         buf = grad.copy() if buf is None else momentum * buf + grad
         w = _libmtl_sdmgrad_projection(w - lr * buf)
-    d = (w @ G + lamda * G.mean(0)) / (1 + lamda)
+    d = (w @ zeta + lamda * zeta.mean(0)) / (1 + lamda)
     return w, (w + lamda / T) / (1 + lamda), d
 
 
-def sdmgrad_reference(Gs, **kw):
+def sdmgrad_reference(steps, **kw):
     """The steps of :func:`sdmgrad_step_reference` from ``w = 1/T``, ``w`` kept across steps."""
-    w = np.full(Gs[0].shape[0], 1.0 / Gs[0].shape[0])
+    T = steps[0][0].shape[0]
+    w = np.full(T, 1.0 / T)
     out = []
-    for G in Gs:
-        w, weights, d = sdmgrad_step_reference(w, G, **kw)
+    for Gs3 in steps:
+        w, weights, d = sdmgrad_step_reference(w, Gs3, **kw)
         out.append((weights, d))
     return out
 
@@ -198,7 +223,7 @@ def _close(got, expected, rtol, atol_rel, what):
 def test_modo_matches_transcription(T, kind, scale):
     Gs = _sequence(T, kind, scale, seed=1)
     method = M.MoDo()
-    for k, (G, (lam, d)) in enumerate(zip(Gs, modo_reference(Gs), strict=True)):
+    for k, (G, (lam, d)) in enumerate(zip(Gs, modo_reference(_same(Gs)), strict=True)):
         w = method.weights(G @ G.T)
         _close(w, lam, 1e-9, 1e-12, f"weights, step {k}")
         _close(w @ G, d, 1e-9, 1e-12, f"update, step {k}")
@@ -210,7 +235,7 @@ def test_modo_matches_transcription(T, kind, scale):
 def test_modo_hyper_parameters_match_transcription(gamma, rho):
     Gs = _sequence(5, "full", 1.0, seed=2)
     method = M.MoDo(gamma=gamma, rho=rho)
-    for G, (lam, _) in zip(Gs, modo_reference(Gs, gamma, rho), strict=True):
+    for G, (lam, _) in zip(Gs, modo_reference(_same(Gs), gamma, rho), strict=True):
         _close(method.weights(G @ G.T), lam, 1e-9, 1e-12, (gamma, rho))
 
 
@@ -224,7 +249,7 @@ def test_sdmgrad_matches_transcription(T, kind, scale):
     for k, G in enumerate(_sequence(T, kind, scale, seed=3)):
         before = np.full(T, 1.0 / T) if method.inner_weights is None else \
             method.inner_weights.numpy().copy()
-        w_state, w_ref, d = sdmgrad_step_reference(before, G)
+        w_state, w_ref, d = sdmgrad_step_reference(before, (G, G, G))
         w = method.weights(G @ G.T)
         _close(w, w_ref, 1e-9, 1e-9, f"weights, step {k}")
         _close(w @ G, d, 1e-9, 1e-9, f"update, step {k}")
@@ -239,7 +264,8 @@ def test_sdmgrad_contracting_inner_loop_matches_whole_run(T, kind):
     (state evolution included) matches the transcription's to 1e-10."""
     Gs = _sequence(T, kind, 1.0, seed=15)
     method = M.SDMGrad(lr=0.1)
-    for k, (G, (w_ref, d)) in enumerate(zip(Gs, sdmgrad_reference(Gs, lr=0.1), strict=True)):
+    ref = sdmgrad_reference(_same(Gs), lr=0.1)
+    for k, (G, (w_ref, d)) in enumerate(zip(Gs, ref, strict=True)):
         w = method.weights(G @ G.T)
         _close(w, w_ref, 1e-10, 1e-12, f"weights, step {k}")
         _close(w @ G, d, 1e-10, 1e-12, f"update, step {k}")
@@ -252,10 +278,257 @@ def test_sdmgrad_hyper_parameters_match_transcription(lamda, niter, lr, momentum
     for G in _sequence(6, "rank_deficient", 1.0, seed=4):
         before = np.full(6, 1 / 6) if method.inner_weights is None else \
             method.inner_weights.numpy().copy()
-        _, w_ref, d = sdmgrad_step_reference(before, G, lamda, niter, lr, momentum)
+        _, w_ref, d = sdmgrad_step_reference(before, (G, G, G), lamda, niter, lr, momentum)
         w = method.weights(G @ G.T)
         _close(w, w_ref, 1e-9, 1e-9, (lamda, niter, lr, momentum))
         _close(w @ G, d, 1e-9, 1e-9, "update")
+
+
+# ---------------------------------------- three mini-batches (batches=3): LibMTL's exact step
+def _check_three_batch_weights(w, T, expected, what):
+    """Zeros on xi1 and xi2 (exactly), ``expected`` on zeta."""
+    assert w.shape == (3 * T,)
+    assert torch.equal(w[:2 * T], torch.zeros(2 * T, dtype=w.dtype)), what
+    _close(w[2 * T:], expected, 1e-9, 1e-12, what)
+
+
+@pytest.mark.parametrize("T,kind,scale", list(_cases()))
+def test_modo_three_batches_match_transcription(T, kind, scale):
+    steps = _sequence(T, kind, scale, seed=31, draws=3)
+    method = M.MoDo(batches=3)
+    for k, (Gs3, (lam, d)) in enumerate(zip(steps, modo_reference(steps), strict=True)):
+        assert not torch.equal(Gs3[0], Gs3[1]) and not torch.equal(Gs3[1], Gs3[2])  # 3 draws
+        w = method.weights(_stacked_gram(Gs3))
+        _check_three_batch_weights(w, T, lam, f"weights, step {k}")
+        _close(w @ torch.cat(Gs3), d, 1e-9, 1e-12, f"update, step {k}")
+        _close(method.lambd, lam, 1e-9, 1e-12, f"state, step {k}")
+        assert method.lambd.shape == (T,) and method.num_tasks == 3 * T
+    if scale >= 1:
+        # The cross block is not the single-batch Gram: the steps differ from those on zeta.
+        single = modo_reference(_same([Gs3[2] for Gs3 in steps]))
+        assert max(float(np.abs(a[0] - b[0]).max())
+                   for a, b in zip(single, modo_reference(steps), strict=True)) > 1e-6
+
+
+@pytest.mark.parametrize("gamma,rho", [(1e-2, 0.0), (0.5, 1.0)])
+def test_modo_three_batches_hyper_parameters(gamma, rho):
+    steps = _sequence(5, "full", 1.0, seed=32, draws=3)
+    method = M.MoDo(gamma=gamma, rho=rho, batches=3)
+    for Gs3, (lam, _) in zip(steps, modo_reference(steps, gamma, rho), strict=True):
+        _check_three_batch_weights(method.weights(_stacked_gram(Gs3)), 5, lam, (gamma, rho))
+
+
+@pytest.mark.parametrize("T,kind,scale", list(_cases()))
+def test_sdmgrad_three_batches_match_transcription(T, kind, scale):
+    """Step by step from the method's own kept ``w`` (lr = 5 does not contract, see above)."""
+    method = M.SDMGrad(batches=3)
+    for k, Gs3 in enumerate(_sequence(T, kind, scale, seed=33, draws=3)):
+        before = np.full(T, 1.0 / T) if method.inner_weights is None else \
+            method.inner_weights.numpy().copy()
+        w_state, w_ref, d = sdmgrad_step_reference(before, Gs3)
+        w = method.weights(_stacked_gram(Gs3))
+        assert torch.equal(w[:2 * T], torch.zeros(2 * T, dtype=w.dtype))
+        _close(w[2 * T:], w_ref, 1e-9, 1e-9, f"weights, step {k}")
+        _close(w @ torch.cat(Gs3), d, 1e-9, 1e-9, f"update, step {k}")
+        _close(method.inner_weights, w_state, 1e-9, 1e-9, f"state, step {k}")
+        assert method.inner_weights.shape == (T,) and abs(float(w.sum()) - 1) < 1e-12
+
+
+@pytest.mark.parametrize("T,kind", [(3, "full"), (8, "rank_deficient"), (17, "wide")])
+def test_sdmgrad_three_batches_contracting_whole_run(T, kind):
+    steps = _sequence(T, kind, 1.0, seed=34, draws=3)
+    method = M.SDMGrad(lr=0.1, batches=3)
+    for k, (Gs3, (w_ref, d)) in enumerate(zip(steps, sdmgrad_reference(steps, lr=0.1),
+                                              strict=True)):
+        w = method.weights(_stacked_gram(Gs3))
+        _close(w[2 * T:], w_ref, 1e-10, 1e-12, f"weights, step {k}")
+        _close(w @ torch.cat(Gs3), d, 1e-10, 1e-12, f"update, step {k}")
+
+
+@pytest.mark.parametrize("T", [3, 8])
+def test_sdmgrad_three_batches_negative_cross_diagonal(T):
+    """Independent batches (no common part): some ``g_xi1,i . g_xi2,i`` are negative and are
+    clamped to 0 in the scale, as LibMTL; each step from the same kept ``w``."""
+    g = torch.Generator().manual_seed(35 + T)
+    method = M.SDMGrad(lr=0.1, batches=3)
+    negatives = 0
+    for _ in range(STEPS):
+        Gs3 = tuple(torch.randn(T, T + 2, generator=g, dtype=torch.float64) for _ in range(3))
+        negatives += int(((Gs3[0] * Gs3[1]).sum(1) < 0).sum())
+        before = np.full(T, 1.0 / T) if method.inner_weights is None else \
+            method.inner_weights.numpy().copy()
+        w_state, w_ref, d = sdmgrad_step_reference(before, Gs3, lr=0.1)
+        w = method.weights(_stacked_gram(Gs3))
+        _close(w[2 * T:], w_ref, 1e-9, 1e-9, "weights")
+        _close(method.inner_weights, w_state, 1e-9, 1e-9, "state")
+    assert negatives > 0
+
+
+@pytest.mark.parametrize("cls", [M.MoDo, M.SDMGrad], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("T", [2, 8, 17])
+def test_three_equal_batches_are_the_single_batch_form(cls, T):
+    """Three equal blocks: the same weights (on zeta) and state as ``batches=1``, over the
+    steps from the tiled Gram (the same products; a strided block may sum in another order),
+    and per step from the stacked matrix's Gram."""
+    one, tiled, stacked = cls(), cls(batches=3), cls(batches=3)
+    for G in _sequence(T, "rank_deficient", 2.0, seed=36):
+        K = G @ G.T
+        w = one.weights(K)
+        wt = tiled.weights(K.repeat(3, 3))
+        assert torch.equal(wt[:2 * T], torch.zeros(2 * T, dtype=w.dtype))
+        _close(wt[2 * T:], w, 1e-12, 1e-14, "tiled")
+        state = cls.state_names[0]
+        _close(getattr(tiled, state), getattr(one, state), 1e-12, 1e-14, "tiled state")
+        if cls is M.SDMGrad:
+            tiled.inner_weights.copy_(one.inner_weights)
+        ws = stacked.weights(_stacked_gram((G, G, G)))
+        _close(ws[2 * T:], w, 1e-9, 1e-12, "stacked")
+        if cls is M.SDMGrad:  # lr = 5 amplifies the Gram's rounding: from the same state
+            stacked.inner_weights.copy_(one.inner_weights)
+
+
+@pytest.mark.parametrize("cls", [M.MoDo, M.SDMGrad], ids=lambda c: c.__name__)
+def test_three_batches_aggregate_the_stacked_matrix(cls):
+    """``method(G)`` on the stacked ``(3T, P)`` matrix is ``weights @ G``: the zeta block's."""
+    steps = _sequence(4, "full", 1.0, seed=37, draws=3)
+    a, b = cls(batches=3), cls(batches=3)
+    for Gs3 in steps:
+        w = a.weights(_stacked_gram(Gs3))
+        _close(b(torch.cat(Gs3)), w[8:] @ Gs3[2], 1e-9, 1e-12, cls.__name__)
+        if cls is M.SDMGrad:
+            b.inner_weights.copy_(a.inner_weights)
+
+
+@pytest.mark.parametrize("cls", [M.MoDo, M.SDMGrad], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("batches,exc", [(2, ValueError), (0, ValueError), (4, ValueError),
+                                         (3.0, TypeError), (True, TypeError), ("3", TypeError)])
+def test_bad_batches(cls, batches, exc):
+    with pytest.raises(exc, match="batches"):
+        cls(batches=batches)
+
+
+@pytest.mark.parametrize("cls", [M.MoDo, M.SDMGrad], ids=lambda c: c.__name__)
+def test_three_batches_validation_changes_nothing(cls):
+    """A loss count not divisible by 3 (first step or later) and a Gram of another size after
+    the first step are ValueErrors; the state, T and the later steps stay as a twin's."""
+    state = cls.state_names[0]
+    steps = _sequence(4, "full", 1.0, seed=38, draws=3)
+    method, twin = cls(batches=3), cls(batches=3)
+    with pytest.raises(ValueError, match=r"batches=3.*got 7, not a multiple of 3"):
+        method.weights(torch.eye(7, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"batches=3"):
+        method.propose_weights(torch.eye(8, dtype=torch.float64), None)  # below check_tasks
+    assert getattr(method, state) is None and method.num_tasks is None
+    for k, Gs3 in enumerate(steps):
+        if k == 2:
+            before = getattr(method, state).clone()
+            with pytest.raises(ValueError, match="not a multiple of 3"):
+                method.weights(torch.eye(13, dtype=torch.float64))
+            with pytest.raises(ValueError, match="T=12"):
+                method.weights(torch.eye(15, dtype=torch.float64))
+            assert torch.equal(getattr(method, state), before) and method.num_tasks == 12
+        K = _stacked_gram(Gs3)
+        torch.testing.assert_close(method.weights(K), twin.weights(K), rtol=0, atol=0)
+    # A state bound to T = 4 with a Gram of 15 reaching the step (no check_tasks): caught there.
+    with pytest.raises(ValueError, match="keeps weights of shape"):
+        method.propose_weights(torch.eye(15, dtype=torch.float64), None)
+
+
+@pytest.mark.parametrize("cls", [M.MoDo, M.SDMGrad], ids=lambda c: c.__name__)
+def test_three_batches_skipped_step_and_state_dict(cls):
+    """A non-finite step under "skip" returns zeros and changes nothing; the state_dict
+    carries the T-sized state and the 3T-loss count into a fresh method."""
+    steps = _sequence(5, "full", 1.0, seed=39, draws=3)
+    method, twin = cls(batches=3, on_nonfinite="skip"), cls(batches=3)
+    for k, Gs3 in enumerate(steps[:3]):
+        K = _stacked_gram(Gs3)
+        if k == 1:
+            bad = K.clone()
+            bad[0, 7] = float("nan")
+            assert torch.equal(method.weights(bad), torch.zeros(15, dtype=K.dtype))
+        torch.testing.assert_close(method.weights(K), twin.weights(K), rtol=0, atol=0)
+    fresh = cls(batches=3)
+    fresh.load_state_dict(copy.deepcopy(twin.state_dict()))
+    state = cls.state_names[0]
+    assert getattr(fresh, state).shape == (5,) and fresh.num_tasks == 15
+    for Gs3 in steps[3:]:
+        K = _stacked_gram(Gs3)
+        torch.testing.assert_close(fresh.weights(K), twin.weights(K), rtol=0, atol=0)
+    assert "batches=3" in repr(fresh) and "batches=1" in repr(cls())
+
+
+class _TinyModel(torch.nn.Module):
+    """A shared trunk and two linear heads; ``losses(x, y)`` the two tasks' mean losses."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(),
+                                         torch.nn.Linear(6, 5), torch.nn.Tanh())
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(5, 1) for _ in range(2))
+
+    def losses(self, x, y, features=None):
+        z = self.trunk(x) if features is None else features
+        return torch.stack([((h(z).squeeze(-1) - y[:, t]) ** 2).mean()
+                            for t, h in enumerate(self.heads)])
+
+
+def _three_batches(seed):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 4, generator=g, dtype=torch.float64),
+             torch.randn(8, 2, generator=g, dtype=torch.float64)) for _ in range(3)]
+
+
+@pytest.mark.parametrize("cls", [M.MoDo, M.SDMGrad], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("mode", ["jacobian", "gramian"])
+def test_three_batches_end_to_end(cls, mode):
+    """Three forward passes, one ``mtlfast.backward`` of the stacked 6 losses, two steps: the
+    trunk's ``.grad`` is ``lambda @ G_zeta`` from the transcription on the three per-batch
+    Jacobians computed by hand, the heads' the plain gradient of all six losses."""
+    torch.manual_seed(0)
+    model = _TinyModel().double()
+    method = cls(gamma=0.5, batches=3) if cls is M.MoDo else cls(batches=3)
+    shared = list(model.trunk.parameters())
+    w_kept, seen = np.full(2, 0.5), []
+    for step in range(2):
+        batches = _three_batches(40 + step)
+        model.zero_grad(set_to_none=True)
+        losses = torch.cat([model.losses(x, y) for x, y in batches])
+        rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, shared,
+                                                                      retain_graph=True)])
+                for loss in losses]
+        head_ref = torch.autograd.grad(losses.sum(), list(model.heads.parameters()),
+                                       retain_graph=True)
+        Gs3 = tuple(torch.stack(rows[2 * b:2 * b + 2]) for b in range(3))
+        info = mtlfast.backward(losses, model.trunk, method, mode=mode)
+        if cls is M.MoDo:  # the whole run so far, lambda carried across the steps
+            seen.append(Gs3)
+            lam, d = modo_reference(seen, gamma=0.5)[-1]
+        else:  # lr = 5 does not contract: each step from the method's own kept w
+            _, lam, d = sdmgrad_step_reference(w_kept, Gs3)
+            w_kept = method.inner_weights.numpy().copy()
+        grad = torch.cat([p.grad.reshape(-1) for p in shared])
+        _close(grad, d, 1e-9, 1e-12, f"trunk grad, step {step}")
+        _close(info.weights[4:], lam, 1e-9, 1e-12, f"weights, step {step}")
+        assert torch.equal(info.weights[:4], torch.zeros(4, dtype=info.weights.dtype))
+        for p, g in zip(model.heads.parameters(), head_ref, strict=True):
+            torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
+        assert method.num_tasks == 6 and getattr(method, cls.state_names[0]).shape == (2,)
+
+
+def test_three_batches_refuse_features_mode():
+    """Per-task gradients with respect to different batches' features have zero products:
+    ``mode="features"`` with ``batches=3`` is a ValueError before anything is written."""
+    model = _TinyModel().double()
+    batches = _three_batches(50)
+    zs = [model.trunk(x) for x, _ in batches]
+    losses = torch.cat([model.losses(x, y, z) for (x, y), z in zip(batches, zs, strict=True)])
+    for cls in (M.MoDo, M.SDMGrad):
+        method = cls(batches=3)
+        with pytest.raises(ValueError, match=r"mode='features'.*batches=3"):
+            mtlfast.backward(losses, model.trunk, method, features=zs, mode="features",
+                             retain_graph=True)
+        assert all(p.grad is None for p in model.parameters())
+        assert getattr(method, cls.state_names[0]) is None and method.num_tasks is None
 
 
 @pytest.mark.parametrize("T,kind,scale", list(_cases()))
