@@ -10,7 +10,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cmath>
 #include <tuple>
+#include <vector>
 
 #include "simd.h"
 
@@ -167,17 +170,290 @@ std::tuple<Tensor, Tensor> mixture_backward_cpu(const Tensor& dz_in, const Tenso
   return {need_g ? dg.transpose(0, 1) : dg, need_h ? dh.transpose(0, 1) : dh};
 }
 
+// ---------------------------------------------------------------------------- gated mixture
+// Softmax gates and their mixture in one pass over the rows: gate g owns the logit columns
+// [off_g, off_g + n_g), column j weighs expert experts[j], and
+//   p[b, j] = softmax over gate g's columns of logits[b],  z[g, b] = sum_j p[b, j] h[experts[j], b].
+// Gates that mix a few of the experts (CGC, PLE: 2 of 9) read only those, and the
+// probabilities never leave the row: the unfused path scatters the logits into a (B, G, E)
+// tensor of -inf, runs the softmax over all of it and mixes every expert.
+
+struct Gates {
+  // off: G + 1 column offsets; expert: each column's expert; iota: 0..N-1. By expert (for
+  // dh): eoff: E + 1 offsets into ecol (the expert's columns) and egate (their gates).
+  std::vector<int64_t> off, expert, iota, eoff, ecol, egate;
+  int64_t G = 0, N = 0;
+};
+
+Gates gates_of(const Tensor& experts, at::IntArrayRef sizes, int64_t E) {
+  TORCH_CHECK(experts.dim() == 1 && experts.scalar_type() == at::kLong && experts.device().is_cpu(),
+              "gated_mixture_cpu: experts must be a 1-d int64 CPU tensor");
+  Gates gs;
+  gs.G = static_cast<int64_t>(sizes.size());
+  gs.off.push_back(0);
+  for (int64_t n : sizes) {
+    TORCH_CHECK(n >= 1, "gated_mixture_cpu: every gate needs at least one column");
+    gs.off.push_back(gs.off.back() + n);
+  }
+  gs.N = gs.off.back();
+  TORCH_CHECK(experts.numel() == gs.N, "gated_mixture_cpu: one expert index per logit column");
+  const Tensor ex = experts.contiguous();
+  const int64_t* ep = ex.data_ptr<int64_t>();
+  gs.eoff.assign(E + 1, 0);
+  for (int64_t j = 0; j < gs.N; ++j) {
+    TORCH_CHECK(ep[j] >= 0 && ep[j] < E, "gated_mixture_cpu: expert index out of range");
+    gs.expert.push_back(ep[j]);
+    gs.iota.push_back(j);
+    ++gs.eoff[ep[j] + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) gs.eoff[e + 1] += gs.eoff[e];
+  gs.ecol.resize(gs.N);
+  gs.egate.resize(gs.N);
+  std::vector<int64_t> next(gs.eoff.begin(), gs.eoff.end() - 1);
+  for (int64_t g = 0; g < gs.G; ++g) {
+    for (int64_t j = gs.off[g]; j < gs.off[g + 1]; ++j) {
+      const int64_t at = next[ep[j]]++;
+      gs.ecol[at] = j;
+      gs.egate[at] = g;
+    }
+  }
+  return gs;
+}
+
+// out[0:D] = sum_j w[widx[j]] rows[ridx[j]][0:D] (rows: base + ridx * rstride), four vectors
+// of out at a time as axpy_rows.
+template <typename T>
+MTLFAST_INLINE void axpy_gather(T* out, const T* w, const int64_t* widx, const T* base,
+                                const int64_t* ridx, int64_t rstride, int64_t n, int64_t D) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::lanes;
+  int64_t d = 0;
+  for (; d + 4 * W <= D; d += 4 * W) {
+    V a0 = V{}, a1 = V{}, a2 = V{}, a3 = V{};
+    for (int64_t j = 0; j < n; ++j) {
+      const T wj = w[widx[j]];
+      const T* r = base + ridx[j] * rstride + d;
+      a0 += wj * vload(r);
+      a1 += wj * vload(r + W);
+      a2 += wj * vload(r + 2 * W);
+      a3 += wj * vload(r + 3 * W);
+    }
+    vstore(out + d, a0);
+    vstore(out + d + W, a1);
+    vstore(out + d + 2 * W, a2);
+    vstore(out + d + 3 * W, a3);
+  }
+  for (; d + W <= D; d += W) {
+    V acc = V{};
+    for (int64_t j = 0; j < n; ++j) acc += w[widx[j]] * vload(base + ridx[j] * rstride + d);
+    vstore(out + d, acc);
+  }
+  for (; d < D; ++d) {
+    T acc = 0;
+    for (int64_t j = 0; j < n; ++j) acc += w[widx[j]] * base[ridx[j] * rstride + d];
+    out[d] = acc;
+  }
+}
+
+// out[i] = <z, rows[idx[i]]> for i < N (N <= 4): one pass over z for four dot products.
+template <typename T, int N>
+MTLFAST_INLINE void dots_gather(T* out, const T* z, const T* base, const int64_t* idx,
+                                int64_t rstride, int64_t D) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::lanes;
+  const T* rows[N];
+  V acc[N];
+  for (int i = 0; i < N; ++i) {
+    rows[i] = base + idx[i] * rstride;
+    acc[i] = V{};
+  }
+  int64_t d = 0;
+  for (; d + W <= D; d += W) {
+    const V zv = vload(z + d);
+    for (int i = 0; i < N; ++i) acc[i] += zv * vload(rows[i] + d);
+  }
+  for (int i = 0; i < N; ++i) {
+    T tail = 0;
+    for (int64_t t = d; t < D; ++t) tail += z[t] * rows[i][t];
+    out[i] = static_cast<T>(hsum<T>(acc[i])) + tail;
+  }
+}
+
+// x[0:n] = exp(x[0:n]) for x <= 0 (softmax's shifted logits). float: eight lanes at a time,
+// Cephes' expf (2^k times a degree-7 polynomial on |r| <= ln(2) / 2, ~1 ulp); the scalar
+// expf per logit was half of the kernel's forward at MMoE's dense 8 x 8 gates. Inputs below
+// -87 give exp(-87) ~ 1.6e-38 instead of a smaller number or 0 (a weight next to >= 1).
+// double: std::exp.
+MTLFAST_INLINE void exp_nonpositive(float* x, int64_t n) {
+  using V = Vec<float>::type;
+  typedef int32_t VI __attribute__((vector_size(32), aligned(4)));
+  constexpr int W = Vec<float>::lanes;
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    V v = vload(x + i);
+    v = v < -87.0f ? V{} - 87.0f : v;
+    const V t = v * 1.44269504088896341f;  // x / ln 2, then k = round(x / ln 2)
+    VI k = __builtin_convertvector(t + (t < 0.0f ? V{} - 0.5f : V{} + 0.5f), VI);
+    const V kf = __builtin_convertvector(k, V);
+    const V r = v - kf * 0.693359375f + kf * 2.12194440e-4f;
+    V p = V{} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const VI bits = (k + 127) << 23;
+    V scale;
+    __builtin_memcpy(&scale, &bits, sizeof(scale));
+    vstore(x + i, p * scale);
+  }
+  for (; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
+MTLFAST_INLINE void exp_nonpositive(double* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
+template <typename T>
+MTLFAST_CLONES void gated_forward_rows(const T* lp, int64_t lstride, const T* hp, int64_t he,
+                                       int64_t hb, T* pp, T* zp, const Gates& gs, int64_t D,
+                                       int64_t begin, int64_t end) {
+  for (int64_t b = begin; b < end; ++b) {
+    const T* l = lp + b * lstride;
+    T* p = pp + b * gs.N;
+    for (int64_t g = 0; g < gs.G; ++g) {  // p = logits - the gate's max
+      const int64_t a = gs.off[g], n = gs.off[g + 1] - a;
+      T m = l[a];
+      for (int64_t j = 1; j < n; ++j) m = std::max(m, l[a + j]);
+      for (int64_t j = 0; j < n; ++j) p[a + j] = l[a + j] - m;
+    }
+    exp_nonpositive(p, gs.N);  // the whole row's gates at once
+    for (int64_t g = 0; g < gs.G; ++g) {
+      const int64_t a = gs.off[g], n = gs.off[g + 1] - a;
+      T s = 0;
+      for (int64_t j = 0; j < n; ++j) s += p[a + j];
+      const T inv = T(1) / s;
+      for (int64_t j = 0; j < n; ++j) p[a + j] *= inv;
+      axpy_gather(zp + (b * gs.G + g) * D, p, gs.iota.data() + a, hp + b * hb,
+                  gs.expert.data() + a, he, n, D);
+    }
+  }
+}
+
+template <typename T>
+MTLFAST_CLONES void gated_backward_rows(const T* zp, int64_t zt, int64_t zb, const T* pp,
+                                        const T* hp, int64_t he, int64_t hb, T* dlp, T* dhp,
+                                        const Gates& gs, int64_t E, int64_t D, int64_t begin,
+                                        int64_t end) {
+  std::vector<T> dp(gs.N);
+  const int64_t* ex = gs.expert.data();
+  for (int64_t b = begin; b < end; ++b) {
+    const T* p = pp + b * gs.N;
+    const T* h = hp + b * hb;
+    if (dlp) {  // dl = p * (dp - <p, dp>), dp[j] = <dz[g], h[experts[j]]>
+      T* dl = dlp + b * gs.N;
+      for (int64_t g = 0; g < gs.G; ++g) {
+        const T* dz = zp + g * zt + b * zb;
+        const int64_t a = gs.off[g], e = gs.off[g + 1];
+        int64_t j = a;
+        for (; j + 4 <= e; j += 4) dots_gather<T, 4>(&dp[j], dz, h, ex + j, he, D);
+        for (; j < e; ++j) dots_gather<T, 1>(&dp[j], dz, h, ex + j, he, D);
+        T s = 0;
+        for (j = a; j < e; ++j) s += p[j] * dp[j];
+        for (j = a; j < e; ++j) dl[j] = p[j] * (dp[j] - s);
+      }
+    }
+    if (dhp) {  // dh[e] = sum over expert e's columns j of p[j] dz[g(j)], written once
+      T* dh = dhp + b * E * D;
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t a = gs.eoff[e];
+        axpy_gather(dh + e * D, p, gs.ecol.data() + a, zp + b * zb, gs.egate.data() + a, zt,
+                    gs.eoff[e + 1] - a, D);
+      }
+    }
+  }
+}
+
+void check_gated(const Tensor& l, const Tensor& h) {
+  TORCH_CHECK(l.dim() == 2 && h.dim() == 3 && h.size(1) == l.size(0),
+              "gated_mixture_cpu: logits must be (B, N) and h (E, B, D)");
+  TORCH_CHECK(l.scalar_type() == h.scalar_type() &&
+                  (l.scalar_type() == at::kFloat || l.scalar_type() == at::kDouble),
+              "gated_mixture_cpu: logits and h must both be float32 or both float64");
+  TORCH_CHECK(l.device().is_cpu() && h.device().is_cpu(), "gated_mixture_cpu: CPU tensors only");
+}
+
+// Returns z (G, B, D), a view of a (B, G, D) buffer, and the probabilities p (B, N).
+std::tuple<Tensor, Tensor> gated_mixture_cpu(const Tensor& logits_in, const Tensor& h_in,
+                                             const Tensor& experts, at::IntArrayRef sizes) {
+  check_gated(logits_in, h_in);
+  const Tensor l = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
+  const Tensor h = unit_last(h_in);
+  const Gates gs = gates_of(experts, sizes, h.size(0));
+  TORCH_CHECK(l.size(1) == gs.N, "gated_mixture_cpu: logits must have one column per gate entry");
+  const int64_t B = l.size(0), D = h.size(2);
+  Tensor z = at::empty({B, gs.G, D}, h.options());
+  Tensor p = at::empty({B, gs.N}, h.options());
+  AT_DISPATCH_FLOATING_TYPES(l.scalar_type(), "gated_mixture_cpu", [&] {
+    const scalar_t* lp = l.data_ptr<scalar_t>();
+    const scalar_t* hp = h.data_ptr<scalar_t>();
+    scalar_t* pp = p.data_ptr<scalar_t>();
+    scalar_t* zp = z.data_ptr<scalar_t>();
+    at::parallel_for(0, B, kGrain, [&](int64_t begin, int64_t end) {
+      gated_forward_rows<scalar_t>(lp, l.stride(0), hp, h.stride(0), h.stride(1), pp, zp, gs, D,
+                                   begin, end);
+    });
+  });
+  return {z.transpose(0, 1), p};
+}
+
+// Returns dlogits (B, N) and dh (E, B, D), a view of a (B, E, D) buffer (empty when not asked).
+std::tuple<Tensor, Tensor> gated_mixture_backward_cpu(const Tensor& dz_in, const Tensor& p,
+                                                      const Tensor& h_in, const Tensor& experts,
+                                                      at::IntArrayRef sizes, bool need_logits,
+                                                      bool need_h) {
+  check_gated(p, h_in);
+  TORCH_CHECK(p.is_contiguous(), "gated_mixture_backward_cpu: p must be contiguous");
+  const Tensor h = unit_last(h_in), dz = unit_last(dz_in);
+  const int64_t B = p.size(0), E = h.size(0), D = h.size(2);
+  const Gates gs = gates_of(experts, sizes, E);
+  TORCH_CHECK(p.size(1) == gs.N && dz.dim() == 3 && dz.size(0) == gs.G && dz.size(1) == B &&
+                  dz.size(2) == D && dz.scalar_type() == p.scalar_type(),
+              "gated_mixture_backward_cpu: dz must be (G, B, D) and p (B, N) of h's dtype");
+  Tensor dl = at::empty(need_logits ? at::IntArrayRef{B, gs.N} : at::IntArrayRef{0}, p.options());
+  Tensor dh = at::empty(need_h ? at::IntArrayRef{B, E, D} : at::IntArrayRef{0}, h.options());
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "gated_mixture_backward_cpu", [&] {
+    scalar_t* dlp = need_logits ? dl.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dhp = need_h ? dh.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* zp = dz.data_ptr<scalar_t>();
+    const scalar_t* pp = p.data_ptr<scalar_t>();
+    const scalar_t* hp = h.data_ptr<scalar_t>();
+    at::parallel_for(0, B, kGrain, [&](int64_t begin, int64_t end) {
+      gated_backward_rows<scalar_t>(zp, dz.stride(0), dz.stride(1), pp, hp, h.stride(0),
+                                    h.stride(1), dlp, dhp, gs, E, D, begin, end);
+    });
+  });
+  return {dl, need_h ? dh.transpose(0, 1) : dh};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mtlfast, m) {
   m.def("mixture_cpu(Tensor g, Tensor h) -> Tensor");
   m.def("mixture_backward_cpu(Tensor dz, Tensor g, Tensor h, bool need_g, bool need_h) "
         "-> (Tensor, Tensor)");
+  m.def("gated_mixture_cpu(Tensor logits, Tensor h, Tensor experts, int[] sizes) "
+        "-> (Tensor, Tensor)");
+  m.def("gated_mixture_backward_cpu(Tensor dz, Tensor p, Tensor h, Tensor experts, int[] sizes, "
+        "bool need_logits, bool need_h) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mtlfast, CPU, m) {
   m.impl("mixture_cpu", &mixture_cpu);
   m.impl("mixture_backward_cpu", &mixture_backward_cpu);
+  m.impl("gated_mixture_cpu", &gated_mixture_cpu);
+  m.impl("gated_mixture_backward_cpu", &gated_mixture_backward_cpu);
 }
 
 }  // namespace mtlfast

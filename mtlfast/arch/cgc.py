@@ -37,7 +37,6 @@ import torch
 from torch import nn
 
 from .._interop import Interop
-from ..ops.mixture import mixture
 from ._common import (
     bank_blocks,
     flatten_input,
@@ -87,7 +86,8 @@ class _Level(nn.Module):
         if any(not s for s in select):
             raise ValueError("a task with no specific experts needs num_shared >= 1")
         self.gates = GateBank(in_features, select, E, grouped=grouped, bias=gate_bias, **f,
-                              shared=[g for g, r in enumerate(gate_reach) if r == everyone])
+                              shared=[g for g, r in enumerate(gate_reach) if r == everyone],
+                              skip_inputs=int(grouped and not shared_gate))
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """The parameters of this level every task reaches (see ``level_reach``)."""
@@ -99,8 +99,7 @@ class _Level(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(M, K)`` (first level) or ``(T + 1, M, K)`` = [shared, task 0, ...]."""
         h = self.experts(x)
-        gate_in = x if not self.grouped or self.shared_gate else x[1:]
-        return mixture(self.gates(gate_in), h), h
+        return self.gates.mix(x, h), h
 
     def blocks(self, tasks, prefix: str, loop_prefix: str):
         names = [f"{loop_prefix}experts_shared.{j}." for j in range(self.num_shared)]

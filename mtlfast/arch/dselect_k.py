@@ -43,6 +43,7 @@ from torch import nn
 
 from .._interop import Interop
 from ..ops.grouped_linear import cast, grouped_linear
+from ..ops.mixture import mixture
 from ._common import bank_blocks, resolve_tasks
 from .experts import ExpertBank, expert_widths
 from .loops import smooth_step
@@ -106,6 +107,9 @@ class DSelectK(Interop, nn.Module):
         selector = selector[..., :self.experts.num_experts]  # (M, T, k, E)
         w = torch.softmax(logits[:, T * k * nb:].reshape(M, T, k), dim=-1)
         return cast(torch.einsum("mtk,mtke->tme", w, selector), x.dtype)
+
+    def _mix(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return mixture(self.gates(x), h)
 
     # The same block around other gates: experts, gates(x), one mixture; experts shared.
     forward = MMoE.forward

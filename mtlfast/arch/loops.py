@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.gated_mixture import top_k_mask
 from ._common import level_reach, resolve_tasks, specific_counts
 from .experts import expert_widths, make_expert, normalize_activation
-from .gates import check_top_k, top_k_mask
+from .gates import check_top_k
 
 __all__ = ["CGCLoop", "DSelectKLoop", "MMoELoop", "PLELoop", "TopKSoftmax", "smooth_step"]
 

@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from .._interop import Interop
-from ..ops.mixture import mixture
 from ._common import bank_blocks, flatten_input, gate_blocks, resolve_tasks
 from .experts import ExpertBank, expert_widths
 from .gates import GateBank
@@ -74,8 +73,11 @@ class MMoE(Interop, nn.Module):
         x2, batch = flatten_input(type(self).__name__, x, self.in_features,
                                   self.experts.weight0)
         h = self.experts(x2)
-        z = mixture(self.gates(x2), h).reshape(len(self.tasks), *batch, self.out_features)
+        z = self._mix(x2, h).reshape(len(self.tasks), *batch, self.out_features)
         return (z, h) if return_experts else z
+
+    def _mix(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self.gates.mix(x, h)
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """The experts, which every task mixes (LibMTL's ``get_share_params``): pass them as

@@ -9,7 +9,12 @@
   Gram and on a batch (of 64 on CUDA);
 - ``grouped_linear`` (the fused heads' layers, forward): a dense first layer with ReLU vs
   ``torch._addmm_activation`` and ``addmm`` + ``relu_``; ragged second layers vs one
-  zero-padded ``bmm`` and a loop of ``addmm`` (the choices its torch dispatch makes).
+  zero-padded ``bmm`` and a loop of ``addmm`` (the choices its torch dispatch makes);
+- ``mixture`` / ``gated_mixture`` (the expert blocks' mixtures, forward + backward):
+  ``ops.mixture`` vs torch's batched ``bmm``; softmax gates and their mixture as one
+  ``ops.gated_mixture`` vs the unfused path (gate weights + ``ops.mixture``) and vs the torch
+  formulation (scatter, ``torch.softmax``, ``bmm``), on MMoE's dense gates and PLE's inner
+  level (a shared gate over all 9 experts, 8 task gates over 2).
 
 Each case's ``params["bytes"]`` is the memory its operation must move at least (G read, the
 output written), so a report can put a time next to its floor at the measured copy rate.
@@ -53,6 +58,18 @@ LINEAR: dict[str, dict[str, tuple[int, int, tuple[int, ...]]]] = {
               "layer 2 100x 64-1": (1024, 64, (1,) * 100)},
 }
 LINEAR["full"] = LINEAR["quick"]
+#: mixture cases: name -> (B, D, per-gate expert lists, E)
+_PLE_GATES = [list(range(9))] + [[0, t + 1] for t in range(8)]
+MIXTURES: dict[str, dict[str, tuple[int, int, list[list[int]], int]]] = {
+    "tiny": {"MMoE 3 gates x 4 experts": (8, 6, [list(range(4))] * 3, 4),
+             "PLE inner 3 gates": (8, 6, [[0, 1, 2], [0, 1], [0, 2]], 3)},
+    "quick": {"MMoE 8x8 D=128": (2048, 128, [list(range(8))] * 8, 8),
+              "MMoE 8x8 D=32": (2048, 32, [list(range(8))] * 8, 8),
+              "PLE inner 9 gates D=32": (2048, 32, _PLE_GATES, 9),
+              "PLE inner 9 gates D=128": (2048, 128, _PLE_GATES, 9),
+              "MMoE 40x8 B=256 D=64": (256, 64, [list(range(8))] * 40, 8)},
+}
+MIXTURES["full"] = MIXTURES["quick"]
 
 
 def _sizes(cfg: Config) -> dict[str, Any]:
@@ -161,6 +178,47 @@ def _grouped_linear(batch: int, k: int, widths: tuple[int, ...], device: torch.d
                 dim=1))]
 
 
+def _mixtures(B: int, D: int, select: list[list[int]], E: int, device: torch.device
+              ) -> tuple[list[Contender], list[Contender]]:
+    """(mixture contenders, gated_mixture contenders), forward + backward."""
+    from ..ops.gated_mixture import gate_positions, gate_weights, gated_mixture
+    from ..ops.mixture import mixture
+
+    G = len(select)
+    experts = torch.tensor([e for s in select for e in s], device=device)
+    sizes = [len(s) for s in select]
+    logits = _randn((B, sum(sizes)), device).requires_grad_()
+    h = _randn((B, E, D), device, seed=1).transpose(0, 1).requires_grad_()
+    dz = _randn((G, B, D), device, seed=2)
+    positions = gate_positions(experts, sizes, E)
+    g = gate_weights(logits.detach(), positions, G, E).requires_grad_()
+
+    def fwd_bwd(fn: Callable[[], torch.Tensor], inputs: tuple[torch.Tensor, ...]
+                ) -> Callable[[], tuple[torch.Tensor, ...]]:
+        def run() -> tuple[torch.Tensor, ...]:
+            z = fn()
+            return (z.detach(), *torch.autograd.grad(z, inputs, dz))
+        return run
+
+    def bmm_mixture(w: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(w.transpose(0, 1), h.transpose(0, 1)).transpose(0, 1)
+
+    def torch_gates() -> torch.Tensor:
+        z = logits if positions is None else logits.new_full(
+            (B, G * E), float("-inf")).index_copy(1, positions, logits)
+        return torch.softmax(z.view(B, G, E), dim=-1).transpose(0, 1)
+
+    plain = [Contender("mtlfast", reference=True, run=fwd_bwd(lambda: mixture(g, h), (g, h))),
+             Contender("torch bmm", run=fwd_bwd(lambda: bmm_mixture(g), (g, h)))]
+    gated = [Contender("mtlfast", reference=True, run=fwd_bwd(
+                 lambda: gated_mixture(logits, h, experts, sizes, positions), (logits, h))),
+             Contender("unfused (gate weights + ops.mixture)", run=fwd_bwd(
+                 lambda: mixture(gate_weights(logits, positions, G, E), h), (logits, h))),
+             Contender("torch (softmax + bmm)", run=fwd_bwd(
+                 lambda: bmm_mixture(torch_gates()), (logits, h)))]
+    return plain, gated
+
+
 def _solver_pairs(K: torch.Tensor) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
     """name -> (mtlfast's solver, the torch reference it is checked against)."""
     from ..ops import solvers
@@ -234,6 +292,12 @@ def cases(cfg: Config) -> Iterator[Case]:
                    {"B": batch, "in": k, "widths": list(widths), "T": len(widths)},
                    headline=label.startswith("layer 2 ragged"),
                    build=lambda b=batch, k=k, w=widths: _grouped_linear(b, k, w, device))
+    for label, (B, D, select, E) in MIXTURES[cfg.sizes].items():
+        params = {"B": B, "D": D, "G": len(select), "E": E, "N": sum(map(len, select))}
+        for i, op in enumerate(("mixture", "gated_mixture")):
+            yield Case("ops", op, label, params, rtol=1e-4, headline=label.startswith("PLE"),
+                       build=lambda B=B, D=D, s=select, E=E, i=i: _mixtures(B, D, s, E,
+                                                                          device)[i])
     probe = torch.zeros(1, 1, 1, dtype=torch.float64)
     for name in _solver_pairs(probe):
         for T in sizes["solver_T"]:

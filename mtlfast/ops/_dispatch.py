@@ -43,6 +43,9 @@ mixture                   triton                        cpu (fp32/fp64,     one 
 expert_mlp                torch (bmm, grouped GEMM)     cpu (eager, ReLU    MKL per expert,
                                                         or none, large      cache-resident
                                                         GEMMs), else torch  elementwise
+gated_mixture             torch (gate weights +         cpu (eager,         softmax and only
+                          mixture)                      fp32/fp64, >= 256   the gates'
+                                                        rows), else torch   experts per row
 ========================  ============================  ==================  =================
 
 "cuda"/"cpu" need the compiled extension with that kernel (``mtlfast._ext``); without it the
@@ -79,7 +82,8 @@ CUDA_SOLVER_MAX_T = 64
 EXPERT_KERNEL_MIN_MACS = 1 << 22
 
 # Name of each op's kernel under torch.ops.mtlfast when it differs from the op's name.
-_KERNEL_NAME = {"combine": "combine_", "mixture": "mixture_cpu"}
+_KERNEL_NAME = {"combine": "combine_", "mixture": "mixture_cpu",
+                "gated_mixture": "gated_mixture_cpu"}
 
 
 def _kernel(op: str, t: torch.Tensor, device_type: str) -> bool:
@@ -156,6 +160,13 @@ RULES: dict[str, tuple[tuple[str, Rule], ...]] = {
          and t.shape[1] >= 256 and not is_legacy_batchedtensor(t) and _kernel(op, t, "cpu")),
         ("torch", lambda op, t, f: not _ext.has_triton() or is_legacy_batchedtensor(t)),
         ("triton", lambda op, t, f: t.is_cuda or (t.device.type == "cpu" and _triton_cpu())),
+        ("torch", lambda op, t, f: True)),
+    # softmax gates and their mixture: the C++ kernel for plain eager fp32/fp64 CPU calls of
+    # >= 256 rows (the mixture's rule); else the unfused path ("torch": the gate weights and
+    # the mixture op, which dispatches on its own)
+    "gated_mixture": (
+        ("cpu", lambda op, t, f: f["eager"] and t.dtype in (torch.float32, torch.float64)
+         and not _triton_cpu() and t.shape[0] >= 256 and _kernel(op, t, "cpu")),
         ("torch", lambda op, t, f: True)),
 }
 

@@ -263,9 +263,10 @@ def test_each_layer_is_one_gemm_for_all_experts(monkeypatch):
     monkeypatch.setattr(experts, "backend", lambda *a, **k: "torch")
     counts = _op_counts(m, x)
     assert "mtlfast::expert_mlp" not in counts
-    # layer 1 (addmm), layer 2 (baddbmm), the gates (addmm), the mixture (bmm, or its C++
-    # kernel from 256 rows)
-    assert sum(counts.get(k, 0) for k in (*_GEMMS, "mtlfast::mixture_cpu")) == 4, counts
+    # layer 1 (addmm), layer 2 (baddbmm), the gates (addmm), the mixture (bmm, or the C++
+    # gated-mixture kernel from 256 rows)
+    mixers = ("mtlfast::mixture_cpu", "mtlfast::gated_mixture_cpu")
+    assert sum(counts.get(k, 0) for k in (*_GEMMS, *mixers)) == 4, counts
 
 
 @pytest.mark.parametrize("name", ["mmoe", "cgc", "ple", "dselect", "mmoe_E1_T1"])
