@@ -99,6 +99,18 @@ std::vector<Tensor> expert_mlp_cpu(const Tensor& x, at::TensorList weights,
   return outs;
 }
 
+// Scratch buffer i (0 or 1) of at least n elements, kept per thread across calls: a fresh
+// buffer of this size comes from mmap and costs a page fault per 4 KB on first touch (a
+// quarter of the backward's time outside its GEMMs at 64-wide experts).
+Tensor scratch(int i, int64_t n, const at::TensorOptions& options) {
+  thread_local Tensor kept[2];
+  Tensor& t = kept[i];
+  if (!t.defined() || t.numel() < n || t.dtype() != options.dtype() ||
+      t.storage().use_count() > 1)
+    t = at::empty({n}, options);
+  return t.narrow(0, 0, n);
+}
+
 // Returns [dx, dW (depth x parts, shaped as weights), db (as biases)]; dx is an empty tensor
 // unless need_x.
 std::vector<Tensor> expert_mlp_backward_cpu(const Tensor& dy, const Tensor& x,
@@ -129,8 +141,8 @@ std::vector<Tensor> expert_mlp_backward_cpu(const Tensor& dy, const Tensor& x,
   int64_t widest = 0;
   for (int64_t w : bank.widths) widest = std::max(widest, w);
   // masked: the gradient at layer l's pre-activation; carried: at its output
-  Tensor masked_buf = at::empty({M * widest}, dy.options());
-  Tensor carried_buf = at::empty({M * widest}, dy.options());
+  Tensor masked_buf = scratch(0, M * widest, dy.options());
+  Tensor carried_buf = scratch(1, M * widest, dy.options());
   for (int64_t e = 0; e < bank.E; ++e) {
     Tensor carried = dy.select(0, e);
     for (int64_t l = bank.depth - 1; l >= 0; --l) {

@@ -344,8 +344,8 @@ MTLFAST_CLONES void gated_forward_rows(const T* lp, int64_t lstride, const T* hp
 template <typename T>
 MTLFAST_CLONES void gated_backward_rows(const T* zp, int64_t zt, int64_t zb, const T* pp,
                                         const T* hp, int64_t he, int64_t hb, T* dlp, T* dhp,
-                                        const Gates& gs, int64_t E, int64_t D, int64_t begin,
-                                        int64_t end) {
+                                        const Gates& gs, int64_t E, int64_t B, int64_t D,
+                                        int64_t begin, int64_t end) {
   std::vector<T> dp(gs.N);
   const int64_t* ex = gs.expert.data();
   for (int64_t b = begin; b < end; ++b) {
@@ -365,11 +365,10 @@ MTLFAST_CLONES void gated_backward_rows(const T* zp, int64_t zt, int64_t zb, con
       }
     }
     if (dhp) {  // dh[e] = sum over expert e's columns j of p[j] dz[g(j)], written once
-      T* dh = dhp + b * E * D;
       for (int64_t e = 0; e < E; ++e) {
         const int64_t a = gs.eoff[e];
-        axpy_gather(dh + e * D, p, gs.ecol.data() + a, zp + b * zb, gs.egate.data() + a, zt,
-                    gs.eoff[e + 1] - a, D);
+        axpy_gather(dhp + (e * B + b) * D, p, gs.ecol.data() + a, zp + b * zb,
+                    gs.egate.data() + a, zt, gs.eoff[e + 1] - a, D);
       }
     }
   }
@@ -408,7 +407,7 @@ std::tuple<Tensor, Tensor> gated_mixture_cpu(const Tensor& logits_in, const Tens
   return {z.transpose(0, 1), p};
 }
 
-// Returns dlogits (B, N) and dh (E, B, D), a view of a (B, E, D) buffer (empty when not asked).
+// Returns dlogits (B, N) and dh (E, B, D), contiguous (empty when not asked).
 std::tuple<Tensor, Tensor> gated_mixture_backward_cpu(const Tensor& dz_in, const Tensor& p,
                                                       const Tensor& h_in, const Tensor& experts,
                                                       at::IntArrayRef sizes, bool need_logits,
@@ -422,7 +421,8 @@ std::tuple<Tensor, Tensor> gated_mixture_backward_cpu(const Tensor& dz_in, const
                   dz.size(2) == D && dz.scalar_type() == p.scalar_type(),
               "gated_mixture_backward_cpu: dz must be (G, B, D) and p (B, N) of h's dtype");
   Tensor dl = at::empty(need_logits ? at::IntArrayRef{B, gs.N} : at::IntArrayRef{0}, p.options());
-  Tensor dh = at::empty(need_h ? at::IntArrayRef{B, E, D} : at::IntArrayRef{0}, h.options());
+  // dh expert-major: the experts' backward reads one expert's (B, D) slice at a time
+  Tensor dh = at::empty(need_h ? at::IntArrayRef{E, B, D} : at::IntArrayRef{0}, h.options());
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "gated_mixture_backward_cpu", [&] {
     scalar_t* dlp = need_logits ? dl.data_ptr<scalar_t>() : nullptr;
     scalar_t* dhp = need_h ? dh.data_ptr<scalar_t>() : nullptr;
@@ -431,10 +431,10 @@ std::tuple<Tensor, Tensor> gated_mixture_backward_cpu(const Tensor& dz_in, const
     const scalar_t* hp = h.data_ptr<scalar_t>();
     at::parallel_for(0, B, kGrain, [&](int64_t begin, int64_t end) {
       gated_backward_rows<scalar_t>(zp, dz.stride(0), dz.stride(1), pp, hp, h.stride(0),
-                                    h.stride(1), dlp, dhp, gs, E, D, begin, end);
+                                    h.stride(1), dlp, dhp, gs, E, B, D, begin, end);
     });
   });
-  return {dl, need_h ? dh.transpose(0, 1) : dh};
+  return {dl, dh};
 }
 
 }  // namespace
