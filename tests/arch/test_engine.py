@@ -50,24 +50,27 @@ def _expected_upgrad(block, heads, x, y):
 @pytest.mark.parametrize("kernels", [False, True])
 def test_upgrad_matches_the_definition(kind, mode, kernels, monkeypatch):
     """``kernels``: 300 rows and the expert kernel's size threshold lowered, so the C++ expert
-    and mixture kernels run (their backward under the engine's batched gradients too)."""
+    and gated-mixture kernels run (their backward under the engine's batched gradients too)."""
     import mtlfast.arch.experts as experts
     from mtlfast import _ext
     from mtlfast.ops import _dispatch
 
     if kernels and not _ext.has_cpu_kernels():
         pytest.skip("needs the C++ extension")
-    calls = []
+    calls, gated = [], []
     if kernels:
         monkeypatch.setattr(_dispatch, "EXPERT_KERNEL_MIN_MACS", 0)
         real = experts.expert_mlp
         monkeypatch.setattr(experts, "expert_mlp", lambda *a: calls.append(1) or real(*a))
+        real_gated = torch.ops.mtlfast.gated_mixture_cpu
+        monkeypatch.setattr(torch.ops.mtlfast, "gated_mixture_cpu",
+                            lambda *a: gated.append(1) or real_gated(*a), raising=False)
     block, heads, x, y = _model(kind, 300 if kernels else 16)
     want = _expected_upgrad(block, heads, x, y)
     _zero(block, heads)
     losses, _, _ = _losses(block, heads, x, y)
     mtlfast.backward(losses, shared=block, method=UPGrad(), mode=mode)
-    assert bool(calls) == kernels
+    assert bool(calls) == kernels and bool(gated) == kernels
     got = [p.grad for p in [*block.parameters(), *heads.parameters()]]
     for g, w in zip(got, want, strict=True):
         assert rel_err(g, w) < 1e-4
@@ -100,11 +103,16 @@ def test_features_mode_with_the_per_task_representation():
     assert rel_err(info.weights, inv / inv.sum()) < 1e-4
 
 
-def test_features_mode_with_the_experts_outputs():
+@pytest.mark.parametrize("rows", [16, 300])
+def test_features_mode_with_the_experts_outputs(rows, monkeypatch):
     """features=h (E, B, D): with the whole block as shared, its gates sit between h and the
     losses and the engine refuses; with the experts as shared (the gates get their ordinary
-    gradients, like heads) the Gram of dL/dh couples the tasks."""
-    block, heads, x, y = _model()
+    gradients, like heads) the Gram of dL/dh couples the tasks. From 256 rows the gated-mixture
+    kernel runs (its backward under batched feature gradients): the same Gram as the unfused
+    path."""
+    import mtlfast.ops.gated_mixture as gm
+
+    block, heads, x, y = _model(rows=rows)
     losses, _, h = _losses(block, heads, x, y)
     with pytest.raises(ValueError, match="between the features and the losses"):
         mtlfast.backward(losses, shared=block, method=MGDA(), features=h, mode="features")
@@ -116,3 +124,8 @@ def test_features_mode_with_the_experts_outputs():
     assert info.mode == "features" and (K - torch.diag(torch.diagonal(K))).abs().max() > 0
     for p in [*block.parameters(), *heads.parameters()]:
         assert p.grad is not None and torch.isfinite(p.grad).all()
+    monkeypatch.setattr(gm, "backend", lambda *a, **k: "torch")
+    losses, _, h = _losses(block, heads, x, y)
+    unfused = mtlfast.backward(losses, shared=block.experts, method=UPGrad(), features=h,
+                               mode="features")
+    assert rel_err(K, unfused.gram) < 1e-5

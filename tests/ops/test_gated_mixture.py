@@ -311,3 +311,20 @@ def test_cuda_public_op_matches_reference(name, dtype):
     assert rel_err(z, z_ref) < TOL[dtype] and rel_err(h.grad, dh_ref) < TOL[dtype]
     assert (logits.grad.double().cpu() - dl_ref).norm() <= TOL[dtype] * max(
         dl_ref.norm().item(), 1.0)
+
+
+@pytest.mark.parametrize("B", [6, 300])
+def test_non_finite_logits_propagate_to_their_rows_only(B):
+    """A NaN or +-inf logit gives NaN in its own gate's output rows (as torch.softmax does),
+    nothing else changes, nothing crashes."""
+    (logits, h, _), experts, sizes = _inputs("cgc", B, 9, torch.float32)
+    bad = logits.clone()
+    bad[1, 0] = float("nan")
+    bad[2, 4] = float("inf")
+    bad[3, sizes[0] + sizes[1]:] = float("-inf")  # a whole gate at -inf
+    z = gm.gated_mixture(bad, h, experts, sizes)
+    ref = gm.gated_mixture_reference(bad.double(), h.double(), experts, sizes)
+    assert torch.equal(torch.isnan(z), torch.isnan(ref))
+    assert torch.isnan(z[0, 1]).all() and torch.isnan(z[1, 2]).all() and torch.isnan(z[2, 3]).all()
+    ok = ~torch.isnan(ref)
+    assert rel_err(z[ok], ref[ok]) < 1e-5
