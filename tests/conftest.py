@@ -27,6 +27,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+def count_calls(monkeypatch, owner, name: str) -> list:
+    """Patch ``owner.name`` (a module function or a ``torch.ops.mtlfast`` kernel) to record
+    each call in the returned list, then run the real one: which kernel a dispatch picked."""
+    calls: list = []
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a: calls.append(1) or real(*a), raising=False)
+    return calls
+
+
 def devices():
     """CPU always, CUDA when present (the CUDA case carries the cuda mark)."""
     return ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]

@@ -36,23 +36,25 @@ void check(const Tensor& g, const Tensor& h) {
 // h, dz: the last dimension contiguous (the inner loops run over it)
 Tensor unit_last(const Tensor& t) { return t.stride(2) == 1 ? t : t.contiguous(); }
 
-// out[0:D] = sum_e w[e] rows[e][0:D], four vectors of out at a time (four independent FMA
-// chains: one accumulator per vector left the loop waiting on FMA latency, 2x slower).
+// out[0:D] = sum_j w[widx[j]] rows[ridx[j]][0:D] (rows: base + ridx * rstride), four vectors
+// of out at a time (four independent FMA chains: one accumulator per vector left the loop
+// waiting on FMA latency, 2x slower). The index lists give both mixtures' access patterns:
+// strided (every gate over every expert) and gathered (a gate's own experts).
 template <typename T>
-MTLFAST_INLINE void axpy_rows(T* out, const T* w, int64_t wstride, const T* rows,
-                              int64_t rstride, int64_t E, int64_t D) {
+MTLFAST_INLINE void axpy_gather(T* out, const T* w, const int64_t* widx, const T* base,
+                                const int64_t* ridx, int64_t rstride, int64_t n, int64_t D) {
   using V = typename Vec<T>::type;
   constexpr int W = Vec<T>::lanes;
   int64_t d = 0;
   for (; d + 4 * W <= D; d += 4 * W) {
     V a0 = V{}, a1 = V{}, a2 = V{}, a3 = V{};
-    for (int64_t e = 0; e < E; ++e) {
-      const T we = w[e * wstride];
-      const T* r = rows + e * rstride + d;
-      a0 += we * vload(r);
-      a1 += we * vload(r + W);
-      a2 += we * vload(r + 2 * W);
-      a3 += we * vload(r + 3 * W);
+    for (int64_t j = 0; j < n; ++j) {
+      const T wj = w[widx[j]];
+      const T* r = base + ridx[j] * rstride + d;
+      a0 += wj * vload(r);
+      a1 += wj * vload(r + W);
+      a2 += wj * vload(r + 2 * W);
+      a3 += wj * vload(r + 3 * W);
     }
     vstore(out + d, a0);
     vstore(out + d + W, a1);
@@ -61,34 +63,45 @@ MTLFAST_INLINE void axpy_rows(T* out, const T* w, int64_t wstride, const T* rows
   }
   for (; d + W <= D; d += W) {
     V acc = V{};
-    for (int64_t e = 0; e < E; ++e) acc += w[e * wstride] * vload(rows + e * rstride + d);
+    for (int64_t j = 0; j < n; ++j) acc += w[widx[j]] * vload(base + ridx[j] * rstride + d);
     vstore(out + d, acc);
   }
   for (; d < D; ++d) {
     T acc = 0;
-    for (int64_t e = 0; e < E; ++e) acc += w[e * wstride] * rows[e * rstride + d];
+    for (int64_t j = 0; j < n; ++j) acc += w[widx[j]] * base[ridx[j] * rstride + d];
     out[d] = acc;
   }
 }
 
-// out[e * ostride] = <z, rows[e]> for e < n (n <= 4): one pass over z for four dot products.
+// out[i] = <z, rows[idx[i]]> for i < N (N <= 4): one pass over z for four dot products.
 template <typename T, int N>
-MTLFAST_INLINE void dots(T* out, int64_t ostride, const T* z, const T* rows, int64_t rstride,
-                         int64_t D) {
+MTLFAST_INLINE void dots_gather(T* out, const T* z, const T* base, const int64_t* idx,
+                                int64_t rstride, int64_t D) {
   using V = typename Vec<T>::type;
   constexpr int W = Vec<T>::lanes;
+  const T* rows[N];
   V acc[N];
-  for (int i = 0; i < N; ++i) acc[i] = V{};
+  for (int i = 0; i < N; ++i) {
+    rows[i] = base + idx[i] * rstride;
+    acc[i] = V{};
+  }
   int64_t d = 0;
   for (; d + W <= D; d += W) {
     const V zv = vload(z + d);
-    for (int i = 0; i < N; ++i) acc[i] += zv * vload(rows + i * rstride + d);
+    for (int i = 0; i < N; ++i) acc[i] += zv * vload(rows[i] + d);
   }
   for (int i = 0; i < N; ++i) {
     T tail = 0;
-    for (int64_t t = d; t < D; ++t) tail += z[t] * rows[i * rstride + t];
-    out[i * ostride] = static_cast<T>(hsum<T>(acc[i])) + tail;
+    for (int64_t t = d; t < D; ++t) tail += z[t] * rows[i][t];
+    out[i] = static_cast<T>(hsum<T>(acc[i])) + tail;
   }
+}
+
+// 0, step, 2 step, ... (n of them): the index list of a strided access
+std::vector<int64_t> strided(int64_t n, int64_t step) {
+  std::vector<int64_t> v(n);
+  for (int64_t i = 0; i < n; ++i) v[i] = i * step;
+  return v;
 }
 
 struct Strides {
@@ -98,16 +111,19 @@ struct Strides {
 template <typename T>
 MTLFAST_CLONES void forward_rows(const T* gp, const T* hp, T* zp, Strides s, int64_t T_,
                                  int64_t E, int64_t D, int64_t begin, int64_t end) {
+  const std::vector<int64_t> ge = strided(E, s.ge), experts = strided(E, 1);
   for (int64_t b = begin; b < end; ++b)
     for (int64_t t = 0; t < T_; ++t)  // z: (B, T, D) contiguous
-      axpy_rows(zp + (b * T_ + t) * D, gp + t * s.gt + b * s.gb, s.ge, hp + b * s.hb, s.he, E,
-                D);
+      axpy_gather(zp + (b * T_ + t) * D, gp + t * s.gt + b * s.gb, ge.data(), hp + b * s.hb,
+                  experts.data(), s.he, E, D);
 }
 
 template <typename T>
 MTLFAST_CLONES void backward_rows(const T* zp, const T* gp, const T* hp, T* dgp, T* dhp,
                                   Strides s, int64_t T_, int64_t E, int64_t D, int64_t begin,
                                   int64_t end) {
+  const std::vector<int64_t> experts = strided(E, 1), gt = strided(T_, s.gt),
+                             tasks = strided(T_, 1);
   for (int64_t b = begin; b < end; ++b) {
     if (dgp) {  // (B, T, E) contiguous
       for (int64_t t = 0; t < T_; ++t) {
@@ -115,14 +131,14 @@ MTLFAST_CLONES void backward_rows(const T* zp, const T* gp, const T* hp, T* dgp,
         T* out = dgp + (b * T_ + t) * E;
         const T* h = hp + b * s.hb;
         int64_t e = 0;
-        for (; e + 4 <= E; e += 4) dots<T, 4>(out + e, 1, z, h + e * s.he, s.he, D);
-        for (; e < E; ++e) dots<T, 1>(out + e, 1, z, h + e * s.he, s.he, D);
+        for (; e + 4 <= E; e += 4) dots_gather<T, 4>(out + e, z, h, experts.data() + e, s.he, D);
+        for (; e < E; ++e) dots_gather<T, 1>(out + e, z, h, experts.data() + e, s.he, D);
       }
     }
     if (dhp) {  // (B, E, D) contiguous: dh[e, b] = sum_t g[t, b, e] dz[t, b]
       for (int64_t e = 0; e < E; ++e)
-        axpy_rows(dhp + (b * E + e) * D, gp + b * s.gb + e * s.ge, s.gt, zp + b * s.zb, s.zt,
-                  T_, D);
+        axpy_gather(dhp + (b * E + e) * D, gp + b * s.gb + e * s.ge, gt.data(), zp + b * s.zb,
+                    tasks.data(), s.zt, T_, D);
     }
   }
 }
@@ -218,65 +234,6 @@ Gates gates_of(const Tensor& experts, at::IntArrayRef sizes, int64_t E) {
     }
   }
   return gs;
-}
-
-// out[0:D] = sum_j w[widx[j]] rows[ridx[j]][0:D] (rows: base + ridx * rstride), four vectors
-// of out at a time as axpy_rows.
-template <typename T>
-MTLFAST_INLINE void axpy_gather(T* out, const T* w, const int64_t* widx, const T* base,
-                                const int64_t* ridx, int64_t rstride, int64_t n, int64_t D) {
-  using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::lanes;
-  int64_t d = 0;
-  for (; d + 4 * W <= D; d += 4 * W) {
-    V a0 = V{}, a1 = V{}, a2 = V{}, a3 = V{};
-    for (int64_t j = 0; j < n; ++j) {
-      const T wj = w[widx[j]];
-      const T* r = base + ridx[j] * rstride + d;
-      a0 += wj * vload(r);
-      a1 += wj * vload(r + W);
-      a2 += wj * vload(r + 2 * W);
-      a3 += wj * vload(r + 3 * W);
-    }
-    vstore(out + d, a0);
-    vstore(out + d + W, a1);
-    vstore(out + d + 2 * W, a2);
-    vstore(out + d + 3 * W, a3);
-  }
-  for (; d + W <= D; d += W) {
-    V acc = V{};
-    for (int64_t j = 0; j < n; ++j) acc += w[widx[j]] * vload(base + ridx[j] * rstride + d);
-    vstore(out + d, acc);
-  }
-  for (; d < D; ++d) {
-    T acc = 0;
-    for (int64_t j = 0; j < n; ++j) acc += w[widx[j]] * base[ridx[j] * rstride + d];
-    out[d] = acc;
-  }
-}
-
-// out[i] = <z, rows[idx[i]]> for i < N (N <= 4): one pass over z for four dot products.
-template <typename T, int N>
-MTLFAST_INLINE void dots_gather(T* out, const T* z, const T* base, const int64_t* idx,
-                                int64_t rstride, int64_t D) {
-  using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::lanes;
-  const T* rows[N];
-  V acc[N];
-  for (int i = 0; i < N; ++i) {
-    rows[i] = base + idx[i] * rstride;
-    acc[i] = V{};
-  }
-  int64_t d = 0;
-  for (; d + W <= D; d += W) {
-    const V zv = vload(z + d);
-    for (int i = 0; i < N; ++i) acc[i] += zv * vload(rows[i] + d);
-  }
-  for (int i = 0; i < N; ++i) {
-    T tail = 0;
-    for (int64_t t = d; t < D; ++t) tail += z[t] * rows[i][t];
-    out[i] = static_cast<T>(hsum<T>(acc[i])) + tail;
-  }
 }
 
 // x[0:n] = exp(x[0:n]) for x <= 0 (softmax's shifted logits). float: eight lanes at a time,

@@ -12,7 +12,7 @@ import torch
 from mtlfast import FusedHeads, _ext
 from mtlfast.arch import CGC, PLE, DSelectK, MMoE
 from mtlfast.arch.experts import ExpertBank
-from tests.conftest import rel_err
+from tests.conftest import count_calls, rel_err
 
 K = 12
 
@@ -301,9 +301,7 @@ def test_expert_kernel_path_matches_loop(name, monkeypatch):
     from mtlfast.ops import _dispatch
 
     monkeypatch.setattr(_dispatch, "EXPERT_KERNEL_MIN_MACS", 0)
-    calls = []
-    real = experts.expert_mlp
-    monkeypatch.setattr(experts, "expert_mlp", lambda *a: calls.append(1) or real(*a))
+    calls = count_calls(monkeypatch, experts, "expert_mlp")
     fused = _model(name, torch.float64)
     loop = fused.unfuse()
     x = torch.randn(300, K, dtype=torch.float64, requires_grad=True)
