@@ -274,8 +274,8 @@ MTLFAST_INLINE void exp_nonpositive(double* x, int64_t n) {
 
 template <typename T>
 MTLFAST_CLONES void gated_forward_rows(const T* lp, int64_t lstride, const T* hp, int64_t he,
-                                       int64_t hb, T* pp, T* zp, const Gates& gs, int64_t D,
-                                       int64_t begin, int64_t end) {
+                                       int64_t hb, T* pp, T* zp, int64_t zg, int64_t zb,
+                                       const Gates& gs, int64_t D, int64_t begin, int64_t end) {
   for (int64_t b = begin; b < end; ++b) {
     const T* l = lp + b * lstride;
     T* p = pp + b * gs.N;
@@ -292,7 +292,7 @@ MTLFAST_CLONES void gated_forward_rows(const T* lp, int64_t lstride, const T* hp
       for (int64_t j = 0; j < n; ++j) s += p[a + j];
       const T inv = T(1) / s;
       for (int64_t j = 0; j < n; ++j) p[a + j] *= inv;
-      axpy_gather(zp + (b * gs.G + g) * D, p, gs.iota.data() + a, hp + b * hb,
+      axpy_gather(zp + g * zg + b * zb, p, gs.iota.data() + a, hp + b * hb,
                   gs.expert.data() + a, he, n, D);
     }
   }
@@ -340,16 +340,22 @@ void check_gated(const Tensor& l, const Tensor& h) {
   TORCH_CHECK(l.device().is_cpu() && h.device().is_cpu(), "gated_mixture_cpu: CPU tensors only");
 }
 
-// Returns z (G, B, D), a view of a (B, G, D) buffer, and the probabilities p (B, N).
+// Returns z (G, B, D) and the probabilities p (B, N). z is contiguous (gate-major) with
+// gate_major, else a view of a (B, G, D) buffer: the layout of a PLE inner level's mixture,
+// which the next level's gates read as one (B, G * D) matrix. Gate-major suits the consumers
+// of a block's output (per-task heads and losses: a loop definition's torch.stack is
+// contiguous too, and elementwise ops across the two layouts ran 3-4x slower).
 std::tuple<Tensor, Tensor> gated_mixture_cpu(const Tensor& logits_in, const Tensor& h_in,
-                                             const Tensor& experts, at::IntArrayRef sizes) {
+                                             const Tensor& experts, at::IntArrayRef sizes,
+                                             bool gate_major) {
   check_gated(logits_in, h_in);
   const Tensor l = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
   const Tensor h = unit_last(h_in);
   const Gates gs = gates_of(experts, sizes, h.size(0));
   TORCH_CHECK(l.size(1) == gs.N, "gated_mixture_cpu: logits must have one column per gate entry");
   const int64_t B = l.size(0), D = h.size(2);
-  Tensor z = at::empty({B, gs.G, D}, h.options());
+  Tensor z = gate_major ? at::empty({gs.G, B, D}, h.options())
+                        : at::empty({B, gs.G, D}, h.options()).transpose(0, 1);
   Tensor p = at::empty({B, gs.N}, h.options());
   AT_DISPATCH_FLOATING_TYPES(l.scalar_type(), "gated_mixture_cpu", [&] {
     const scalar_t* lp = l.data_ptr<scalar_t>();
@@ -357,11 +363,11 @@ std::tuple<Tensor, Tensor> gated_mixture_cpu(const Tensor& logits_in, const Tens
     scalar_t* pp = p.data_ptr<scalar_t>();
     scalar_t* zp = z.data_ptr<scalar_t>();
     at::parallel_for(0, B, kGrain, [&](int64_t begin, int64_t end) {
-      gated_forward_rows<scalar_t>(lp, l.stride(0), hp, h.stride(0), h.stride(1), pp, zp, gs, D,
-                                   begin, end);
+      gated_forward_rows<scalar_t>(lp, l.stride(0), hp, h.stride(0), h.stride(1), pp, zp,
+                                   z.stride(0), z.stride(1), gs, D, begin, end);
     });
   });
-  return {z.transpose(0, 1), p};
+  return {z, p};
 }
 
 // Returns dlogits (B, N) and dh (E, B, D), contiguous (empty when not asked).
@@ -400,8 +406,8 @@ TORCH_LIBRARY_FRAGMENT(mtlfast, m) {
   m.def("mixture_cpu(Tensor g, Tensor h) -> Tensor");
   m.def("mixture_backward_cpu(Tensor dz, Tensor g, Tensor h, bool need_g, bool need_h) "
         "-> (Tensor, Tensor)");
-  m.def("gated_mixture_cpu(Tensor logits, Tensor h, Tensor experts, int[] sizes) "
-        "-> (Tensor, Tensor)");
+  m.def("gated_mixture_cpu(Tensor logits, Tensor h, Tensor experts, int[] sizes, "
+        "bool gate_major) -> (Tensor, Tensor)");
   m.def("gated_mixture_backward_cpu(Tensor dz, Tensor p, Tensor h, Tensor experts, int[] sizes, "
         "bool need_logits, bool need_h) -> (Tensor, Tensor)");
 }

@@ -99,7 +99,8 @@ class _Level(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(M, K)`` (first level) or ``(T + 1, M, K)`` = [shared, task 0, ...]."""
         h = self.experts(x)
-        return self.gates.mix(x, h), h
+        # an inner level's mixture row-major (the next level's gates read it as one matrix)
+        return self.gates.mix(x, h, gate_major=not self.shared_gate), h
 
     def blocks(self, tasks, prefix: str, loop_prefix: str):
         names = [f"{loop_prefix}experts_shared.{j}." for j in range(self.num_shared)]

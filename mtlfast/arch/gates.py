@@ -245,15 +245,17 @@ class GateBank(nn.Module):
         z = self.logits(cast(x, compute_dtype("GateBank", x, self.ref)))
         return gate_weights(z, self._positions, len(self.sizes), self.num_experts, self.top_k)
 
-    def mix(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    def mix(self, x: torch.Tensor, h: torch.Tensor, gate_major: bool = True) -> torch.Tensor:
         """``(G, M, D)``: gate g's mixture of the experts' outputs ``h`` (E, M, D), as
         ``mixture(self(x), h)``; dense softmax gates run as one ``gated_mixture`` op (on the
-        CPU: the softmax and the gate's own experts per row, never the (G, M, E) weights)."""
+        CPU: the softmax and the gate's own experts per row, never the (G, M, E) weights;
+        ``gate_major``: its output layout, see ``gated_mixture``)."""
         z = self.logits(cast(x, compute_dtype("GateBank", x, self.ref)))
         if self.top_k is not None:
             return mixture(gate_weights(z, self._positions, len(self.sizes), self.num_experts,
                                         self.top_k), h)
-        return mix(z, cast(h, z.dtype), self._experts, list(self.sizes), self._positions)
+        return mix(z, cast(h, z.dtype), self._experts, list(self.sizes), self._positions,
+                   gate_major)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, gates={len(self.sizes)}, " \

@@ -126,8 +126,8 @@ def _check(logits: object, h: object, experts: object, sizes: Sequence[int]) -> 
 
 class _GatedMixture(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, h, experts, sizes, positions):
-        z, p = torch.ops.mtlfast.gated_mixture_cpu(logits, h, experts, sizes)
+    def forward(ctx, logits, h, experts, sizes, positions, gate_major):
+        z, p = torch.ops.mtlfast.gated_mixture_cpu(logits, h, experts, sizes, gate_major)
         ctx.meta = (sizes, positions)
         ctx.save_for_backward(p, h, experts)
         return z
@@ -143,7 +143,7 @@ class _GatedMixture(torch.autograd.Function):
         else:
             dl, dh = torch.ops.mtlfast.gated_mixture_backward_cpu(dz, p, h, experts, sizes,
                                                                    need_l, need_h)
-        return (dl if need_l else None), (dh if need_h else None), None, None, None
+        return (dl if need_l else None), (dh if need_h else None), None, None, None, None
 
 
 def _backward_torch(dz, p, h, positions, G: int, need_l: bool, need_h: bool):
@@ -167,20 +167,25 @@ def _backward_torch(dz, p, h, positions, G: int, need_l: bool, need_h: bool):
 
 
 def gated_mixture(logits: torch.Tensor, h: torch.Tensor, experts: torch.Tensor,
-                  sizes: Sequence[int], positions: torch.Tensor | None = None) -> torch.Tensor:
+                  sizes: Sequence[int], positions: torch.Tensor | None = None,
+                  gate_major: bool = True) -> torch.Tensor:
     """``(G, B, D)`` mixtures of softmax gates (module docstring). ``positions``: the
     ``gate_positions`` of ``experts`` and ``sizes`` when the caller keeps them (else computed).
+    ``gate_major``: the C++ kernel's output layout, contiguous (default) or a transposed view
+    of a row-major (B, G, D) buffer (False: a PLE inner level's, read by the next level's
+    gates as one (B, G * D) matrix); the unfused path returns the mixture op's layout.
     ValueError / TypeError for shapes, dtypes, devices or expert indices that do not fit."""
     _check(logits, h, experts, sizes)
     return mix(logits, h, experts, [int(n) for n in sizes],
-               gate_positions(experts, sizes, h.shape[0]) if positions is None else positions)
+               gate_positions(experts, sizes, h.shape[0]) if positions is None else positions,
+               bool(gate_major))
 
 
 def mix(logits: torch.Tensor, h: torch.Tensor, experts: torch.Tensor, sizes: list[int],
-        positions: torch.Tensor | None) -> torch.Tensor:
+        positions: torch.Tensor | None, gate_major: bool = True) -> torch.Tensor:
     """``gated_mixture`` without the checks, for callers that validated their gates once
     (``GateBank``; the checks read ``experts`` on the host)."""
     E = h.shape[0]
     if backend(_OP, logits, eager=_eager(logits, h)) == "cpu":
-        return _GatedMixture.apply(logits, h, experts, sizes, positions)
+        return _GatedMixture.apply(logits, h, experts, sizes, positions, gate_major)
     return mixture(gate_weights(logits, positions, len(sizes), E), h)

@@ -71,9 +71,11 @@ cpp_available = pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="needs the
 def test_cpp_kernel_matches_reference(name, D, dtype, layout):
     (logits, h, dz), experts, sizes = _inputs(name, 19, D, dtype, layout)
     z_ref, dl_ref, dh_ref = _reference(logits, h, experts, sizes, dz)
-    z, p = torch.ops.mtlfast.gated_mixture_cpu(logits, h, experts, sizes)
-    assert z.shape == z_ref.shape and z.dtype == dtype
+    z, p = torch.ops.mtlfast.gated_mixture_cpu(logits, h, experts, sizes, True)
+    assert z.shape == z_ref.shape and z.dtype == dtype and z.is_contiguous()
     assert rel_err(z, z_ref) < TOL[dtype]
+    zt, pt = torch.ops.mtlfast.gated_mixture_cpu(logits, h, experts, sizes, False)
+    assert torch.equal(zt, z) and torch.equal(pt, p) and zt.transpose(0, 1).is_contiguous()
     dl, dh = torch.ops.mtlfast.gated_mixture_backward_cpu(dz, p, h, experts, sizes, True, True)
     assert dl.shape == logits.shape and dh.shape == h.shape
     # a one-column gate's logit has no gradient (its softmax is 1): compare absolutely
@@ -196,14 +198,14 @@ def test_cpp_kernel_rejects_bad_input():
     (logits, h, dz), experts, sizes = _inputs("cgc", 4, 5, torch.float32)
     op = torch.ops.mtlfast
     with pytest.raises(RuntimeError, match="float32 or both float64"):
-        op.gated_mixture_cpu(logits.half(), h.half(), experts, sizes)
+        op.gated_mixture_cpu(logits.half(), h.half(), experts, sizes, True)
     with pytest.raises(RuntimeError, match="out of range"):
-        op.gated_mixture_cpu(logits, h, experts + 1, sizes)
+        op.gated_mixture_cpu(logits, h, experts + 1, sizes, True)
     with pytest.raises(RuntimeError, match="one expert index per logit column"):
-        op.gated_mixture_cpu(logits, h, experts[:-1], sizes)
+        op.gated_mixture_cpu(logits, h, experts[:-1], sizes, True)
     with pytest.raises(RuntimeError, match="at least one column"):
-        op.gated_mixture_cpu(logits, h, experts, [*sizes, 0])
-    _, p = op.gated_mixture_cpu(logits, h, experts, sizes)
+        op.gated_mixture_cpu(logits, h, experts, [*sizes, 0], True)
+    _, p = op.gated_mixture_cpu(logits, h, experts, sizes, True)
     with pytest.raises(RuntimeError, match="dz must be"):
         op.gated_mixture_backward_cpu(dz[:, :, :3], p, h, experts, sizes, True, True)
 
