@@ -28,6 +28,8 @@ def _family(name: str) -> tuple[list[list[int]], int]:
         return [list(range(9))] + [[0, t + 1] for t in range(8)], 9
     if name == "ragged":  # permuted column orders, sizes 3, 1, 5, 2
         return [[4, 0, 2], [3], [1, 4, 0, 3, 2], [2, 1]], 5
+    if name == "many":  # 17 gates: their gradient rows 4 KB apart at B=32, D=32
+        return [[t % 4, (t + 1) % 4] for t in range(17)], 4
     if name == "one_column":
         return [[1], [0], [2]], 3
     return [[0]], 1  # E = 1
@@ -64,12 +66,13 @@ cpp_available = pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="needs the
 
 
 @cpp_available
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", [*FAMILIES, "many"])
 @pytest.mark.parametrize("D", [1, 7, 32, 37, 130])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("layout", ["arch", "strided"])
 def test_cpp_kernel_matches_reference(name, D, dtype, layout):
-    (logits, h, dz), experts, sizes = _inputs(name, 19, D, dtype, layout)
+    (logits, h, dz), experts, sizes = _inputs(name, 32 if name == "many" else 19, D, dtype,
+                                              layout)
     z_ref, dl_ref, dh_ref = _reference(logits, h, experts, sizes, dz)
     z, p = torch.ops.mtlfast.gated_mixture_cpu(logits, h, experts, sizes, True)
     assert z.shape == z_ref.shape and z.dtype == dtype and z.is_contiguous()

@@ -121,8 +121,10 @@ def _cpp_backward(dz, g, h):
 
 # D across the kernel's 4-vector blocks, single vectors and the scalar tail
 @cpp_available
+# (16, 16, 5, 64), (20, 32, 3, 32): 16+ gradient rows 4 KB apart, copied row-major inside
 @pytest.mark.parametrize("shape", SHAPES + [(9, 40, 9, 128), (40, 7, 8, 64), (2, 3, 5, 37),
-                                            (4, 2, 6, 8), (6, 5, 3, 33)])
+                                            (4, 2, 6, 8), (6, 5, 3, 33), (16, 16, 5, 64),
+                                            (20, 32, 3, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("layout", ["arch", "contiguous"])
 def test_cpp_kernel_matches_reference(shape, dtype, layout):
