@@ -174,7 +174,9 @@ def gated_mixture(logits: torch.Tensor, h: torch.Tensor, experts: torch.Tensor,
     ``gate_major``: the C++ kernel's output layout, contiguous (default) or a transposed view
     of a row-major (B, G, D) buffer (False: a PLE inner level's, read by the next level's
     gates as one (B, G * D) matrix); the unfused path returns the mixture op's layout.
-    ValueError / TypeError for shapes, dtypes, devices or expert indices that do not fit."""
+    ValueError / TypeError for shapes, dtypes, devices or expert indices that do not fit (the
+    index checks read ``experts`` on the host: one sync for CUDA tensors; ``GateBank`` checks
+    its gates once and calls the op without them)."""
     _check(logits, h, experts, sizes)
     return mix(logits, h, experts, [int(n) for n in sizes],
                gate_positions(experts, sizes, h.shape[0]) if positions is None else positions,
