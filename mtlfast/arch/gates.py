@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..ops.gated_mixture import gate_weights, mix
+from ..ops.gated_mixture import gate_positions, gate_weights, mix
 from ..ops.grouped_linear import cast, grouped_linear
 from ..ops.mixture import mixture
 from .experts import compute_dtype
@@ -38,6 +38,10 @@ __all__ = ["GateBank"]
 #: Largest dense multiply-adds per row (``G * K * sum n_g``) of the block-diagonal grouped-gate
 #: GEMM; beyond it (many tasks: the waste grows as G^2) the per-group GEMMs.
 _BLOCK_DIAGONAL_MAX = 1 << 13
+
+
+def _to(t: torch.Tensor | None, device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
 
 
 def check_top_k(top_k: object, num_experts: int) -> int | None:
@@ -107,15 +111,15 @@ class GateBank(nn.Module):
                                     if bias else None)
         # the stored parts concatenate in gate order when the shared gates come first
         self._prefix = self.shared == tuple(range(len(self.shared)))
-        full = all(s == tuple(range(self.num_experts)) for s in self.select)
-        pos = [g * self.num_experts + e for g, s in enumerate(self.select) for e in s]
-        # flat (gate, expert) position of each logit column; None when every gate is dense
-        self.register_buffer("_positions", None if full else torch.tensor(pos, device=device),
+        # the expert each logit column weighs, and its flat (gate, expert) position (None
+        # when every gate is dense)
+        experts = torch.tensor([e for s in self.select for e in s])
+        self.register_buffer("_experts", experts.to(device), persistent=False)
+        self.register_buffer("_positions", _to(gate_positions(experts, self.sizes,
+                                                              self.num_experts), device),
                              persistent=False)
-        # the expert each logit column weighs
-        self.register_buffer("_experts", torch.tensor([e for s in self.select for e in s],
-                                                      device=device), persistent=False)
-        self._diag_cache: dict[torch.device, torch.Tensor] = {}
+        self.register_buffer("_diagonal", _to(self._diagonal_positions() if grouped else None,
+                                              device), persistent=False)
         self.reset_parameters()
 
     @property
@@ -195,8 +199,7 @@ class GateBank(nn.Module):
                 # products at 2048 rows, whose batched GEMMs of a few columns run far from
                 # the FMA peak, and its input gradient needs no slice backward
                 N = sum(self.sizes)
-                wd = w_flat.new_zeros(x.shape[0] * K * N).index_copy(
-                    0, self._diagonal_positions(x.device), w_flat)
+                wd = w_flat.new_zeros(x.shape[0] * K * N).index_copy(0, self._diagonal, w_flat)
                 xv = x.transpose(0, 1).reshape(x.shape[1], x.shape[0] * K)
                 wd = wd.view(x.shape[0] * K, N)
                 return torch.addmm(b_flat, xv, wd) if b_flat is not None else xv @ wd
@@ -223,21 +226,17 @@ class GateBank(nn.Module):
         return (x.device.type == "cpu" and x.stride(2) == 1 and x.stride(0) == K
                 and G * K * sum(self.sizes) <= _BLOCK_DIAGONAL_MAX)
 
-    def _diagonal_positions(self, device: torch.device) -> torch.Tensor:
+    def _diagonal_positions(self) -> torch.Tensor:
         """Flat positions in the ((S + G) * K, sum n_g) block-diagonal weight (S skipped
-        inputs) of the entries of the flat (n_g, K) gate blocks, in storage order (cached per
-        device)."""
-        cached = self._diag_cache.get(device)
-        if cached is None:
-            K, N = self.in_features, sum(self.sizes)
-            pos, col = [], 0
-            for g, n in enumerate(self.sizes, start=self.skip_inputs):
-                rows = torch.arange(g * K, (g + 1) * K)
-                cols = torch.arange(col, col + n)
-                pos.append((rows[None, :] * N + cols[:, None]).reshape(-1))  # (n, K) order
-                col += n
-            cached = self._diag_cache[device] = torch.cat(pos).to(device)
-        return cached
+        inputs) of the entries of the flat (n_g, K) gate blocks, in storage order."""
+        K, N = self.in_features, sum(self.sizes)
+        pos, col = [], 0
+        for g, n in enumerate(self.sizes, start=self.skip_inputs):
+            rows = torch.arange(g * K, (g + 1) * K)
+            cols = torch.arange(col, col + n)
+            pos.append((rows[None, :] * N + cols[:, None]).reshape(-1))  # (n, K) order
+            col += n
+        return torch.cat(pos)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Gate weights ``(G, M, E)`` (a transposed view of one ``(M, G, E)`` buffer), in the
