@@ -17,8 +17,12 @@
 // row-major blocks, part_sizes[p] experts; biases alike.
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
+#include <algorithm>
 #include <vector>
+
+#include "simd.h"
 
 namespace mtlfast {
 namespace {
@@ -78,6 +82,29 @@ struct Bank {
   }
 };
 
+// out = act(out + b) row by row, in one pass over the GEMM's output while it is in cache:
+// addmm_out would first copy the broadcast bias into the fresh (cache-cold) output, a pass
+// that cost 1.3 ms of the 22 ms PLE 64-32 step (18 experts x (2048, 64)).
+template <typename T>
+MTLFAST_CLONES void add_bias_act_rows(T* out, const T* b, int64_t M, int64_t N, bool relu) {
+  for (int64_t i = 0; i < M; ++i) {
+    T* row = out + i * N;
+    if (relu) {
+      for (int64_t j = 0; j < N; ++j) row[j] = std::max(row[j] + b[j], T(0));
+    } else {
+      for (int64_t j = 0; j < N; ++j) row[j] += b[j];
+    }
+  }
+}
+
+void add_bias_act(Tensor& out, const Tensor& b, bool relu) {
+  const Tensor bc = b.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "expert_mlp", [&] {
+    add_bias_act_rows<scalar_t>(out.data_ptr<scalar_t>(), bc.const_data_ptr<scalar_t>(),
+                                out.size(0), out.size(1), relu);
+  });
+}
+
 std::vector<Tensor> expert_mlp_cpu(const Tensor& x, at::TensorList weights,
                                    at::TensorList biases, at::IntArrayRef part_sizes,
                                    int64_t per_group, bool relu) {
@@ -91,8 +118,15 @@ std::vector<Tensor> expert_mlp_cpu(const Tensor& x, at::TensorList weights,
     Tensor in = bank.input(x, e);
     for (int64_t l = 0; l < bank.depth; ++l) {
       Tensor out = outs[l].select(0, e);
-      at::addmm_out(out, bank.bias(biases, l, e), in, bank.weight(weights, l, e).t());
-      if (relu) out.relu_();
+      Tensor b = bank.bias(biases, l, e);
+      if (out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble) {
+        at::mm_out(out, in, bank.weight(weights, l, e).t());
+        add_bias_act(out, b, relu);
+      } else {
+        // reduced precision: addmm rounds once, as F.linear does
+        at::addmm_out(out, b, in, bank.weight(weights, l, e).t());
+        if (relu) out.relu_();
+      }
       in = out;
     }
   }

@@ -15,6 +15,7 @@
 #include <tuple>
 #include <vector>
 
+#include "rows.h"
 #include "simd.h"
 
 namespace mtlfast {
@@ -44,74 +45,6 @@ Tensor spread_rows(const Tensor& dz) {
   const int64_t bytes = dz.stride(0) * static_cast<int64_t>(dz.element_size());
   if (dz.size(0) < 16 || dz.stride(0) <= dz.stride(1) || bytes % 4096 != 0) return dz;
   return dz.transpose(0, 1).contiguous().transpose(0, 1);
-}
-
-// out[0:D] = sum_j w[widx[j]] rows[ridx[j]][0:D] (rows: base + ridx * rstride), four vectors
-// of out at a time (four independent FMA chains: one accumulator per vector left the loop
-// waiting on FMA latency, 2x slower). The index lists give both mixtures' access patterns:
-// strided (every gate over every expert) and gathered (a gate's own experts).
-template <typename T>
-MTLFAST_INLINE void axpy_gather(T* out, const T* w, const int64_t* widx, const T* base,
-                                const int64_t* ridx, int64_t rstride, int64_t n, int64_t D) {
-  using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::lanes;
-  int64_t d = 0;
-  for (; d + 4 * W <= D; d += 4 * W) {
-    V a0 = V{}, a1 = V{}, a2 = V{}, a3 = V{};
-    for (int64_t j = 0; j < n; ++j) {
-      const T wj = w[widx[j]];
-      const T* r = base + ridx[j] * rstride + d;
-      a0 += wj * vload(r);
-      a1 += wj * vload(r + W);
-      a2 += wj * vload(r + 2 * W);
-      a3 += wj * vload(r + 3 * W);
-    }
-    vstore(out + d, a0);
-    vstore(out + d + W, a1);
-    vstore(out + d + 2 * W, a2);
-    vstore(out + d + 3 * W, a3);
-  }
-  for (; d + W <= D; d += W) {
-    V acc = V{};
-    for (int64_t j = 0; j < n; ++j) acc += w[widx[j]] * vload(base + ridx[j] * rstride + d);
-    vstore(out + d, acc);
-  }
-  for (; d < D; ++d) {
-    T acc = 0;
-    for (int64_t j = 0; j < n; ++j) acc += w[widx[j]] * base[ridx[j] * rstride + d];
-    out[d] = acc;
-  }
-}
-
-// out[i] = <z, rows[idx[i]]> for i < N (N <= 4): one pass over z for four dot products.
-template <typename T, int N>
-MTLFAST_INLINE void dots_gather(T* out, const T* z, const T* base, const int64_t* idx,
-                                int64_t rstride, int64_t D) {
-  using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::lanes;
-  const T* rows[N];
-  V acc[N];
-  for (int i = 0; i < N; ++i) {
-    rows[i] = base + idx[i] * rstride;
-    acc[i] = V{};
-  }
-  int64_t d = 0;
-  for (; d + W <= D; d += W) {
-    const V zv = vload(z + d);
-    for (int i = 0; i < N; ++i) acc[i] += zv * vload(rows[i] + d);
-  }
-  for (int i = 0; i < N; ++i) {
-    T tail = 0;
-    for (int64_t t = d; t < D; ++t) tail += z[t] * rows[i][t];
-    out[i] = static_cast<T>(hsum<T>(acc[i])) + tail;
-  }
-}
-
-// 0, step, 2 step, ... (n of them): the index list of a strided access
-std::vector<int64_t> strided(int64_t n, int64_t step) {
-  std::vector<int64_t> v(n);
-  for (int64_t i = 0; i < n; ++i) v[i] = i * step;
-  return v;
 }
 
 struct Strides {

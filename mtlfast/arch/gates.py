@@ -1,11 +1,10 @@
 """GateBank: the softmax gates of all tasks of a level, their logits as one GEMM.
 
 Gate ``g`` is LibMTL's ``nn.Sequential(nn.Linear(K, n_g), nn.Softmax(-1))`` over the experts
-it mixes (``select[g]``, in its column order). The logits of all gates are one
-GEMM: one dense GEMM when every gate reads the same input; when gate ``g`` reads its own
-``x[g]`` (PLE's inner levels), one per-task grouped GEMM, or on the CPU, for few narrow gates
-over an ``x`` that is a transposed view of a row-major (M, G, K) buffer (an inner level's
-mixture), one dense GEMM of the (M, G * K) view against the block-diagonal weight.
+it mixes (``select[g]``, in its column order). The logits of all gates are one op: one
+dense GEMM when every gate reads the same input; when gate ``g`` reads its own ``x[g]``
+(PLE's levels past the first), ``mtlfast.ops.gate_logits`` (on the CPU one pass over the rows,
+no GEMMs of a few columns).
 
 ``forward`` returns the gate weights as one ``(G, M, E)`` tensor (a gate over a subset of the
 experts, CGC's and PLE's, is scattered among ``-inf`` logits, so one softmax gives exact
@@ -28,16 +27,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..ops.gate_logits import logits as gate_logits
 from ..ops.gated_mixture import gate_positions, gate_weights, mix
 from ..ops.grouped_linear import cast, grouped_linear
 from ..ops.mixture import mixture
 from .experts import compute_dtype
 
 __all__ = ["GateBank"]
-
-#: Largest dense multiply-adds per row (``G * K * sum n_g``) of the block-diagonal grouped-gate
-#: GEMM; beyond it (many tasks: the waste grows as G^2) the per-group GEMMs.
-_BLOCK_DIAGONAL_MAX = 1 << 13
 
 
 def _to(t: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -118,8 +114,6 @@ class GateBank(nn.Module):
         self.register_buffer("_positions", _to(gate_positions(experts, self.sizes,
                                                               self.num_experts), device),
                              persistent=False)
-        self.register_buffer("_diagonal", _to(self._diagonal_positions() if grouped else None,
-                                              device), persistent=False)
         self.reset_parameters()
 
     @property
@@ -181,9 +175,9 @@ class GateBank(nn.Module):
                     v.copy_(part.view_as(v))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """``(M, sum n_g)``: every gate's logits, one GEMM (on the CPU a plain ``addmm`` /
-        ``baddbmm`` under torch's autograd, as ``ExpertBank``'s CPU path: no custom-op or
-        ``autograd.Function`` cost, which shows at small batches)."""
+        """``(M, sum n_g)``: every gate's logits, one op (a shared input on the CPU: a plain
+        ``addmm`` under torch's autograd, no custom-op or ``autograd.Function`` cost, which
+        shows at small batches; grouped inputs: ``gate_logits``)."""
         K, G = self.in_features, len(self.sizes)
         w_flat, b_flat = self._flat("weight", x.dtype), self._flat("bias", x.dtype)
         if self.grouped:
@@ -191,52 +185,13 @@ class GateBank(nn.Module):
             if x.dim() != 3 or x.shape[0] != S + G or x.shape[2] != K:
                 raise ValueError(f"GateBank: x must be (G={S + G}, M, {K}), got "
                                  f"{tuple(x.shape)}")
-            if self._block_diagonal(x):
-                # x is a transposed view of a row-major (M, G, K) buffer (an inner PLE
-                # level's mixture): every gate at once as one dense GEMM on its (M, G * K)
-                # view against the block-diagonal weight (zero rows for skipped inputs);
-                # forward + backward measured 1.3-1.6x faster than a baddbmm of G width-2
-                # products at 2048 rows, whose batched GEMMs of a few columns run far from
-                # the FMA peak, and its input gradient needs no slice backward
-                N = sum(self.sizes)
-                wd = w_flat.new_zeros(x.shape[0] * K * N).index_copy(0, self._diagonal, w_flat)
-                xv = x.transpose(0, 1).reshape(x.shape[1], x.shape[0] * K)
-                wd = wd.view(x.shape[0] * K, N)
-                return torch.addmm(b_flat, xv, wd) if b_flat is not None else xv @ wd
-            x = x[S:]
-            if x.device.type == "cpu" and len(set(self.sizes)) == 1:
-                n, M = self.sizes[0], x.shape[1]
-                w = w_flat.view(G, n, K).transpose(1, 2)
-                y = torch.baddbmm(b_flat.view(G, 1, n), x, w) if b_flat is not None \
-                    else torch.bmm(x, w)
-                return y.transpose(0, 1).reshape(M, G * n)
-            return grouped_linear(x, w_flat, b_flat, [K] * G, list(self.sizes), per_task=True)
+            return gate_logits(x, w_flat, b_flat, list(self.sizes), S)
         if x.dim() != 2 or x.shape[1] != K:
             raise ValueError(f"GateBank: x must be (M, {K}), got {tuple(x.shape)}")
         if x.device.type == "cpu":
             w = w_flat.view(sum(self.sizes), K).t()
             return torch.addmm(b_flat, x, w) if b_flat is not None else x @ w
         return grouped_linear(x, w_flat, b_flat, [K], [sum(self.sizes)])
-
-    def _block_diagonal(self, x: torch.Tensor) -> bool:
-        """The dense block-diagonal GEMM for grouped CPU gates: x viewable as (M, G * K) and
-        a dense GEMM (G times the useful multiply-adds, G counting skipped inputs) of at most
-        ``_BLOCK_DIAGONAL_MAX`` multiply-adds per row."""
-        G, K = x.shape[0], x.shape[2]
-        return (x.device.type == "cpu" and x.stride(2) == 1 and x.stride(0) == K
-                and G * K * sum(self.sizes) <= _BLOCK_DIAGONAL_MAX)
-
-    def _diagonal_positions(self) -> torch.Tensor:
-        """Flat positions in the ((S + G) * K, sum n_g) block-diagonal weight (S skipped
-        inputs) of the entries of the flat (n_g, K) gate blocks, in storage order."""
-        K, N = self.in_features, sum(self.sizes)
-        pos, col = [], 0
-        for g, n in enumerate(self.sizes, start=self.skip_inputs):
-            rows = torch.arange(g * K, (g + 1) * K)
-            cols = torch.arange(col, col + n)
-            pos.append((rows[None, :] * N + cols[:, None]).reshape(-1))  # (n, K) order
-            col += n
-        return torch.cat(pos)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Gate weights ``(G, M, E)`` (a transposed view of one ``(M, G, E)`` buffer), in the

@@ -46,6 +46,9 @@ expert_mlp                torch (bmm, grouped GEMM)     cpu (eager, ReLU    MKL 
 gated_mixture             torch (gate weights +         cpu (eager,         softmax and only
                           mixture)                      fp32/fp64, >= 256   the gates'
                                                         rows), else torch   experts per row
+gate_logits               torch (grouped_linear)        cpu (eager,         a row's gates
+                                                        fp32/fp64), else    from cache, no
+                                                        torch (baddbmm)     few-column GEMMs
 ========================  ============================  ==================  =================
 
 "cuda"/"cpu" need the compiled extension with that kernel (``mtlfast._ext``); without it the
@@ -83,7 +86,7 @@ EXPERT_KERNEL_MIN_MACS = 1 << 22
 
 # Name of each op's kernel under torch.ops.mtlfast when it differs from the op's name.
 _KERNEL_NAME = {"combine": "combine_", "mixture": "mixture_cpu",
-                "gated_mixture": "gated_mixture_cpu"}
+                "gated_mixture": "gated_mixture_cpu", "gate_logits": "gate_logits_cpu"}
 
 
 def _kernel(op: str, t: torch.Tensor, device_type: str) -> bool:
@@ -167,6 +170,12 @@ RULES: dict[str, tuple[tuple[str, Rule], ...]] = {
     "gated_mixture": (
         ("cpu", lambda op, t, f: f["eager"] and t.dtype in (torch.float32, torch.float64)
          and not _triton_cpu() and t.shape[0] >= 256 and _kernel(op, t, "cpu")),
+        ("torch", lambda op, t, f: True)),
+    # grouped gates' logits (each gate on its own input): the C++ kernel for plain eager
+    # fp32/fp64 CPU calls, else torch's batched GEMMs
+    "gate_logits": (
+        ("cpu", lambda op, t, f: f["eager"] and t.dtype in (torch.float32, torch.float64)
+         and not _triton_cpu() and _kernel(op, t, "cpu")),
         ("torch", lambda op, t, f: True)),
 }
 
