@@ -3,8 +3,8 @@
 // E experts of one shape: layer l of expert e is h_l[e] = act(h_{l-1}[e] W_l[e]^T + b_l[e]),
 // h_{-1}[e] the input (shared (M, K), or x[e / per_group] of a (G, M, K) input); act is ReLU
 // or the identity. The experts run one after the other, every layer of expert e before the
-// next expert, each layer one MKL GEMM (at::addmm_out / at::mm_out) into the expert's slice
-// of one (E, M, H_l) output, the activation applied to that slice while it is in cache.
+// next expert, each layer one MKL GEMM (at::mm_out) into the expert's slice of one
+// (E, M, H_l) output, the bias and activation added to that slice while it is in cache.
 //
 // Why not torch.bmm: on x86 torch sends fp32 bmm to oneDNN, measured 1.35x slower than MKL's
 // GEMM at the experts' sizes (9 x 2048 x 128 x 256, one thread); and an elementwise pass over
