@@ -232,3 +232,16 @@ def test_public_op_on_each_device(device, name, dtype):
     y_ref, (dx_ref, dw_ref, _) = _reference(x.cpu(), w.cpu(), b.cpu(), sizes, 1, dl.cpu())
     assert rel_err(y, y_ref) < TOL[dtype]
     assert rel_err(x.grad, dx_ref) < TOL[dtype] and rel_err(w.grad, dw_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("M, K", [(0, 5), (3, 0), (0, 0)])
+def test_empty_rows_or_width(M, K):
+    """No rows or zero-width inputs: the reference's shapes and values (logits = bias, zero
+    gradients), nothing crashes."""
+    x = torch.randn(3, M, K, requires_grad=True)
+    w, b = torch.randn(3 * K, requires_grad=True), torch.randn(3, requires_grad=True)
+    y = gl.gate_logits(x, w, b, [1, 2], 1)
+    y.sum().backward()
+    assert torch.equal(y, gl.gate_logits_reference(x, w, b, [1, 2], 1))
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape
+    assert torch.equal(b.grad, torch.full((3,), float(M)))
