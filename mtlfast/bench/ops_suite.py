@@ -14,7 +14,9 @@
   ``ops.mixture`` vs torch's batched ``bmm``; softmax gates and their mixture as one
   ``ops.gated_mixture`` vs the unfused path (gate weights + ``ops.mixture``) and vs the torch
   formulation (scatter, ``torch.softmax``, ``bmm``), on MMoE's dense gates and PLE's inner
-  level (a shared gate over all 9 experts, 8 task gates over 2).
+  level (a shared gate over all 9 experts, 8 task gates over 2);
+- ``gate_logits`` (PLE's grouped gates, forward + backward): ``ops.gate_logits`` vs one dense
+  GEMM against the block-diagonal weight and vs one ``addmm`` per gate.
 
 Each case's ``params["bytes"]`` is the memory its operation must move at least (G read, the
 output written), so a report can put a time next to its floor at the measured copy rate.
@@ -70,6 +72,14 @@ MIXTURES: dict[str, dict[str, tuple[int, int, list[list[int]], int]]] = {
               "MMoE 40x8 B=256 D=64": (256, 64, [list(range(8))] * 40, 8)},
 }
 MIXTURES["full"] = MIXTURES["quick"]
+#: gate_logits cases: name -> (B, K, gate sizes, skipped inputs)
+GATES: dict[str, dict[str, tuple[int, int, list[int], int]]] = {
+    "tiny": {"PLE last level 3 gates": (8, 6, [2] * 3, 1)},
+    "quick": {"PLE last level 8 gates K=32": (2048, 32, [2] * 8, 1),
+              "PLE inner level 9 gates K=32": (2048, 32, [2] * 8 + [9], 0),
+              "PLE last level 8 gates K=128": (2048, 128, [2] * 8, 1)},
+}
+GATES["full"] = GATES["quick"]
 
 
 def _sizes(cfg: Config) -> dict[str, Any]:
@@ -219,6 +229,47 @@ def _mixtures(B: int, D: int, select: list[list[int]], E: int, device: torch.dev
     return plain, gated
 
 
+def _gate_logits(B: int, K: int, sizes: list[int], skip: int, device: torch.device
+                 ) -> list[Contender]:
+    """Grouped gates' logits over an inner level's mixture (a transposed view of a row-major
+    (B, skip + G, K) buffer), forward + backward: ``ops.gate_logits`` vs one dense GEMM of the
+    (B, (skip + G) K) view against the block-diagonal weight, and vs one ``addmm`` per gate."""
+    from ..ops.gate_logits import gate_logits
+
+    G, N = len(sizes), sum(sizes)
+    xb = _randn((B, skip + G, K), device).requires_grad_()
+    x = xb.transpose(0, 1)
+    w = _randn((N * K,), device, seed=1).requires_grad_()
+    b = _randn((N,), device, seed=2).requires_grad_()
+    dl = _randn((B, N), device, seed=3)
+    cols = torch.arange(N, device=device)
+    gate = torch.repeat_interleave(torch.arange(G, device=device),
+                                   torch.tensor(sizes, device=device))
+    rows = (skip + gate)[:, None] * K + torch.arange(K, device=device)  # (N, K)
+    diagonal = (rows * N + cols[:, None]).reshape(-1)  # w's entries in the (S+G)K x N weight
+    offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+
+    def fwd_bwd(fn: Callable[[], torch.Tensor]) -> Callable[[], tuple[torch.Tensor, ...]]:
+        def run() -> tuple[torch.Tensor, ...]:
+            y = fn()
+            return (y.detach(), *torch.autograd.grad(y, (xb, w, b), dl))
+        return run
+
+    def block_diagonal() -> torch.Tensor:
+        wd = w.new_zeros((skip + G) * K * N).index_copy(0, diagonal, w)
+        return torch.addmm(b, xb.reshape(B, -1), wd.view((skip + G) * K, N))
+
+    def addmm_loop() -> torch.Tensor:
+        return torch.cat([torch.addmm(b[o:e], x[skip + g], w[o * K:e * K].view(e - o, K).T)
+                          for g, (o, e) in enumerate(zip(offsets[:-1], offsets[1:],
+                                                          strict=True))], dim=1)
+
+    return [Contender("mtlfast", reference=True,
+                      run=fwd_bwd(lambda: gate_logits(x, w, b, sizes, skip))),
+            Contender("block-diagonal GEMM", run=fwd_bwd(block_diagonal)),
+            Contender("addmm per gate", run=fwd_bwd(addmm_loop))]
+
+
 def _solver_pairs(K: torch.Tensor) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
     """name -> (mtlfast's solver, the torch reference it is checked against)."""
     from ..ops import solvers
@@ -298,6 +349,11 @@ def cases(cfg: Config) -> Iterator[Case]:
             yield Case("ops", op, label, params, rtol=1e-4, headline=label.startswith("PLE"),
                        build=lambda B=B, D=D, s=select, E=E, i=i: _mixtures(B, D, s, E,
                                                                           device)[i])
+    for label, (B, K, gate_sizes, skip) in GATES[cfg.sizes].items():
+        yield Case("ops", "gate_logits", label,
+                   {"B": B, "K": K, "G": len(gate_sizes), "N": sum(gate_sizes), "skip": skip},
+                   rtol=1e-4, headline=label.startswith("PLE last level 8 gates K=32"),
+                   build=lambda B=B, K=K, s=gate_sizes, k=skip: _gate_logits(B, K, s, k, device))
     probe = torch.zeros(1, 1, 1, dtype=torch.float64)
     for name in _solver_pairs(probe):
         for T in sizes["solver_T"]:
