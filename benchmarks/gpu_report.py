@@ -27,25 +27,82 @@ import torch
 
 Record = dict[str, Any]
 
-#: (what, applies to a record, the target's text, passes given (record, floor seconds))
-TARGETS: list[tuple[str, Callable[[Record], bool], str, Callable[[Record, float | None], bool]]]
+#: (what, applies to a record, the target's text, passes given (record, floor seconds, the
+#: records of the same case by contender)); a target no record applies to is "not measured"
+Passes = Callable[[Record, float | None, dict[str, Record]], bool]
+TARGETS: list[tuple[str, Callable[[Record], bool], str, Passes]]
+
+
+def _named(r: Record, contender: str, *models: str) -> bool:
+    """A record of the step suite's named models (``step_models``), of one contender."""
+    return (r["suite"] == "step" and r["contender"] == contender
+            and r["params"].get("model") in (models or ("resnet", "dense", "ranking")))
+
+
+def _ratio_to(other: str, key: str = "median_s") -> Callable[[Record, dict[str, Record]],
+                                                              float | None]:
+    """This record's ``key`` over the same case's ``other`` contender's."""
+    def ratio(r: Record, case: dict[str, Record]) -> float | None:
+        o = case.get(other)
+        if o is None or not o.get(key) or r.get(key) is None:
+            return None
+        return r[key] / o[key]
+    return ratio
+
+
+_vs_sum = _ratio_to("sum().backward()")
+_peak_vs_sum = _ratio_to("sum().backward()", "peak_bytes")
+
+
+def _at_most(ratio: float | None, bound: float) -> bool:
+    return ratio is not None and ratio <= bound
+
+
 TARGETS = [
     ("gram+combine within 1.25x of the memory floor",
      lambda r: r["suite"] == "ops" and r["method"] == "gram+combine" and r["reference"]
      and r["params"].get("dtype") == "float32" and r["params"]["P"] >= 10**7,
-     "<= 1.25x floor", lambda r, floor: floor is not None and r["median_s"] <= 1.25 * floor),
+     "<= 1.25x floor", lambda r, floor, case: floor is not None
+     and r["median_s"] <= 1.25 * floor),
     ("projection step within 1.3x of the memory floor",
      lambda r: r["suite"] == "methods" and r["method"] in ("PCGrad", "UPGrad")
      and r["reference"] and r["params"]["P"] >= 10**8,
-     "<= 1.3x floor", lambda r, floor: floor is not None and r["median_s"] <= 1.3 * floor),
+     "<= 1.3x floor", lambda r, floor, case: floor is not None
+     and r["median_s"] <= 1.3 * floor),
     ("PCGrad at least 5x faster than the pairwise loop",
      lambda r: r["suite"] == "methods" and r["contender"] == "pairwise loop"
      and r["params"]["P"] >= 10**8,
-     ">= 5x", lambda r, floor: r["speedup"] is not None and r["speedup"] >= 5.0),
-    ("one T=32 solve within 20 us",
-     lambda r: r["suite"] == "ops" and r["reference"] and r["params"].get("T") == 32
-     and r["params"].get("batch") == 1,
-     "<= 20 us", lambda r, floor: r["median_s"] <= 20e-6),
+     ">= 5x", lambda r, floor, case: r["speedup"] is not None and r["speedup"] >= 5.0),
+    ("UPGrad's T=32 solve within 20 us",
+     lambda r: r["suite"] == "ops" and r["reference"] and r["method"] == "nnqp x T (UPGrad)"
+     and r["params"].get("T") == 32 and r["params"].get("batch") == 1,
+     "<= 20 us", lambda r, floor, case: r["median_s"] <= 20e-6),
+    ("every other T=32 solve within 100 us",
+     lambda r: r["suite"] == "ops" and r["reference"] and r["method"] != "nnqp x T (UPGrad)"
+     and r["params"].get("T") == 32 and r["params"].get("batch") == 1,
+     "<= 100 us", lambda r, floor, case: r["median_s"] <= 100e-6),
+    ("(a) jacobian step at most 0.3x the per-task loop",
+     lambda r: _named(r, "per-task loop", "resnet"),
+     "loop / jacobian >= 3.33", lambda r, floor, case: r["speedup"] is not None
+     and r["speedup"] >= 1 / 0.3),
+    ("(c) jacobian step at most 0.2x the per-task loop",
+     lambda r: _named(r, "per-task loop", "ranking"),
+     "loop / jacobian >= 5", lambda r, floor, case: r["speedup"] is not None
+     and r["speedup"] >= 5.0),
+    ("at least 1.5x faster than torchjd on every model",
+     lambda r: _named(r, "torchjd"),
+     "torchjd / jacobian >= 1.5", lambda r, floor, case: r["speedup"] is not None
+     and r["speedup"] >= 1.5),
+    ("features mode at most 1.2x sum().backward()",
+     lambda r: _named(r, "mtlfast features"),
+     "features / sum <= 1.2", lambda r, floor, case: _at_most(_vs_sum(r, case), 1.2)),
+    ("gramian mode peak memory at most 1.5x sum().backward()'s",
+     lambda r: _named(r, "mtlfast gramian"),
+     "peak / sum's peak <= 1.5", lambda r, floor, case: _at_most(_peak_vs_sum(r, case), 1.5)),
+    ("(c) CUDA-graph replay at least 1.3x faster than the eager step",
+     lambda r: _named(r, "mtlfast CUDA graph", "ranking"),
+     "jacobian / replay >= 1.3", lambda r, floor, case: r["speedup"] is not None
+     and r["speedup"] <= 1 / 1.3),
 ]
 
 
@@ -141,19 +198,32 @@ def write_report(out: Path) -> int:
         detail = (t.get("status") or f"{t['passed']} passed, {t['failures']} failed, "
                   f"{t['errors']} errors, {t['skipped']} skipped")
         checks.append({"check": name, "ok": ok, "detail": detail})
+    cases: dict[tuple[str, str, str], dict[str, Record]] = {}
+    for r in records:
+        cases.setdefault((r["suite"], r["method"], r["case"]), {})[r["contender"]] = r
+    measured: set[str] = set()
     for r in records:
         if r["status"] == "error" or (r["status"] == "differs" and r["suite"] == "ops"):
             checks.append({"check": _label(r), "ok": False,
                            "detail": f"{r['status']}: {r['note']}"})
         if r["median_s"] is None:
             continue
+        case = cases[(r["suite"], r["method"], r["case"])]
         for what, applies, target, passes in TARGETS:
             if applies(r):
+                measured.add(what)
                 ratio = r["median_s"] / r["floor_s"] if r["floor_s"] else None
                 detail = (f"{fmt(r['median_s'] * 1e3, 4)} ms, {fmt(ratio)}x floor, "
-                          f"speedup {fmt(r['speedup'])} (target {target})")
-                checks.append({"check": f"{what}: {_label(r)}", "ok": passes(r, r["floor_s"]),
-                               "detail": detail})
+                          f"x mtlfast {fmt(r['speedup'])}")
+                for name, rel in (("x sum().backward()", _vs_sum(r, case)),
+                                  ("peak x sum's", _peak_vs_sum(r, case))):
+                    if rel is not None and r["suite"] == "step":
+                        detail += f", {name} {fmt(rel)}"
+                checks.append({"check": f"{what}: {_label(r)}",
+                               "ok": passes(r, r["floor_s"], case),
+                               "detail": f"{detail} (target {target})"})
+    checks += [{"check": what, "ok": False, "detail": f"not measured (target {target})"}
+               for what, _, target, _ in TARGETS if what not in measured]
     env = environment()
     report = {"environment": env, "steps": steps, "tests": tests, "checks": checks,
               "bandwidth_bytes_per_s": bw, "bench": runs}

@@ -12,8 +12,10 @@ from mtlfast.baselines import ConcatBmmHeads, heads_loop, pcgrad_pairwise
 from mtlfast.bench import SUITES, Case, Config, Contender, run_case
 from mtlfast.bench.heads_suite import make_heads
 from mtlfast.bench.methods_suite import discover_methods
-from mtlfast.bench.step_suite import NAMED, _contenders_for
+from mtlfast.bench.step_models import MODELS, build
+from mtlfast.bench.step_suite import _contenders_for
 from mtlfast.cli import main
+from tests.conftest import devices
 
 pytest.importorskip("matplotlib")
 
@@ -97,51 +99,120 @@ def test_demo_suite_checks_every_strategy_against_auto(bench_out):
     assert demo["LS (sum().backward())"]["status"] == "floor"
 
 
-@pytest.mark.parametrize("method", ["UPGrad", "PCGrad"])
-@pytest.mark.parametrize("named", list(NAMED))
-def test_named_step_models_at_tiny_size(method, named):
-    """The celeba / dense3 models (CUDA or full runs) scaled down: PCGrad's seeded orders let
-    the per-task loop be checked against mtlfast."""
-    _, widths, _, conv, _ = NAMED[named]
-    args = (3 if conv else 8, tuple(max(2, w // 64) for w in widths), 3, conv)
-    cfg = Config.for_sizes("tiny", "cpu")
-    case = Case("step", method, named, {}, rtol=1e-3, build=lambda: _contenders_for(
-        method, discover_methods()[method], args, 4, cfg))
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("method", ["UPGrad", "PCGrad", "MGDA"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_named_step_models_at_tiny_size(model, method, device):
+    """The step suite's named models (CUDA or full runs) scaled down: every mtlfast mode, the
+    per-task loop (PCGrad's seeded orders let it be checked) and torchjd (except MGDA, whose
+    torchjd solver stops short of the optimum) agree; on CUDA the captured step replays like
+    its eager twin."""
+    cfg = Config.for_sizes("tiny", device)
+    spec = MODELS[model]["tiny"]
+    case = Case("step", method, model, {}, rtol=1e-3, build=lambda: _contenders_for(
+        method, discover_methods()[method], *build(spec, cfg.device), cfg))
     recs = {r.contender: r for r in run_case(case, cfg)}
     for name in ("mtlfast jacobian", "mtlfast gramian", "per-task loop"):
         assert recs[name].status == "ok" and recs[name].median_s is not None, recs[name]
     assert recs["per-task loop"].rel_err <= 1e-3
+    assert recs["mtlfast features"].status == recs["sum().backward()"].status == "floor"
+    if method != "MGDA" and recs["torchjd"].status != "unavailable":
+        assert recs["torchjd"].status == "ok", recs["torchjd"]
+    if device == "cuda":
+        assert recs["mtlfast CUDA graph"].status == "ok", recs["mtlfast CUDA graph"]
+    else:
+        assert "mtlfast CUDA graph" not in recs
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_named_step_models_give_finite_losses_and_trunk_features(model):
+    spec = MODELS[model]["tiny"]
+    net, x, y = build(spec, torch.device("cpu"))
+    losses, z = net(x, y)
+    assert len(losses) == spec.tasks and all(torch.isfinite(v) and v.dim() == 0 for v in losses)
+    assert z.shape[0] == spec.batch and z.requires_grad
+
+
+def _write_run(folder, records):
+    folder.mkdir(exist_ok=True)
+    (folder / "bench.json").write_text(json.dumps({"records": records}))
 
 
 def test_gpu_report_gathers_steps_tests_and_suites(bench_out, tmp_path):
     run = tmp_path / "bench_ops"
-    run.mkdir()
     doc = json.loads((bench_out / "bench.json").read_text())
-    doc["records"] = [r for r in doc["records"] if r["suite"] in ("ops", "methods")]
-    (run / "bench.json").write_text(json.dumps(doc))
+    records = [r for r in doc["records"] if r["suite"] in ("ops", "methods")]
+    _write_run(run, records)
     (tmp_path / "steps.tsv").write_text("build\t0\t12\nbench_ops\t0\t30\n")
     (tmp_path / "pytest_cuda.xml").write_text(
         '<testsuite tests="3" failures="0" errors="0" skipped="1"><testcase classname="t" '
         'name="a"/></testsuite>')
-    assert gpu_report.main(["--out", str(tmp_path)]) == 0
+    # the training-step targets were not measured (no step records): the report fails
+    assert gpu_report.main(["--out", str(tmp_path)]) == 1
     report = json.loads((tmp_path / "gpu_report.json").read_text())
     assert report["bandwidth_bytes_per_s"] > 0
-    assert [c["check"] for c in report["checks"]] == ["build", "bench_ops", "pytest_cuda"]
+    checks = {c["check"]: c for c in report["checks"]}
+    assert [c["check"] for c in report["checks"]][:3] == ["build", "bench_ops", "pytest_cuda"]
+    assert all(checks[c]["ok"] for c in ("build", "bench_ops", "pytest_cuda"))
+    missing = [c for c in report["checks"] if c["detail"].startswith("not measured")]
+    assert "features mode at most 1.2x sum().backward()" in {c["check"] for c in missing}
+    assert not any(c["ok"] for c in missing)
     md = (tmp_path / "gpu_report.md").read_text()
     assert "## Pass / fail" in md and "| ops | gram |" in md and "measured copy bandwidth" in md
 
     # a kernel that disagrees with its torch path, and a missed target, fail the report
-    gram = next(r for r in doc["records"] if r["method"] == "gram" and not r["reference"])
+    gram = next(r for r in records if r["method"] == "gram" and not r["reference"])
     gram.update(status="differs", median_s=None, note="rel err 1e-1")
-    solve = next(r for r in doc["records"] if r["method"] == "nnqp x T (UPGrad)"
-                 and r["reference"])
+    solve = next(r for r in records if r["method"] == "nnqp x T (UPGrad)" and r["reference"])
     solve["params"].update(T=32, batch=1)
     solve["median_s"] = 1.0
-    (run / "bench.json").write_text(json.dumps(doc))
+    _write_run(run, records)
     assert gpu_report.main(["--out", str(tmp_path)]) == 1
     failed = [c["check"] for c in json.loads((tmp_path / "gpu_report.json").read_text())
               ["checks"] if not c["ok"]]
     assert any("gram" in c for c in failed) and any("20 us" in c for c in failed)
+
+
+def _step_record(model, contender, median_ms, speedup, peak_mib):
+    return {"suite": "step", "method": "UPGrad", "case": f"({model}) case",
+            "params": {"model": model}, "contender": contender, "status": "ok",
+            "reference": contender == "mtlfast jacobian", "median_s": median_ms / 1e3,
+            "speedup": speedup, "peak_bytes": peak_mib * 2**20, "note": ""}
+
+
+def test_gpu_report_step_targets(tmp_path):
+    """The issue-14 targets on the named models: each computed from the right pair of
+    records of one case (speedups against mtlfast's jacobian step, features time and gramian
+    peak memory against sum().backward()'s)."""
+    recs = []
+    for model, loop_x, jd_x, feat_ms, gram_peak, graph_x in (
+            ("resnet", 4.0, 1.6, 11.0, 140, 0.9), ("ranking", 4.0, 1.2, 13.0, 160, 0.7)):
+        recs += [_step_record(model, "mtlfast jacobian", 100.0, 1.0, 300),
+                 _step_record(model, "mtlfast gramian", 110.0, 1.1, gram_peak),
+                 _step_record(model, "mtlfast features", feat_ms, feat_ms / 100, 90),
+                 _step_record(model, "per-task loop", 100.0 * loop_x, loop_x, 120),
+                 _step_record(model, "torchjd", 100.0 * jd_x, jd_x, 400),
+                 _step_record(model, "mtlfast CUDA graph", 100.0 * graph_x, graph_x, 10),
+                 _step_record(model, "sum().backward()", 10.0, 0.1, 100)]
+    _write_run(tmp_path / "bench_step", recs)
+    gpu_report.main(["--out", str(tmp_path)])
+    checks = json.loads((tmp_path / "gpu_report.json").read_text())["checks"]
+
+    def ok(what, model):
+        found = [c["ok"] for c in checks if c["check"].startswith(what) and f"({model})" in
+                 c["check"]]
+        assert len(found) == 1, (what, model, checks)
+        return found[0]
+
+    assert ok("(a) jacobian step at most 0.3x", "resnet")  # loop 4x the jacobian step
+    assert not ok("(c) jacobian step at most 0.2x", "ranking")  # 4x < 5x
+    assert ok("at least 1.5x faster than torchjd", "resnet")
+    assert not ok("at least 1.5x faster than torchjd", "ranking")
+    assert ok("features mode at most 1.2x", "resnet")  # 11 / 10 ms
+    assert not ok("features mode at most 1.2x", "ranking")  # 13 / 10 ms
+    assert ok("gramian mode peak memory", "resnet")  # 140 / 100 MiB
+    assert not ok("gramian mode peak memory", "ranking")  # 160 / 100 MiB
+    assert ok("(c) CUDA-graph replay", "ranking")  # 0.7x the eager step
 
 
 def test_plots_and_json_are_written(bench_out):
