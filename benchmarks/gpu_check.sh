@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # ONE command for a bare GPU machine (no network), run from the repository root:
 #
-#     bash benchmarks/gpu_check.sh            # report in $OUT, or ./gpu-report/ when unset
+#     bash benchmarks/gpu_check.sh            # report in ./gpu-report/ (MTLFAST_GPU_REPORT)
 #
 # 1. builds mtlfast._C in place for this GPU's architecture and checks it has CUDA kernels,
 # 2. runs the CUDA tests (pytest -m cuda; JUnit XML), and after the step and ops suites every
 #    Triton test file on the GPU (a test file mentioning Triton is picked up, e.g.
 #    tests/ops/test_mixture.py and tests/arch/test_triton.py),
 # 3. runs the benchmark suites on the GPU, one step each (python -m mtlfast bench --device cuda
-#    --quick --suite S --out $OUT/bench_S), most telling first: step (the whole training step
+#    --quick --suite S --out REPORT/bench_S), most telling first: step (the whole training step
 #    of a ResNet-18-style CelebA model with 40 heads, a NYUv2-like encoder-decoder with 3
 #    pixel-wise tasks and a ranking MLP with 8 objectives, UPGrad / PCGrad / MGDA: mtlfast's
 #    three modes and its CUDA-graph replay vs the per-task loop, torchjd and sum().backward(),
@@ -25,9 +25,20 @@
 # GPU setting. Exit status: 0 when every check passed, 1 otherwise.
 set -u
 cd "$(dirname "$0")/.."
-OUT="${OUT:-$PWD/gpu-report}"
-mkdir -p "$OUT"
-: > "$OUT/steps.tsv"
+REPORT="${MTLFAST_GPU_REPORT:-$PWD/gpu-report}"
+mkdir -p "$REPORT"
+: > "$REPORT/steps.tsv"
+# Where the device tool collects files ($OUT, at most 8 files come back): after every step the
+# whole report folder as one archive, and the report itself, so that a run stopped from
+# outside still brings back every step that finished.
+pack() {
+  [ -n "${OUT:-}" ] && [ "$OUT" != "$REPORT" ] || return 0
+  mkdir -p "$OUT"
+  tar czf "$OUT/gpu_check.tar.gz.part" -C "$REPORT" . && mv "$OUT/gpu_check.tar.gz.part" "$OUT/gpu_check.tar.gz"
+  for f in gpu_report.md gpu_report.json; do
+    if [ -f "$REPORT/$f" ]; then cp "$REPORT/$f" "$OUT/"; fi
+  done
+}
 BUDGET="${MTLFAST_GPU_BUDGET:-450}"
 START=$(date +%s)
 PY="${PYTHON:-python}"
@@ -41,21 +52,22 @@ step() {
   local left=$((BUDGET - ($(date +%s) - START)))
   if [ "$left" -lt 20 ]; then
     echo "== $name: skipped, total budget spent"
-    printf '%s\t%s\t%s\n' "$name" 125 0 >> "$OUT/steps.tsv"
+    printf '%s\t%s\t%s\n' "$name" 125 0 >> "$REPORT/steps.tsv"
     return 125
   fi
   [ "$limit" -gt "$left" ] && limit=$left
   echo "== $name (limit ${limit}s)"
   local t0=$(date +%s)
-  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout --kill-after=10 "$limit" "$@" > "$REPORT/$name.log" 2>&1
   local rc=$?
-  printf '%s\t%s\t%s\n' "$name" "$rc" "$(($(date +%s) - t0))" >> "$OUT/steps.tsv"
-  tail -n 5 "$OUT/$name.log"
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$(($(date +%s) - t0))" >> "$REPORT/steps.tsv"
+  pack
+  tail -n 5 "$REPORT/$name.log"
   echo "== $name: rc=$rc ($(($(date +%s) - t0)) s)"
   return $rc
 }
 
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+nvidia-smi > "$REPORT/nvidia-smi.txt" 2>&1
 CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d ' .')
 export MTLFAST_CUDA_ARCHS="${MTLFAST_CUDA_ARCHS:-${CAP:-90}}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
@@ -75,11 +87,11 @@ sys.exit(0 if info['cuda_kernels'] and info['cuda_available'] else 'FAIL: mtlfas
 " || echo "!!!!! FAIL: the extension has no CUDA kernels; CUDA tests will skip and benchmarks run torch only"
 
 step pytest_cuda 120 "$PY" -m pytest tests -m cuda -q -rfE -p no:cacheprovider \
-  --junitxml="$OUT/pytest_cuda.xml"
+  --junitxml="$REPORT/pytest_cuda.xml"
 
 bench() {  # bench SUITE LIMIT
   step "bench_$1" "$2" "$PY" -m mtlfast bench --device cuda --quick --suite "$1" \
-    --out "$OUT/bench_$1"
+    --out "$REPORT/bench_$1"
 }
 
 # Most telling first: what no longer fits the budget is what gets skipped. The whole training
@@ -90,7 +102,7 @@ TRITON_TESTS=$(grep -rl --include='test_*.py' -i 'triton' tests 2>/dev/null | so
 if [ -n "$TRITON_TESTS" ]; then
   # conftest.py sets TRITON_INTERPRET only without a GPU: here the kernels compile for the GPU.
   step pytest_triton 100 "$PY" -m pytest $TRITON_TESTS -q -rfE -p no:cacheprovider \
-    --junitxml="$OUT/pytest_triton.xml"
+    --junitxml="$REPORT/pytest_triton.xml"
 else
   echo "== pytest_triton: no test file mentions Triton"
 fi
@@ -98,7 +110,8 @@ bench heads 40
 bench methods 60
 bench arch 40
 bench weights 25
-"$PY" benchmarks/gpu_report.py --out "$OUT"
+"$PY" benchmarks/gpu_report.py --out "$REPORT"
 RC=$?
-echo "== report: $OUT/gpu_report.md ($(($(date +%s) - START)) s in all)"
+pack
+echo "== report: $REPORT/gpu_report.md ($(($(date +%s) - START)) s in all)"
 exit $RC

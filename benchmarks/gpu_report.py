@@ -260,8 +260,11 @@ def write_report(out: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "gpu-report"),
-                    help="the folder gpu_check.sh wrote (default: $OUT, else gpu-report)")
+    ap.add_argument("--out", type=Path,
+                    default=Path(os.environ.get("MTLFAST_GPU_REPORT") or "gpu-report"),
+                    help="the folder gpu_check.sh wrote (default: $MTLFAST_GPU_REPORT, else "
+                         "gpu-report; unpack a run's gpu_check.tar.gz into a folder to "
+                         "rebuild its report)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     return write_report(args.out)
