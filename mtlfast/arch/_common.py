@@ -30,13 +30,19 @@ def resolve_tasks(tasks) -> tuple[str, ...]:
     return names
 
 
-def specific_counts(num_specific, T: int) -> tuple[int, ...]:
-    """One task-specific expert count per task (an int for all)."""
+def specific_counts(num_shared, num_specific, T: int) -> tuple[int, ...]:
+    """One task-specific expert count per task (an int for all), checked with ``num_shared``:
+    ints >= 0 and at least one expert in all."""
+    if isinstance(num_shared, bool) or not isinstance(num_shared, int) or num_shared < 0:
+        raise ValueError(f"num_shared must be an int >= 0, got {num_shared!r}")
     counts = [num_specific] * T if isinstance(num_specific, int) else list(num_specific)
     if len(counts) != T or any(isinstance(c, bool) or not isinstance(c, int) or c < 0
                                for c in counts):
         raise ValueError(f"num_specific must be an int >= 0 or one per task ({T}), got "
                          f"{num_specific!r}")
+    if num_shared + sum(counts) < 1:
+        raise ValueError("num_shared + num_specific must give at least one expert, got "
+                         f"num_shared={num_shared}, num_specific={num_specific!r}")
     return tuple(counts)
 
 
@@ -78,9 +84,9 @@ def flatten_input(name: str, x: object, K: int, ref: torch.Tensor
         raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name}: x must be floating point, got {x.dtype}")
-    x = cast(x, compute_dtype(name, x, ref))
     if x.device != ref.device:
         raise ValueError(f"{name}: x is on {x.device} but the parameters are on {ref.device}")
+    x = cast(x, compute_dtype(name, x, ref))
     if x.dim() < 2 or x.shape[-1] != K:
         raise ValueError(f"{name}: x must be (..., batch, in_features={K}), got "
                          f"{tuple(x.shape)}")

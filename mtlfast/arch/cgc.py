@@ -45,7 +45,7 @@ from ._common import (
     resolve_tasks,
     specific_counts,
 )
-from .experts import ExpertBank, expert_widths
+from .experts import ExpertBank, expert_widths, positive_int
 from .gates import GateBank
 
 __all__ = ["CGC"]
@@ -128,8 +128,8 @@ class CGC(Interop, nn.Module):
                  dtype=None) -> None:
         nn.Module.__init__(self)
         self.tasks = resolve_tasks(tasks)
-        self.in_features = int(in_features)
-        counts = specific_counts(num_specific, len(self.tasks))
+        self.in_features = positive_int("in_features", in_features)
+        counts = specific_counts(num_shared, num_specific, len(self.tasks))
         self._config = dict(in_features=in_features, num_shared=num_shared,
                             num_specific=counts, expert_hidden=expert_hidden, tasks=self.tasks,
                             activation=activation, gate_bias=gate_bias)

@@ -45,7 +45,7 @@ from .._interop import Interop
 from ..ops.grouped_linear import cast, grouped_linear
 from ..ops.mixture import mixture
 from ._common import bank_blocks, resolve_tasks
-from .experts import ExpertBank, expert_widths
+from .experts import ExpertBank, expert_widths, positive_int
 from .loops import smooth_step
 from .mmoe import MMoE
 
@@ -61,7 +61,7 @@ class DSelectK(Interop, nn.Module):
                  dtype=None) -> None:
         nn.Module.__init__(self)
         self.tasks = resolve_tasks(tasks)
-        self.in_features = K = int(in_features)
+        self.in_features = K = positive_int("in_features", in_features)
         if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 2:
             raise ValueError(f"DSelect-k selects among num_experts >= 2 experts, got "
                              f"{num_experts!r}")

@@ -40,6 +40,7 @@ op reads. Every expert's last width must be the same ``D`` (they are mixed).
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -54,11 +55,24 @@ __all__ = ["ExpertBank", "expert_widths"]
 _ACT_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
 
+def positive_int(name: str, value: object) -> int:
+    """``value`` (an int, or an integer type such as numpy's) as an int >= 1, else a
+    ValueError naming ``name``."""
+    try:
+        n = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        n = 0
+    if isinstance(value, bool) or n < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return n
+
+
 def compute_dtype(name: str, x: torch.Tensor, ref: torch.Tensor) -> torch.dtype:
     """What a block computes in: autocast's dtype when autocast is on for ``x``'s device, else
     the parameters' dtype, which ``x`` must then have."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
+    dev = x.device.type
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
     if x.dtype != ref.dtype:
         raise TypeError(f"{name}: x has dtype {x.dtype} but the parameters are {ref.dtype} "
                         "(cast one of them, or run under torch.autocast)")
@@ -113,7 +127,7 @@ class ExpertBank(nn.Module):
                  groups: Sequence[int] | None = None, activation: str | None = "relu",
                  device=None, dtype=None, split: int | None = None) -> None:
         super().__init__()
-        self.in_features = int(in_features)
+        self.in_features = positive_int("in_features", in_features)
         self.widths = tuple(tuple(w) for w in widths)
         self.num_experts = len(self.widths)
         if self.num_experts < 1:

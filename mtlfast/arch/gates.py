@@ -31,7 +31,7 @@ from ..ops.gate_logits import logits as gate_logits
 from ..ops.gated_mixture import gate_positions, gate_weights, mix
 from ..ops.grouped_linear import cast, grouped_linear
 from ..ops.mixture import mixture
-from .experts import compute_dtype
+from .experts import compute_dtype, positive_int
 
 __all__ = ["GateBank"]
 
@@ -80,7 +80,7 @@ class GateBank(nn.Module):
                              f"{skip_inputs!r}")
         self.skip_inputs = skip_inputs
         self.top_k = check_top_k(top_k, num_experts)
-        self.in_features = int(in_features)
+        self.in_features = positive_int("in_features", in_features)
         self.select = tuple(tuple(int(e) for e in s) for s in select)
         self.num_experts = int(num_experts)
         if not self.select or any(not s for s in self.select):

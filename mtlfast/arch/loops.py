@@ -160,7 +160,7 @@ class CGCLoop(_Loop):
                        num_specific=num_specific, expert_hidden=expert_hidden, tasks=tasks,
                        activation=activation, gate_bias=gate_bias)
         self.tasks = resolve_tasks(tasks)
-        counts = specific_counts(num_specific, len(self.tasks))
+        counts = specific_counts(num_shared, num_specific, len(self.tasks))
         widths = expert_widths(expert_hidden, num_shared + sum(counts))
         level = _CGCLevel(in_features, num_shared, counts, widths, self.tasks,
                           normalize_activation(activation), gate_bias, False,
@@ -196,7 +196,7 @@ class PLELoop(_Loop):
                        num_specific=num_specific, expert_hidden=expert_hidden, tasks=tasks,
                        activation=activation, gate_bias=gate_bias)
         self.tasks = resolve_tasks(tasks)
-        counts = specific_counts(num_specific, len(self.tasks))
+        counts = specific_counts(num_shared, num_specific, len(self.tasks))
         if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 1:
             raise ValueError(f"num_levels must be an int >= 1, got {num_levels!r}")
         widths = expert_widths(expert_hidden, num_shared + sum(counts))

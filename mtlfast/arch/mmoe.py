@@ -25,7 +25,7 @@ from torch import nn
 
 from .._interop import Interop
 from ._common import bank_blocks, flatten_input, gate_blocks, resolve_tasks
-from .experts import ExpertBank, expert_widths
+from .experts import ExpertBank, expert_widths, positive_int
 from .gates import GateBank
 
 __all__ = ["MMoE"]
@@ -54,7 +54,7 @@ class MMoE(Interop, nn.Module):
                  dtype=None, top_k: int | None = None) -> None:
         nn.Module.__init__(self)
         self.tasks = resolve_tasks(tasks)
-        self.in_features = int(in_features)
+        self.in_features = positive_int("in_features", in_features)
         self._config = dict(in_features=in_features, num_experts=num_experts,
                             expert_hidden=expert_hidden, tasks=self.tasks,
                             activation=activation, gate_bias=gate_bias, top_k=top_k)

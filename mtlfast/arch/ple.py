@@ -40,7 +40,7 @@ from torch import nn
 from .._interop import Interop
 from ._common import flatten_input, level_reach, resolve_tasks, specific_counts
 from .cgc import _Level
-from .experts import expert_widths
+from .experts import expert_widths, positive_int
 
 __all__ = ["PLE"]
 
@@ -58,10 +58,10 @@ class PLE(Interop, nn.Module):
                  device=None, dtype=None) -> None:
         nn.Module.__init__(self)
         self.tasks = resolve_tasks(tasks)
-        self.in_features = int(in_features)
+        self.in_features = positive_int("in_features", in_features)
         if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 1:
             raise ValueError(f"num_levels must be an int >= 1, got {num_levels!r}")
-        counts = specific_counts(num_specific, len(self.tasks))
+        counts = specific_counts(num_shared, num_specific, len(self.tasks))
         self._config = dict(in_features=in_features, num_levels=num_levels,
                             num_shared=num_shared, num_specific=counts,
                             expert_hidden=expert_hidden, tasks=self.tasks,

@@ -175,7 +175,7 @@ class FusedHeads(Interop, nn.Module):
         if not z.is_floating_point():
             raise TypeError(f"z must be floating point, got {z.dtype}")
         dev = device.type
-        if torch.is_autocast_enabled(dev):
+        if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
             dtype = torch.get_autocast_dtype(dev)
         elif z.dtype != ref.dtype:
             raise TypeError(f"z has dtype {z.dtype} but the heads' parameters are {ref.dtype} "

@@ -6,12 +6,14 @@ import copy
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from mtlfast import FusedHeads, _ext
 from mtlfast.arch import CGC, PLE, DSelectK, MMoE
 from mtlfast.arch.experts import ExpertBank
+from mtlfast.arch.loops import CGCLoop, PLELoop
 from tests.conftest import count_calls, rel_err
 
 K = 12
@@ -234,6 +236,48 @@ def test_bad_input_raises():
     bank = ExpertBank(K, [(4,)] * 3, groups=(1, 2))
     with pytest.raises(ValueError, match="G=2"):
         bank(torch.randn(4, K))
+
+
+_BLOCKS = {"mmoe": (MMoE, (4, [8], 3)), "cgc": (CGC, (1, 1, [8], 3)),
+           "ple": (PLE, (2, 1, 1, [8], 3)), "dselect": (DSelectK, (4, 2, [8], 3))}
+
+
+@pytest.mark.parametrize("kind", list(_BLOCKS))
+@pytest.mark.parametrize("in_features", [0, -3, 16.0, "16", True, None])
+def test_bad_in_features_raise_a_value_error_naming_it(kind, in_features):
+    cls, args = _BLOCKS[kind]
+    with pytest.raises(ValueError, match="in_features must be an int >= 1"):
+        cls(in_features, *args)
+
+
+@pytest.mark.parametrize("kind", list(_BLOCKS))
+def test_integer_types_are_taken_for_in_features(kind):
+    cls, args = _BLOCKS[kind]
+    block = cls(np.int64(16), *args)
+    assert block.in_features == 16 and type(block.in_features) is int
+    assert block(torch.randn(5, 16)).shape[-2:] == (5, 8)
+
+
+@pytest.mark.parametrize("num_shared, num_specific, match", [
+    (0, 0, "at least one expert"), (-1, 1, "num_shared must be an int >= 0"),
+    (1.5, 1, "num_shared must be an int >= 0"), (True, 1, "num_shared must be an int >= 0"),
+    ("1", 1, "num_shared must be an int >= 0")])
+@pytest.mark.parametrize("cls", [CGC, PLE, CGCLoop, PLELoop])
+def test_bad_expert_counts_raise_a_value_error(cls, num_shared, num_specific, match):
+    levels = (2,) if cls in (PLE, PLELoop) else ()
+    with pytest.raises(ValueError, match=match):
+        cls(16, *levels, num_shared, num_specific, [8], 3)
+
+
+@pytest.mark.parametrize("kind", list(_BLOCKS))
+def test_meta_tensors(kind):
+    """An input on another device than the parameters (meta here) is a ValueError naming
+    both; a block built on meta takes meta inputs (shape inference)."""
+    cls, args = _BLOCKS[kind]
+    with pytest.raises(ValueError, match="x is on meta but the parameters are on cpu"):
+        cls(16, *args)(torch.randn(5, 16, device="meta"))
+    out = cls(16, *args, device="meta")(torch.randn(5, 16, device="meta"))
+    assert out.device.type == "meta" and out.shape == (3, 5, 8)
 
 
 def _op_counts(m, x):
