@@ -67,6 +67,20 @@ def positive_int(name: str, value: object) -> int:
     return n
 
 
+def int_list(name: str, values: object, low: int) -> tuple[int, ...]:
+    """``values`` as a tuple of ints >= ``low`` (integer types such as numpy's taken), else a
+    ValueError naming ``name``."""
+    try:
+        if isinstance(values, (str, bytes)):
+            raise TypeError
+        out = tuple(operator.index(v) for v in values)  # type: ignore[union-attr]
+        if any(isinstance(v, bool) for v in values) or any(v < low for v in out):  # type: ignore
+            raise TypeError
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of ints >= {low}, got {values!r}") from None
+    return out
+
+
 def compute_dtype(name: str, x: torch.Tensor, ref: torch.Tensor) -> torch.dtype:
     """What a block computes in: autocast's dtype when autocast is on for ``x``'s device, else
     the parameters' dtype, which ``x`` must then have."""
@@ -128,11 +142,13 @@ class ExpertBank(nn.Module):
                  device=None, dtype=None, split: int | None = None) -> None:
         super().__init__()
         self.in_features = positive_int("in_features", in_features)
-        self.widths = tuple(tuple(w) for w in widths)
+        if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence) or not widths \
+                or not all(isinstance(w, Sequence) for w in widths):
+            raise ValueError(f"widths must be one sequence of layer widths per expert (at least "
+                             f"one expert), got {widths!r}")
+        self.widths = expert_widths(widths, len(widths))
         self.num_experts = len(self.widths)
-        if self.num_experts < 1:
-            raise ValueError("an expert bank needs at least one expert")
-        self.groups = None if groups is None else tuple(int(g) for g in groups)
+        self.groups = None if groups is None else int_list("groups", groups, low=0)
         if self.groups is not None and sum(self.groups) != self.num_experts:
             raise ValueError(f"groups {list(self.groups)} must add up to {self.num_experts}")
         self.activation = normalize_activation(activation)

@@ -31,7 +31,7 @@ from ..ops.gate_logits import logits as gate_logits
 from ..ops.gated_mixture import gate_positions, gate_weights, mix
 from ..ops.grouped_linear import cast, grouped_linear
 from ..ops.mixture import mixture
-from .experts import compute_dtype, positive_int
+from .experts import compute_dtype, int_list, positive_int
 
 __all__ = ["GateBank"]
 
@@ -81,7 +81,10 @@ class GateBank(nn.Module):
         self.skip_inputs = skip_inputs
         self.top_k = check_top_k(top_k, num_experts)
         self.in_features = positive_int("in_features", in_features)
-        self.select = tuple(tuple(int(e) for e in s) for s in select)
+        if isinstance(select, (str, bytes)):
+            raise ValueError(f"select must be one sequence of expert indices per gate, got "
+                             f"{select!r}")
+        self.select = tuple(int_list("select", s, low=0) for s in select)
         self.num_experts = int(num_experts)
         if not self.select or any(not s for s in self.select):
             raise ValueError("every gate must weigh at least one expert")

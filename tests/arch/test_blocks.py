@@ -13,6 +13,7 @@ import torch
 from mtlfast import FusedHeads, _ext
 from mtlfast.arch import CGC, PLE, DSelectK, MMoE
 from mtlfast.arch.experts import ExpertBank
+from mtlfast.arch.gates import GateBank
 from mtlfast.arch.loops import CGCLoop, PLELoop
 from tests.conftest import count_calls, rel_err
 
@@ -267,6 +268,35 @@ def test_bad_expert_counts_raise_a_value_error(cls, num_shared, num_specific, ma
     levels = (2,) if cls in (PLE, PLELoop) else ()
     with pytest.raises(ValueError, match=match):
         cls(16, *levels, num_shared, num_specific, [8], 3)
+
+
+@pytest.mark.parametrize("widths, match", [
+    ([], "one sequence of layer widths per expert"), ("abc", "one sequence of layer widths"),
+    ([()], "non-empty lists of ints >= 1"), ([(0,)], "non-empty lists of ints >= 1"),
+    ([(4.5,)], "non-empty lists of ints >= 1"), ([(4,), (5,)], "same depth and the same last"),
+    ([(4, 8), (4,)], "same depth and the same last")])
+def test_expert_bank_bad_widths(widths, match):
+    with pytest.raises(ValueError, match=match):
+        ExpertBank(16, widths)
+
+
+@pytest.mark.parametrize("groups", [(-1, 4), "ab", (1.0, 2), (True, 2)])
+def test_expert_bank_bad_groups(groups):
+    with pytest.raises(ValueError, match="groups must be a sequence of ints >= 0"):
+        ExpertBank(16, [(4,)] * 3, groups=groups)
+
+
+def test_expert_bank_and_gate_bank_take_integer_sequences():
+    bank = ExpertBank(16, [(4,)] * 3, groups=np.array([1, 2]))
+    assert bank.groups == (1, 2) and bank(torch.randn(2, 5, 16)).shape == (3, 5, 4)
+    gates = GateBank(16, [np.array([0, 1]), range(2)], 2)
+    assert gates.select == ((0, 1), (0, 1)) and gates(torch.randn(5, 16)).shape == (2, 5, 2)
+
+
+@pytest.mark.parametrize("select", ["ab", ["a"], [[0.5]], [[True]], [[-1]]])
+def test_gate_bank_bad_select(select):
+    with pytest.raises(ValueError, match="select must be|must be distinct, in"):
+        GateBank(16, select, 2)
 
 
 @pytest.mark.parametrize("kind", list(_BLOCKS))
