@@ -68,6 +68,9 @@ class DSelectK(Interop, nn.Module):
         if isinstance(num_nonzeros, bool) or not isinstance(num_nonzeros, int) \
                 or num_nonzeros < 1:
             raise ValueError(f"num_nonzeros must be an int >= 1, got {num_nonzeros!r}")
+        if isinstance(kgamma, bool) or not isinstance(kgamma, (int, float)) \
+                or not math.isfinite(kgamma) or kgamma <= 0:
+            raise ValueError(f"kgamma must be a finite number > 0, got {kgamma!r}")
         self._config = dict(in_features=in_features, num_experts=num_experts,
                             num_nonzeros=num_nonzeros, expert_hidden=expert_hidden,
                             tasks=self.tasks, kgamma=kgamma, activation=activation)

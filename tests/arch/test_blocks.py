@@ -299,6 +299,12 @@ def test_gate_bank_bad_select(select):
         GateBank(16, select, 2)
 
 
+@pytest.mark.parametrize("kgamma", [0, -1.0, float("nan"), float("inf"), "a", True])
+def test_dselect_k_bad_kgamma(kgamma):
+    with pytest.raises(ValueError, match="kgamma must be a finite number > 0"):
+        DSelectK(16, 4, 2, [8], 3, kgamma=kgamma)
+
+
 @pytest.mark.parametrize("kind", list(_BLOCKS))
 def test_meta_tensors(kind):
     """An input on another device than the parameters (meta here) is a ValueError naming
