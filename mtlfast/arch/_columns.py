@@ -37,10 +37,13 @@ saved once per task and loaded from task 0.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from .experts import compute_dtype
 
 __all__ = ["BasicBlock", "Bottleneck", "StackedColumns", "register_batchable", "resnet",
            "split_stages"]
@@ -480,7 +483,7 @@ def _stacked_load_pre_hook(module: StackedColumns, state_dict, prefix, local_met
 def mix_columns(x: torch.Tensor, weights: torch.Tensor, num_tasks: int) -> torch.Tensor:
     """``out[:, t] = sum_j weights[t, j] x[:, j]`` on the stacked ``(B, T*C, H, W)`` layout."""
     B, TC = x.shape[:2]
-    xs = x.reshape(B, num_tasks, TC // num_tasks, -1)
+    xs = x.reshape(B, num_tasks, TC // num_tasks, math.prod(x.shape[2:]))
     out = torch.einsum("tj,bjcp->btcp", weights.to(x.dtype), xs)
     return out.reshape(x.shape)
 
@@ -488,6 +491,32 @@ def mix_columns(x: torch.Tensor, weights: torch.Tensor, num_tasks: int) -> torch
 def per_task(x: torch.Tensor, num_tasks: int) -> list[torch.Tensor]:
     """The T per-task ``(B, C, H, W)`` views of a stacked ``(B, T*C, H, W)`` tensor."""
     return list(x.chunk(num_tasks, dim=1))
+
+
+def check_images(name: str, module: nn.Module, x: object) -> None:
+    """``x`` is what ``module``'s encoder reads: a floating ``(B, C, H, W)`` tensor, C its
+    first convolution's input channels, on the parameters' device and in their dtype (or
+    under autocast); else a TypeError / ValueError naming ``name``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: x must be floating point, got {x.dtype}")
+    for m in module.modules():  # the first convolution, and the channels x gives it
+        if isinstance(m, StackedColumns) and m.batched and m._repeat:
+            # a stem without a leading convolution reads x repeated for the T columns
+            conv = next(c for c in m.modules() if isinstance(c, nn.Conv2d))
+            channels = conv.in_channels // m.num_tasks
+            break
+        if isinstance(m, nn.Conv2d):
+            conv, channels = m, m.in_channels
+            break
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"{name}: x must be (batch, {channels}, height, width), got "
+                         f"{tuple(x.shape)}")
+    if x.device != conv.weight.device:
+        raise ValueError(f"{name}: x is on {x.device} but the parameters are on "
+                         f"{conv.weight.device}")
+    compute_dtype(name, x, conv.weight)
 
 
 def check_tasks(tasks) -> tuple[str, ...]:

@@ -55,6 +55,7 @@ from torch import nn
 
 from ._columns import (
     StackedColumns,
+    check_images,
     check_tasks,
     from_libmtl_columns,
     make_columns,
@@ -156,6 +157,7 @@ class CrossStitch(_Base):
         return tuple(c.batched for c in self.columns)
 
     def forward(self, x: torch.Tensor, stacked: bool = False):
+        check_images(type(self).__name__, self, x)
         T = self.num_tasks
         units = dict(zip(self.stitch_after, self.stitch, strict=True))
         for k, stage in enumerate(self.columns):
@@ -163,7 +165,7 @@ class CrossStitch(_Base):
             if k in units:
                 x = mix_columns(x, units[k], T)
         if stacked:
-            return x.view(x.shape[0], T, -1, *x.shape[2:])
+            return x.view(x.shape[0], T, x.shape[1] // T, *x.shape[2:])
         return per_task(x, T)
 
     def unfuse(self) -> CrossStitchLoop:
@@ -195,6 +197,7 @@ class CrossStitchLoop(_Base):
                                       for k in range(len(cols[0]))])
 
     def forward(self, x: torch.Tensor, stacked: bool = False):
+        check_images(type(self).__name__, self, x)
         T = self.num_tasks
         reps = [x] * T
         unit = 0

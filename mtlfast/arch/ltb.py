@@ -48,6 +48,7 @@ from torch import nn
 
 from ._columns import (
     StackedColumns,
+    check_images,
     check_tasks,
     from_libmtl_columns,
     make_columns,
@@ -154,6 +155,7 @@ class LTB(_Base):
 
     def forward(self, x: torch.Tensor, epoch: int | None = None, epochs: int | None = None,
                 stacked: bool = False):
+        check_images(type(self).__name__, self, x)
         T = self.num_tasks
         a = self.branch_weights(epoch, epochs)
         for k, stage in enumerate(self.columns):
@@ -161,7 +163,7 @@ class LTB(_Base):
                 x = mix_columns(x, a[k - 1], T)
             x = stage(x)
         if stacked:
-            return x.view(x.shape[0], T, -1, *x.shape[2:])
+            return x.view(x.shape[0], T, x.shape[1] // T, *x.shape[2:])
         return per_task(x, T)
 
     def unfuse(self) -> LTBLoop:
@@ -189,6 +191,7 @@ class LTBLoop(_Base):
 
     def forward(self, x: torch.Tensor, epoch: int | None = None, epochs: int | None = None,
                 stacked: bool = False):
+        check_images(type(self).__name__, self, x)
         T = self.num_tasks
         a = self.branch_weights(epoch, epochs)
         reps = [x] * T

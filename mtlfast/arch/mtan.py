@@ -48,6 +48,7 @@ Not supported: LibMTL's multi-input mode (``forward_task``).
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,7 @@ from ._columns import (
     BasicBlock,
     Bottleneck,
     StackedColumns,
+    check_images,
     check_tasks,
     out_channels,
     per_task,
@@ -180,6 +182,7 @@ class MTAN(_Base):
         return body[1:](y)
 
     def forward(self, x: torch.Tensor, stacked: bool = False):
+        check_images(type(self).__name__, self, x)
         T = self.num_tasks
         s = self.shared_conv(x)
         a = None
@@ -197,7 +200,7 @@ class MTAN(_Base):
             if i == 0:
                 a = F.max_pool2d(a, 2, 2)
         if stacked:
-            return a.view(a.shape[0], T, -1, *a.shape[2:])
+            return a.view(a.shape[0], T, a.shape[1] // T, *a.shape[2:])
         return per_task(a, T)
 
     def unfuse(self) -> MTANLoop:
@@ -218,6 +221,7 @@ class MTANLoop(_Base):
                                           for i, mods in enumerate(self._new_att(att_in))})
 
     def forward(self, x: torch.Tensor, stacked: bool = False):
+        check_images(type(self).__name__, self, x)
         T, L = self.num_tasks, len(self.channels)
         s = self.shared_conv(x)
         att = [None] * T
@@ -269,7 +273,7 @@ def _bn_per_task(bn: nn.BatchNorm2d, x: torch.Tensor, T: int) -> torch.Tensor:
             bn.num_batches_tracked.add_(T)
         return y
     with torch.no_grad():  # momentum=None: a cumulative average, 1/n per call
-        xs = x.detach().transpose(0, 1).reshape(T, C, -1)
+        xs = x.detach().transpose(0, 1).reshape(T, C, x.shape[0] * math.prod(x.shape[2:]))
         n = xs.shape[-1]
         mean = xs.mean(-1)
         var = xs.var(-1, unbiased=True) if n > 1 else torch.zeros_like(mean)
@@ -287,10 +291,10 @@ def _shared_block(block: nn.Module, a: torch.Tensor, T: int) -> torch.Tensor:
     B = a.shape[0]
 
     def fold(y):
-        return y.reshape(B * T, -1, *y.shape[2:])
+        return y.reshape(B * T, y.shape[1] // T, *y.shape[2:])
 
     def unfold(y):
-        return y.reshape(B, -1, *y.shape[2:])
+        return y.reshape(B, y.shape[1] * T, *y.shape[2:])
 
     if not block.training:  # running statistics: the whole block on the folded batch
         return unfold(block(fold(a)))

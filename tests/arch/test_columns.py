@@ -576,3 +576,38 @@ def test_libmtl_checkpoint_loads_and_matches_its_forward(kind, monkeypatch):
     with pytest.raises(ValueError, match="task 'seg'"):
         (CrossStitch(3, _factory()) if kind == "cross" else LTB(3, _factory())) \
             .load_libmtl_state_dict(sd)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("which", ["batched", "loop"])
+@pytest.mark.parametrize("x, error, match", [
+    ([[1.0]], TypeError, "x must be a torch.Tensor"),
+    (torch.ones(2, 3, 16, 16, dtype=torch.long), TypeError, "floating point"),
+    (torch.randn(3, 16, 16), ValueError, r"x must be \(batch, 3, height, width\)"),
+    (torch.randn(2, 4, 16, 16), ValueError, r"x must be \(batch, 3, height, width\)"),
+    (torch.randn(2, 3, 16, 16, dtype=torch.float64), TypeError, "x has dtype torch.float64"),
+    (torch.randn(2, 3, 16, 16, device="meta"), ValueError, "x is on meta"),
+])
+def test_bad_input_names_the_problem(arch, which, x, error, match):
+    bat, ref = _pair(arch)
+    with pytest.raises(error, match=match):
+        (bat if which == "batched" else ref)(x)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_empty_batch_matches_the_loop_and_leaves_the_statistics(arch):
+    """B=0 in training mode: empty outputs of the right shape and the same state as the loop
+    (BatchNorm's running statistics untouched by an empty batch), then normal steps agree."""
+    bat, ref = _pair(arch)
+    for B in (0, 4):
+        x = torch.randn(B, 3, 32, 32)
+        torch.manual_seed(1)  # LTB: the same Gumbel noise for both
+        a = bat(x, stacked=True)
+        torch.manual_seed(1)
+        b = ref(x, stacked=True)
+        assert a.shape == b.shape and a.shape[0] == B
+        if B:
+            assert rel_err(a, b) < 1e-4
+        sa, sb = bat.state_dict(), ref.state_dict()
+        for k in sa:
+            assert torch.isfinite(sa[k].float()).all() and rel_err(sa[k], sb[k]) < 1e-4, k
