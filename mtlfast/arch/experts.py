@@ -73,8 +73,9 @@ def int_list(name: str, values: object, low: int) -> tuple[int, ...]:
     try:
         if isinstance(values, (str, bytes)):
             raise TypeError
-        out = tuple(operator.index(v) for v in values)  # type: ignore[union-attr]
-        if any(isinstance(v, bool) for v in values) or any(v < low for v in out):  # type: ignore
+        out = tuple(-1 if isinstance(v, bool) else operator.index(v)
+                    for v in values)  # type: ignore[union-attr]
+        if any(v < low for v in out):
             raise TypeError
     except TypeError:
         raise ValueError(f"{name} must be a sequence of ints >= {low}, got {values!r}") from None
