@@ -2,11 +2,14 @@
 
 Linear heads are one GEMM over the concatenated weights. MLP heads are one GEMM for all first
 layers (+ bias and activation), then the second layers as one grouped block-diagonal GEMM
-(see ``mtlfast.ops.grouped_linear``). Eager calls run plain ATen ops under torch's own autograd
-(``grouped_linear_parts``: one ``bmm`` over equal-width groups, ragged ones zero-padded while
-that is cheap; on the CPU one GEMM per group where that is measured faster); on the CPU, once a
-head's hidden layer is large (batch x hidden past ``_HEADS_LOOP_MK``), each head runs both layers
-on its own, on views of the fused parameters (the loop of heads, measured faster there).
+(see ``mtlfast.ops.grouped_linear``). Eager CPU calls on shared features run the C++ op
+``mtlfast::mlp_heads`` (``mtlfast.ops.mlp_heads``): the same math as ONE autograd node, since at
+the sizes of task heads a step is bound by per-node costs; once a head's hidden layer is large
+(batch x hidden past ``_HEADS_LOOP_MK``) each head instead runs both layers on its own, on views
+of the fused parameters (the loop of heads, measured faster there). Other eager calls (no
+extension, the GPU, per-task inputs, dropout while training) run plain ATen ops under torch's
+own autograd (``grouped_linear_parts``: one ``bmm`` over equal-width groups, ragged ones
+zero-padded while that is cheap; on the CPU one GEMM per group where that is measured faster).
 torch.compile and torch.func calls, and ragged groups on the GPU, run the
 ``mtlfast::grouped_linear`` custom op (Triton on the GPU).
 
@@ -48,11 +51,15 @@ from ..ops.grouped_linear import (
     grouped_linear,
     grouped_linear_input_grad,
 )
+from ..ops.mlp_heads import mlp_heads, mlp_heads_layer2
 from .spec import normalize_activation, resolve_tasks
 
 __all__ = ["FusedHeads"]
 
 _ACT_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+#: Routes kept per FusedHeads (one per batch size, dtype, device and mode); past it they are
+#: chosen anew.
+_ROUTES_KEPT = 64
 
 
 class FusedHeads(Interop, nn.Module):
@@ -61,8 +68,8 @@ class FusedHeads(Interop, nn.Module):
     ``heads(z)`` returns ``{task: y_t}`` with ``y_t = W2_t act(W1_t z + b1_t) + b2_t`` (MLP
     heads) or ``y_t = W_t z + b_t`` (Linear heads); the ``y_t`` are views of one buffer
     (``(..., sum out_t)``, or ``(T, ..., max out_t)`` for MLP heads on the bmm path), except
-    where the CPU runs MLP heads' second layers, or whole heads (large groups), one GEMM per
-    group.
+    where MLP heads' second layers, or whole heads (large groups), run one GEMM per group
+    (ragged heads on the CPU).
 
     Args:
         in_features: D, the width of ``z``.
@@ -98,6 +105,7 @@ class FusedHeads(Interop, nn.Module):
         # Index of the second Linear inside each unfused nn.Sequential (its state_dict keys).
         self._second_index = 1 + (self.activation != "none") + (self.dropout > 0)
         self._from_list = False  # unfuse() returns a ModuleList when fuse_heads got one
+        self._routes: dict[tuple, str | None] = {}  # see _route
         factory = {"device": device, "dtype": dtype}
         N, D = sum(widths), in_features
         if hiddens is None:
@@ -175,7 +183,10 @@ class FusedHeads(Interop, nn.Module):
         if not z.is_floating_point():
             raise TypeError(f"z must be floating point, got {z.dtype}")
         dev = device.type
-        if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        # (the global test first: it is one C call, the per-device ones cost microseconds on
+        # every step of tiny heads)
+        if torch._C._is_any_autocast_enabled() and torch.amp.is_autocast_available(dev) \
+                and torch.is_autocast_enabled(dev):
             dtype = torch.get_autocast_dtype(dev)
         elif z.dtype != ref.dtype:
             raise TypeError(f"z has dtype {z.dtype} but the heads' parameters are {ref.dtype} "
@@ -218,6 +229,26 @@ class FusedHeads(Interop, nn.Module):
         return torch.relu_(pre) if self.activation == "relu" \
             else apply_activation(pre, self.activation)
 
+    def _route(self, x: torch.Tensor) -> str | None:
+        """How an eager call on shared features runs the MLP heads: ``"heads"`` (each head on
+        its own, large groups), the C++ op's second-layer form (``mtlfast.ops.mlp_heads``), or
+        None (the fused first layer and ``grouped_linear_parts``). Chosen once per (rows,
+        dtype, device, train/eval): on heads this small the choice itself cost ~10% of a
+        step. It reads shapes and what the process has (extension, interpreter switch) only."""
+        key = (x.shape[0], x.dtype, x.device, self.training)
+        route = self._routes.get(key, "")
+        if route == "":
+            if len(self._routes) >= _ROUTES_KEPT:
+                self._routes.clear()
+            if _large_groups(x, self.hidden_widths):
+                route = "heads"
+            elif self.dropout > 0 and self.training:
+                route = None
+            else:
+                route = mlp_heads_layer2(x, self.hidden_widths, self.out_widths)
+            self._routes[key] = route
+        return route
+
     def _per_head(self, x, w1, b1, w2, b2) -> list[torch.Tensor]:
         """Each MLP head on its own, both layers on views of the fused parameters: at large
         groups the fused hidden layer only moves memory (the split of its (M, H) output is a
@@ -246,8 +277,12 @@ class FusedHeads(Interop, nn.Module):
                 w1, b1, w2, b2 = (cast(p, dtype) for p in (w1, b1, w2, b2))
             # eager (no compile, torch.func or fake tensors): plain ATen ops, torch's autograd
             eager = _eager(x, w1, b1, w2, b2)
-            if eager and not per_task and _large_groups(x, self.hidden_widths):
+            route = self._route(x) if eager and not per_task else None
+            if route == "heads":
                 parts = self._per_head(x, w1, b1, w2, b2)
+            elif route is not None:
+                parts = mlp_heads(x, w1, b1, w2, b2, self.hidden_widths, self.out_widths,
+                                  self.activation, route)
             else:
                 h = self._hidden(x, w1, b1, per_task, eager)
                 if self.dropout > 0:

@@ -49,6 +49,9 @@ gated_mixture             torch (gate weights +         cpu (eager,         soft
 gate_logits               torch (grouped_linear)        cpu (eager,         a row's gates
                                                         fp32/fp64), else    from cache, no
                                                         torch (baddbmm)     few-column GEMMs
+mlp_heads                 torch (FusedHeads' ATen ops)  cpu (eager), else   one autograd
+                                                        torch               node, not one
+                                                                            per op
 ========================  ============================  ==================  =================
 
 "cuda"/"cpu" need the compiled extension with that kernel (``mtlfast._ext``); without it the
@@ -177,6 +180,11 @@ RULES: dict[str, tuple[tuple[str, Rule], ...]] = {
         ("cpu", lambda op, t, f: f["eager"] and t.dtype in (torch.float32, torch.float64)
          and not _triton_cpu() and _kernel(op, t, "cpu")),
         ("torch", lambda op, t, f: True)),
+    # MLP heads on one input (FusedHeads): the C++ op (one autograd node) for plain eager CPU
+    # calls; otherwise FusedHeads' own composition of ATen ops ("torch")
+    "mlp_heads": (("cpu", lambda op, t, f: f["eager"] and not _triton_cpu()
+                   and _kernel(op, t, "cpu")),
+                  ("torch", lambda op, t, f: True)),
 }
 
 

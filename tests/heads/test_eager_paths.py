@@ -15,6 +15,7 @@ from mtlfast import FusedHeads, baselines
 from tests.conftest import rel_err
 
 gl = importlib.import_module("mtlfast.ops.grouped_linear")
+_dispatch = importlib.import_module("mtlfast.ops._dispatch")
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
@@ -33,6 +34,12 @@ def _select(monkeypatch, path):
     _, _, max_mk, budget = PATHS[path]
     monkeypatch.setitem(gl._BMM_MAX_MK, "cpu", max_mk)
     monkeypatch.setitem(gl._PAD_BUDGET, "cpu", budget)
+
+
+def aten_heads(monkeypatch):
+    """FusedHeads' own composition of ATen ops for MLP heads (what runs where the C++ op of
+    ``mtlfast.ops.mlp_heads`` does not: no extension, GPU, torch.func, compile)."""
+    monkeypatch.setitem(_dispatch.RULES, "mlp_heads", (("torch", lambda op, t, f: True),))
 
 
 def _spy(monkeypatch):
@@ -168,6 +175,7 @@ def test_padding_is_exact_for_inf_weights(monkeypatch):
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_mlp_heads_match_loop_on_every_path(path, dtype, monkeypatch):
+    aten_heads(monkeypatch)
     _select(monkeypatch, path)
     ins, outs = PATHS[path][:2]
     fused = FusedHeads(6, {f"t{i}": n for i, n in enumerate(outs)}, hidden=list(ins),
@@ -234,6 +242,7 @@ def test_large_groups_dropout_is_per_head_and_off_in_eval(monkeypatch):
 
 
 def test_eager_paths_skip_the_custom_op_and_func_transforms_keep_it(monkeypatch):
+    aten_heads(monkeypatch)
     ran = _spy(monkeypatch)
     fused = FusedHeads(6, {"a": 2, "b": 2}, hidden=4)
     z = torch.randn(3, 6)

@@ -1,0 +1,303 @@
+// Few small MLP heads (FusedHeads' eager CPU path), forward and backward as ONE autograd node:
+//   h = act(x W1^T + b1)                    one GEMM for every head's first layer
+//   y_t = h[:, cols_t] W2_t^T + b2_t        the second layers ("groups": a GEMM each; "bmm":
+//                                           one batched GEMM over equal hidden widths, out
+//                                           widths zero-padded to the widest; "dot": width-1
+//                                           heads of equal hidden width, a multiply-sum)
+// At these sizes a step is bound by per-node costs, not FLOPs: the same math as plain ATen ops
+// under torch's autograd needs a node per op plus the split nodes of the packed parameters
+// (about 10 us each on the CPU), and the Python of an autograd.Function costs as much again.
+// Here the backward is one C++ node whose gradients come straight out of the GEMMs.
+//
+// Double backward (create_graph) recomputes the hidden layer under autograd and runs the same
+// formulas as differentiable ops; inputs carrying forward-mode tangents take the plain ATen
+// composition (which torch differentiates in both modes).
+#include <torch/library.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+namespace mtlfast {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+enum class Act : int64_t { none = 0, relu = 1, gelu = 2, silu = 3 };
+enum class Layer2 : int64_t { groups = 0, bmm = 1, dot = 2 };
+
+Act act_of(const std::string& name) {
+  if (name == "none") return Act::none;
+  if (name == "relu") return Act::relu;
+  if (name == "gelu") return Act::gelu;
+  TORCH_CHECK(name == "silu", "mlp_heads: activation must be none, relu, gelu or silu, got ",
+              name);
+  return Act::silu;
+}
+
+Layer2 layer2_of(const std::string& name) {
+  if (name == "groups") return Layer2::groups;
+  if (name == "bmm") return Layer2::bmm;
+  TORCH_CHECK(name == "dot", "mlp_heads: layer2 must be groups, bmm or dot, got ", name);
+  return Layer2::dot;
+}
+
+struct Shape {
+  std::vector<int64_t> hid, outs;
+  int64_t T = 0, H = 0, N = 0, n_max = 0;
+  Act act = Act::none;
+  Layer2 layer2 = Layer2::groups;
+};
+
+Shape shape_of(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2,
+               const Tensor& b2, at::IntArrayRef hid, at::IntArrayRef outs,
+               const std::string& activation, const std::string& layer2) {
+  Shape s;
+  s.hid = hid.vec();
+  s.outs = outs.vec();
+  s.T = static_cast<int64_t>(hid.size());
+  s.act = act_of(activation);
+  s.layer2 = layer2_of(layer2);
+  TORCH_CHECK(s.T >= 1 && outs.size() == hid.size(),
+              "mlp_heads: hidden and outs must be non-empty and of equal length");
+  int64_t packed = 0;
+  for (int64_t t = 0; t < s.T; ++t) {
+    TORCH_CHECK(hid[t] >= 1 && outs[t] >= 1, "mlp_heads: every width must be >= 1");
+    s.H += hid[t];
+    s.N += outs[t];
+    packed += hid[t] * outs[t];
+    s.n_max = std::max(s.n_max, outs[t]);
+    TORCH_CHECK(s.layer2 == Layer2::groups || hid[t] == hid[0],
+                "mlp_heads: layer2 bmm / dot needs equal hidden widths");
+  }
+  TORCH_CHECK(s.layer2 != Layer2::dot || s.n_max == 1, "mlp_heads: layer2 dot needs outs of 1");
+  TORCH_CHECK(x.dim() == 2 && w1.dim() == 2 && w1.size(0) == s.H && w1.size(1) == x.size(1),
+              "mlp_heads: x must be (M, D) and w1 (sum hidden, D)");
+  TORCH_CHECK(w2.dim() == 1 && w2.numel() == packed, "mlp_heads: w2 must be the flat packed "
+              "second-layer weights of sum(hidden_t * outs_t) elements");
+  TORCH_CHECK(!b1.defined() || (b1.dim() == 1 && b1.numel() == s.H),
+              "mlp_heads: b1 must be (sum hidden,)");
+  TORCH_CHECK(!b2.defined() || (b2.dim() == 1 && b2.numel() == s.N),
+              "mlp_heads: b2 must be (sum outs,)");
+  for (const Tensor* t : {&w1, &b1, &w2, &b2}) {
+    TORCH_CHECK(!t->defined() || (t->scalar_type() == x.scalar_type() &&
+                                  t->device() == x.device()),
+                "mlp_heads: every tensor must have x's dtype and device");
+  }
+  return s;
+}
+
+Tensor activate(Tensor pre, Act act) {
+  switch (act) {
+    case Act::relu: return at::relu_(pre);  // addmm's backward does not read its output
+    case Act::gelu: return at::gelu(pre);
+    case Act::silu: return at::silu(pre);
+    default: return pre;
+  }
+}
+
+Tensor activation_backward(const Tensor& g, const Tensor& pre, const Tensor& h, Act act) {
+  switch (act) {
+    case Act::relu: return at::threshold_backward(g, h, 0);
+    case Act::gelu: return at::gelu_backward(g, pre);
+    case Act::silu: {
+      if (!at::GradMode::is_enabled()) return at::silu_backward(g, pre);
+      Tensor sig = at::sigmoid(pre);  // create_graph: silu_backward has no derivative
+      return g * sig * (1 + pre * (1 - sig));
+    }
+    default: return g;
+  }
+}
+
+// act(x W1^T + b1) and the pre-activation (the same tensor for relu and none)
+std::pair<Tensor, Tensor> hidden_layer(const Tensor& x, const Tensor& w1, const Tensor& b1,
+                                       Act act) {
+  Tensor pre = b1.defined() ? at::addmm(b1, x, w1.t()) : at::mm(x, w1.t());
+  if (act == Act::relu || act == Act::none) {
+    Tensor h = activate(pre, act);
+    return {h, h};
+  }
+  return {activate(pre, act), pre};
+}
+
+bool ragged(const Shape& s) { return s.n_max * s.T != s.N; }
+
+// Row j of head t (of the packed (N, ...) rows) at row t * n_max + j of the padded layout.
+Tensor pad_positions(const Shape& s, const at::Device& device) {
+  std::vector<int64_t> pos;
+  pos.reserve(s.N);
+  for (int64_t t = 0; t < s.T; ++t) {
+    for (int64_t j = 0; j < s.outs[t]; ++j) pos.push_back(t * s.n_max + j);
+  }
+  return at::tensor(pos, at::TensorOptions().dtype(at::kLong)).to(device);
+}
+
+// The packed rows copied into zeros (padding rows exact zeros: an inf weight gives no 0 * inf);
+// its backward is one gather.
+Tensor padded(const Tensor& rows, const Shape& s) {
+  if (!ragged(s)) return rows;
+  std::vector<int64_t> shape = rows.sizes().vec();
+  shape[0] = s.T * s.n_max;
+  return rows.new_zeros(shape).index_copy(0, pad_positions(s, rows.device()), rows);
+}
+
+variable_list second_layer(const Tensor& h, const Tensor& w2, const Tensor& b2, const Shape& s) {
+  const int64_t M = h.size(0);
+  if (s.layer2 == Layer2::dot) {  // T dot products per row
+    const int64_t k = s.hid[0];
+    Tensor y = (h.view({M, s.T, k}) * w2.view({s.T, k})).sum(-1);
+    if (b2.defined()) y = y + b2;
+    return y.split(1, 1);
+  }
+  if (s.layer2 == Layer2::bmm) {
+    const int64_t k = s.hid[0], n = s.n_max;
+    Tensor hs = h.view({M, s.T, k}).transpose(0, 1);
+    Tensor W = padded(w2.view({-1, k}), s).view({s.T, n, k}).transpose(1, 2);
+    Tensor y = b2.defined() ? at::baddbmm(padded(b2, s).view({s.T, 1, n}), hs, W)
+                            : at::bmm(hs, W);
+    variable_list ys = y.unbind(0);
+    for (int64_t t = 0; t < s.T; ++t) {
+      if (s.outs[t] < n) ys[t] = ys[t].narrow(1, 0, s.outs[t]);
+    }
+    return ys;
+  }
+  variable_list ys;
+  int64_t wo = 0, c = 0, o = 0;
+  for (int64_t t = 0; t < s.T; ++t) {
+    const int64_t k = s.hid[t], n = s.outs[t];
+    Tensor W = w2.narrow(0, wo, n * k).view({n, k});
+    Tensor ht = h.narrow(1, c, k);
+    ys.push_back(b2.defined() ? at::addmm(b2.narrow(0, o, n), ht, W.t()) : at::mm(ht, W.t()));
+    wo += n * k;
+    c += k;
+    o += n;
+  }
+  return ys;
+}
+
+// d/dh, d/dW2 (flat, packed) and d/db2 of the second layer, from the heads' output gradients
+struct Layer2Grads {
+  Tensor gh, gw2, gb2;
+};
+
+Layer2Grads second_layer_backward(const variable_list& gs, const Tensor& h, const Tensor& w2,
+                                  bool bias, const Shape& s) {
+  const int64_t M = h.size(0);
+  Layer2Grads r;
+  if (s.layer2 == Layer2::dot) {
+    const int64_t k = s.hid[0];
+    Tensor G = at::cat(gs, 1);  // (M, T)
+    r.gw2 = (G.unsqueeze(-1) * h.view({M, s.T, k})).sum(0).reshape(-1);
+    r.gh = (G.unsqueeze(-1) * w2.view({s.T, k})).reshape({M, s.H});
+    if (bias) r.gb2 = G.sum(0);
+    return r;
+  }
+  if (s.layer2 == Layer2::bmm) {
+    const int64_t k = s.hid[0], n = s.n_max;
+    variable_list gp;
+    for (int64_t t = 0; t < s.T; ++t) {
+      gp.push_back(s.outs[t] < n ? at::constant_pad_nd(gs[t], {0, n - s.outs[t]}) : gs[t]);
+    }
+    Tensor G = at::stack(gp);  // (T, M, n_max)
+    Tensor gW = at::bmm(G.transpose(1, 2), h.view({M, s.T, k}).transpose(0, 1));
+    r.gh = at::bmm(G, padded(w2.view({-1, k}), s).view({s.T, n, k}))
+               .transpose(0, 1).reshape({M, s.H});
+    if (bias) r.gb2 = G.sum(1).reshape(-1);
+    if (ragged(s)) {
+      Tensor pos = pad_positions(s, h.device());
+      gW = gW.reshape({-1, k}).index_select(0, pos);
+      if (bias) r.gb2 = r.gb2.index_select(0, pos);
+    }
+    r.gw2 = gW.reshape(-1);
+    return r;
+  }
+  variable_list gw, gh, gb;
+  int64_t wo = 0, c = 0;
+  for (int64_t t = 0; t < s.T; ++t) {
+    const int64_t k = s.hid[t], n = s.outs[t];
+    gw.push_back(at::mm(gs[t].t(), h.narrow(1, c, k)).reshape(-1));
+    gh.push_back(at::mm(gs[t], w2.narrow(0, wo, n * k).view({n, k})));
+    if (bias) gb.push_back(gs[t].sum(0));
+    wo += n * k;
+    c += k;
+  }
+  r.gw2 = s.T == 1 ? gw[0] : at::cat(gw);
+  r.gh = s.T == 1 ? gh[0] : at::cat(gh, 1);
+  if (bias) r.gb2 = s.T == 1 ? gb[0] : at::cat(gb);
+  return r;
+}
+
+struct MLPHeads : public torch::autograd::Function<MLPHeads> {
+  // (the biases as optionals: an undefined Tensor argument is not allowed here)
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w1,
+                               const std::optional<Tensor>& bias1, const Tensor& w2,
+                               const std::optional<Tensor>& bias2, at::IntArrayRef hid,
+                               at::IntArrayRef outs, const std::string& activation,
+                               const std::string& layer2) {
+    const Tensor b1 = bias1.value_or(Tensor()), b2 = bias2.value_or(Tensor());
+    Shape s = shape_of(x, w1, b1, w2, b2, hid, outs, activation, layer2);
+    auto [h, pre] = hidden_layer(x, w1, b1, s.act);
+    variable_list ys = second_layer(h, w2, b2, s);
+    ctx->save_for_backward({x, w1, b1, w2});
+    ctx->saved_data["h"] = h;
+    ctx->saved_data["pre"] = pre;
+    ctx->saved_data["hid"] = s.hid;
+    ctx->saved_data["outs"] = s.outs;
+    ctx->saved_data["activation"] = activation;
+    ctx->saved_data["layer2"] = layer2;
+    ctx->saved_data["bias2"] = b2.defined();
+    return ys;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list gs) {
+    auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &w1 = saved[1], &b1 = saved[2], &w2 = saved[3];
+    const bool bias2 = ctx->saved_data["bias2"].toBool();
+    Shape s = shape_of(x, w1, b1, w2, Tensor(), ctx->saved_data["hid"].toIntVector(),
+                       ctx->saved_data["outs"].toIntVector(),
+                       ctx->saved_data["activation"].toStringRef(),
+                       ctx->saved_data["layer2"].toStringRef());
+    Tensor h = ctx->saved_data["h"].toTensor(), pre = ctx->saved_data["pre"].toTensor();
+    if (at::GradMode::is_enabled()) {
+      // create_graph: the saved hidden layer was computed without a graph
+      std::tie(h, pre) = hidden_layer(x, w1, b1, s.act);
+    }
+    Layer2Grads l2 = second_layer_backward(gs, h, w2, bias2, s);
+    Tensor gpre = activation_backward(l2.gh, pre, h, s.act);
+    Tensor gx = ctx->needs_input_grad(0) ? at::mm(gpre, w1) : Tensor();
+    Tensor gw1 = ctx->needs_input_grad(1) ? at::mm(gpre.t(), x) : Tensor();
+    Tensor gb1 = b1.defined() && ctx->needs_input_grad(2) ? gpre.sum(0) : Tensor();
+    return {gx, gw1, gb1, l2.gw2, l2.gb2, Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+bool has_tangent(const Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
+
+std::vector<Tensor> mlp_heads(const Tensor& x, const Tensor& w1, const std::optional<Tensor>& b1,
+                              const Tensor& w2, const std::optional<Tensor>& b2,
+                              at::IntArrayRef hidden, at::IntArrayRef outs,
+                              c10::string_view activation, c10::string_view layer2) {
+  const Tensor bias1 = b1.value_or(Tensor()), bias2 = b2.value_or(Tensor());
+  const std::string act(activation), mode(layer2);
+  if (has_tangent(x) || has_tangent(w1) || has_tangent(bias1) || has_tangent(w2) ||
+      has_tangent(bias2)) {
+    Shape s = shape_of(x, w1, bias1, w2, bias2, hidden, outs, act, mode);
+    return second_layer(hidden_layer(x, w1, bias1, s.act).first, w2, bias2, s);
+  }
+  return MLPHeads::apply(x, w1, b1, w2, b2, hidden, outs, act, mode);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mtlfast, m) {
+  m.def("mlp_heads(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, int[] hidden, "
+        "int[] outs, str activation, str layer2) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(mtlfast, CompositeImplicitAutograd, m) { m.impl("mlp_heads", &mlp_heads); }
+
+}  // namespace mtlfast

@@ -1,0 +1,87 @@
+"""MLP heads on one shared input as one op: ``y_t = W2_t act(W1_t x + b1_t) + b2_t`` for T
+heads, with every head's first layer in one GEMM (``h = act(x W1^T + b1)``, ``W1`` the heads'
+first-layer weights stacked) and the second layers read from one flat packed buffer (head t's
+``(out_t, hidden_t)`` block after block, FusedHeads' ``weight2``).
+
+Dispatch (``_dispatch.backend("mlp_heads", x, ...)``): plain eager CPU calls run the C++ op
+(``csrc/cpu/heads.cpp``, ``torch.ops.mtlfast.mlp_heads``): forward and backward are ONE
+autograd node, whose gradients come straight out of the GEMMs. At the sizes of task heads a
+step is bound by per-node costs, not FLOPs; the same math as plain ATen ops under torch's
+autograd takes a node per op plus the split nodes of the packed parameters, and lost to the
+loop of unfused heads at two to four heads (benchmarks/RESULTS.md, FusedHeads grid). Its
+second layer (``layer2``) is one GEMM per head (``"groups"``), one batched GEMM over equal
+hidden widths with the out widths zero-padded to the widest (``"bmm"``), or for width-1 heads
+a multiply-sum (``"dot"``); ``layer2_for`` picks it. Elsewhere (no extension, torch.compile,
+torch.func, GPU) FusedHeads composes ATen ops itself (``mtlfast.heads.module``).
+
+The C++ op is differentiable twice (create_graph recomputes the hidden layer under autograd)
+and in forward mode (inputs with tangents take the plain ATen composition); batched backward
+gradients (``autograd.grad(..., is_grads_batched=True)``) flow through its formulas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import backend
+from .grouped_linear import _PAD_BUDGET, _blocks, apply_activation
+
+__all__ = ["layer2_for", "mlp_heads", "mlp_heads_layer2", "mlp_heads_reference"]
+
+#: Ragged out widths (equal hidden widths) are zero-padded into one batched GEMM from this many
+#: heads on, where the padding costs less than a GEMM per head (grouped_linear's padding budget
+#: bounds the extra multiply-adds; fp32/fp64 also pad at most 2x). Low-precision GEMMs cost
+#: ~20 us a call on the CPU (fp32 ~5 us): bf16, 40 ragged heads of 8 hidden, B=32, padded 4x,
+#: took 1.64 ms where a GEMM per head took 2.48 ms.
+_PAD_MIN_T = 8
+_PAD_MAX_RATIO = 2.0
+
+
+def mlp_heads_reference(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
+                        w2: torch.Tensor, b2: torch.Tensor | None, hidden: Sequence[int],
+                        outs: Sequence[int], activation: str) -> list[torch.Tensor]:
+    """The spec: each head on its own, ``F.linear``, the activation, ``F.linear``."""
+    b1s = b1.split(list(hidden)) if b1 is not None else [None] * len(hidden)
+    b2s = b2.split(list(outs)) if b2 is not None else [None] * len(outs)
+    return [F.linear(apply_activation(F.linear(x, w1t, b1t), activation), w2t, b2t)
+            for w1t, b1t, w2t, b2t in zip(w1.split(list(hidden)), b1s,
+                                          _blocks(w2, hidden, outs), b2s, strict=True)]
+
+
+def layer2_for(x: torch.Tensor, hidden: Sequence[int], outs: Sequence[int]) -> str:
+    """The C++ op's second-layer form for these heads (see the module docstring)."""
+    T, k, n_max, N = len(hidden), hidden[0], max(outs), sum(outs)
+    if any(h != k for h in hidden):
+        return "groups"
+    if n_max == 1:
+        return "dot"
+    pad = T * n_max - N
+    if pad == 0:
+        return "bmm"
+    lowp = x.dtype in (torch.float16, torch.bfloat16)
+    if T >= _PAD_MIN_T and (lowp or T * n_max <= _PAD_MAX_RATIO * N) \
+            and x.shape[0] * k * pad <= _PAD_BUDGET["cpu"] * (T - 2):
+        return "bmm"
+    return "groups"
+
+
+def mlp_heads_layer2(x: torch.Tensor, hidden: Sequence[int], outs: Sequence[int]
+                     ) -> str | None:
+    """The dispatch: the C++ op's second-layer form (``layer2_for``) where it serves eager
+    calls with ``x`` (the caller checked they are eager), else None (FusedHeads composes ATen
+    ops)."""
+    if backend("mlp_heads", x, eager=True) != "cpu":
+        return None
+    return layer2_for(x, hidden, outs)
+
+
+def mlp_heads(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+              b2: torch.Tensor | None, hidden: Sequence[int], outs: Sequence[int],
+              activation: str, layer2: str) -> list[torch.Tensor]:
+    """The heads' outputs ``[(M, out_t)]`` from the C++ op. Arguments as FusedHeads holds
+    them, already checked: ``x`` ``(M, D)``, ``w1`` ``(sum hidden, D)``, ``w2`` flat packed,
+    ``layer2`` from ``mlp_heads_layer2``."""
+    return torch.ops.mtlfast.mlp_heads(x, w1, b1, w2, b2, hidden, outs, activation, layer2)

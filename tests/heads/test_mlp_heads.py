@@ -1,0 +1,325 @@
+"""The C++ MLP-heads op (``torch.ops.mtlfast.mlp_heads``, FusedHeads' eager CPU path) against
+its spec (``mlp_heads_reference``: each head on its own) for every second-layer form, head
+family, activation, bias and dtype, forward and backward; twice differentiable, forward mode,
+batched backward gradients, strided and empty inputs, non-finite values; which calls take it;
+and the engine's steps through it equal those through FusedHeads' ATen composition."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+import mtlfast
+from mtlfast import FusedHeads, methods
+from mtlfast.ops.mlp_heads import layer2_for, mlp_heads_reference
+from tests.conftest import rel_err
+
+pytestmark = pytest.mark.skipif(not mtlfast._ext.has_cpu_kernels(),
+                                reason="the C++ op needs the compiled extension")
+
+_dispatch = importlib.import_module("mtlfast.ops._dispatch")
+gl = importlib.import_module("mtlfast.ops.grouped_linear")
+
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+ACTIVATIONS = ["relu", "gelu", "silu", "none"]
+
+# (hidden widths, out widths, second-layer form)
+CASES = {
+    "groups, ragged hidden and out": ([5, 2, 4], [1, 7, 3], "groups"),
+    "groups, one head": ([6], [3], "groups"),
+    "groups, equal hidden, ragged out": ([4, 4], [1, 9], "groups"),
+    "bmm, equal shapes": ([4, 4, 4], [5, 5, 5], "bmm"),
+    "bmm, one head": ([4], [2], "bmm"),
+    "bmm, padded": ([4] * 9, [1, 7, 3, 7, 2, 5, 1, 4, 6], "bmm"),
+    "dot, width-1 heads": ([8] * 5, [1] * 5, "dot"),
+    "dot, one head": ([3], [1], "dot"),
+}
+
+
+def _op(x, w1, b1, w2, b2, case, activation):
+    hidden, outs, layer2 = CASES[case]
+    return list(torch.ops.mtlfast.mlp_heads(x, w1, b1, w2, b2, hidden, outs, activation,
+                                            layer2))
+
+
+def _params(case, dtype, bias=True, D=6, scale=0.5):
+    hidden, outs, _ = CASES[case]
+    g = torch.Generator().manual_seed(1)
+    w1 = torch.randn(sum(hidden), D, generator=g) * scale
+    w2 = torch.randn(sum(h * n for h, n in zip(hidden, outs, strict=True)), generator=g) * scale
+    b1 = torch.randn(sum(hidden), generator=g) if bias else None
+    b2 = torch.randn(sum(outs), generator=g) if bias else None
+    return [None if t is None else t.to(dtype).requires_grad_() for t in (w1, b1, w2, b2)]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", list(TOL))
+def test_op_matches_reference_forward_backward(case, activation, bias, dtype):
+    hidden, outs, _ = CASES[case]
+    w1, b1, w2, b2 = _params(case, dtype, bias)
+    x = torch.randn(13, 6, dtype=dtype, requires_grad=True)
+    ys = _op(x, w1, b1, w2, b2, case, activation)
+    assert [tuple(y.shape) for y in ys] == [(13, n) for n in outs]
+    assert all(y.dtype == dtype for y in ys)
+    leaves = [t for t in (x, w1, b1, w2, b2) if t is not None]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    rx, rw1, *rest = ref_leaves
+    rb1 = rest.pop(0) if bias else None
+    rw2 = rest.pop(0)
+    rb2 = rest.pop(0) if bias else None
+    refs = mlp_heads_reference(rx, rw1, rb1, rw2, rb2, hidden, outs, activation)
+    # the unfused heads in the same dtype: their rounding error bounds what ours may be
+    same = mlp_heads_reference(*leaves[:2], b1, w2, b2, hidden, outs, activation) \
+        if bias else mlp_heads_reference(x, w1, None, w2, None, hidden, outs, activation)
+    for y, r, u in zip(ys, refs, same, strict=True):
+        assert rel_err(y, r) < max(TOL[dtype], 2 * rel_err(u, r))
+    seeds = [torch.randn(r.shape, dtype=torch.float64) for r in refs]
+    got = torch.autograd.grad(ys, leaves, [s.to(dtype) for s in seeds])
+    want = torch.autograd.grad(refs, ref_leaves, seeds)
+    unfused = torch.autograd.grad(same, leaves, [s.to(dtype) for s in seeds])
+    for g, w, u in zip(got, want, unfused, strict=True):
+        assert g.dtype == dtype and g.shape == w.shape
+        assert rel_err(g, w) < max(TOL[dtype], 2 * rel_err(u, w))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
+def test_gradcheck_twice_forward_mode_and_batched(case, activation):
+    """fp64 gradcheck (reverse and forward mode, batched backward gradients as the engine's
+    ``is_grads_batched`` sends them) and gradgradcheck (create_graph through the op)."""
+    w1, b1, w2, b2 = _params(case, torch.float64)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+
+    def f(*args):
+        return tuple(_op(*args, case, activation))
+
+    inputs = (x, w1, b1, w2, b2)
+    assert torch.autograd.gradcheck(f, inputs, check_forward_ad=True, check_batched_grad=True)
+    assert torch.autograd.gradgradcheck(f, inputs)
+
+    def no_bias(x, w1, w2):
+        return tuple(_op(x, w1, None, w2, None, case, activation))
+
+    assert torch.autograd.gradgradcheck(no_bias, (x, w1, w2))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_strided_input_and_gradients(case):
+    """x a column slice, the output gradients strided views (as a cat's backward sends)."""
+    hidden, outs, _ = CASES[case]
+    w1, b1, w2, b2 = _params(case, torch.float32)
+    base = torch.randn(9, 13, requires_grad=True)
+    x = base[:, 1:13:2]
+    ys = _op(x, w1, b1, w2, b2, case, "relu")
+    refs = mlp_heads_reference(x, w1, b1, w2, b2, hidden, outs, "relu")
+    seed = torch.randn(9, 2 * sum(outs))[:, ::2]
+    seeds = list(seed.split(list(outs), dim=1))
+    leaves = [base, w1, b1, w2, b2]
+    for got, want in zip(torch.autograd.grad(ys, leaves, seeds),
+                         torch.autograd.grad(refs, leaves, seeds), strict=True):
+        assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_empty_batch(case):
+    hidden, outs, _ = CASES[case]
+    w1, b1, w2, b2 = _params(case, torch.float32)
+    x = torch.randn(0, 6, requires_grad=True)
+    ys = _op(x, w1, b1, w2, b2, case, "gelu")
+    assert [tuple(y.shape) for y in ys] == [(0, n) for n in outs]
+    grads = torch.autograd.grad(sum(y.sum() for y in ys), [x, w1, b1, w2, b2])
+    assert grads[0].shape == (0, 6)
+    assert all(torch.count_nonzero(g) == 0 for g in grads[1:])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_unused_and_reused_outputs(case):
+    """Heads the loss does not use get zero gradients; an output used twice, both uses."""
+    hidden, outs, _ = CASES[case]
+    w1, b1, w2, b2 = _params(case, torch.float64)
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    ys = _op(x, w1, b1, w2, b2, case, "silu")
+    refs = mlp_heads_reference(x, w1, b1, w2, b2, hidden, outs, "silu")
+
+    def loss(outs_):
+        return (outs_[0] ** 2).sum() + outs_[0].sum()
+
+    leaves = [x, w1, b1, w2, b2]
+    for got, want in zip(torch.autograd.grad(loss(ys), leaves),
+                         torch.autograd.grad(loss(refs), leaves), strict=True):
+        assert rel_err(got, want) < 1e-12
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_non_finite_values_stay_where_the_unfused_heads_put_them(case):
+    """A NaN in row i of x reaches row i of every output only; an inf second-layer weight
+    reaches only its own head (the padded bmm's padding rows are exact zeros)."""
+    hidden, outs, _ = CASES[case]
+    w1, b1, w2, b2 = (t.detach() for t in _params(case, torch.float32))
+    x = torch.randn(6, 6)
+    x[2, 3] = float("nan")
+    w2 = w2.clone()
+    w2[0] = float("inf")  # head 0's first weight
+    ys = _op(x, w1, b1, w2, b2, case, "relu")
+    refs = mlp_heads_reference(x, w1, b1, w2, b2, hidden, outs, "relu")
+    for y, r in zip(ys, refs, strict=True):
+        assert torch.equal(y.isnan(), r.isnan()) and torch.equal(y.isinf(), r.isinf())
+        finite = r.isfinite()
+        assert rel_err(y[finite], r[finite]) < 1e-5
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    (dict(hidden=[4, 4], outs=[1]), "equal length"),
+    (dict(hidden=[4, 0], outs=[1, 2]), ">= 1"),
+    (dict(w2_extra=1), "w2 must be the flat packed"),
+    (dict(b1_extra=1), "b1 must be"),
+    (dict(b2_extra=1), "b2 must be"),
+    (dict(layer2="dot"), "dot needs outs of 1"),
+    (dict(hidden=[4, 3], outs=[2, 2], layer2="bmm"), "equal hidden widths"),
+    (dict(layer2="bad"), "layer2 must be"),
+    (dict(activation="tanh"), "activation must be"),
+    (dict(w1_dtype=torch.float64), "dtype and device"),
+    (dict(x_dim=3), "x must be"),
+])
+def test_bad_arguments_raise_not_crash(args, match):
+    hidden, outs = args.get("hidden", [4, 4]), args.get("outs", [2, 2])
+    D = 5
+    x = torch.randn(3, D) if args.get("x_dim", 2) == 2 else torch.randn(2, 3, D)
+    w1 = torch.randn(sum(hidden), D, dtype=args.get("w1_dtype", torch.float32))
+    w2 = torch.randn(sum(h * n for h, n in zip(hidden, outs, strict=False))
+                     + args.get("w2_extra", 0))
+    b1 = torch.randn(sum(hidden) + args.get("b1_extra", 0))
+    b2 = torch.randn(sum(outs) + args.get("b2_extra", 0))
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.mtlfast.mlp_heads(x, w1, b1, w2, b2, hidden, outs,
+                                    args.get("activation", "relu"), args.get("layer2", "groups"))
+
+
+@pytest.mark.parametrize(("hidden", "outs", "dtype", "M", "want"), [
+    ([8, 8], [1, 1], torch.float32, 32, "dot"),
+    ([8, 4], [1, 1], torch.float32, 32, "groups"),
+    ([8] * 3, [5] * 3, torch.bfloat16, 32, "bmm"),
+    ([8] * 4, [1, 200, 5, 50], torch.bfloat16, 32, "groups"),        # below 8 heads
+    ([8] * 8, [1, 200, 5, 50] * 2, torch.bfloat16, 32, "bmm"),      # padded 4x: low precision
+    ([8] * 8, [1, 200, 5, 50] * 2, torch.float32, 32, "groups"),    # fp32 pads at most 2x
+    ([8] * 8, [5, 8, 6, 7] * 2, torch.float32, 32, "bmm"),          # 1.23x
+    ([64] * 8, [1, 200, 5, 50] * 2, torch.bfloat16, 2**14, "groups"),  # past the budget
+])
+def test_layer2_choice(hidden, outs, dtype, M, want):
+    assert layer2_for(torch.empty(M, 4, dtype=dtype), hidden, outs) == want
+
+
+def _uses_op(out: dict) -> bool:
+    def node(y):  # (through the reshape to the batch shape)
+        fn = y.grad_fn
+        return fn.next_functions[0][0] if fn.name() == "ViewBackward0" else fn
+
+    return all("MLPHeads" in node(y).name() for y in out.values())
+
+
+@pytest.mark.parametrize("hidden", [8, [3, 8, 5]])
+@pytest.mark.parametrize("widths", [[1, 1, 1], [2, 2, 2], [1, 9, 4]])
+def test_fused_heads_take_the_op_on_eager_cpu_calls(hidden, widths):
+    fused = FusedHeads(6, {f"t{i}": n for i, n in enumerate(widths)}, hidden=hidden)
+    z = torch.randn(4, 5, 6, requires_grad=True)
+    out = fused(z)
+    assert _uses_op(out)
+    assert all(y.shape == (4, 5, n) for y, n in zip(out.values(), widths, strict=True))
+    plain = fused.unfuse()
+    for t, y in out.items():
+        assert rel_err(y, plain[t](z)) < 1e-6
+
+
+def test_fused_heads_other_calls_keep_their_paths(monkeypatch):
+    """Dropout while training, per-task inputs and large groups do not take the op; without
+    the extension FusedHeads composes ATen ops and still matches the unfused heads."""
+    z = torch.randn(5, 6, requires_grad=True)
+
+    def heads(**kw):
+        return FusedHeads(6, {"a": 2, "b": 3}, hidden=4, **kw)
+
+    dropping = heads(dropout=0.5)
+    assert not _uses_op(dropping(z))
+    assert _uses_op(dropping.eval()(z))
+    assert not _uses_op(dropping.train()(z))
+    assert not _uses_op(heads()(torch.stack([z, z]), per_task=True))
+    monkeypatch.setitem(gl._HEADS_LOOP_MK, ("cpu", torch.float32), 0)
+    monkeypatch.setattr(gl, "_HEADS_LOOP_MIN", 0)
+    assert not _uses_op(heads()(z))
+    monkeypatch.undo()
+    monkeypatch.setattr(mtlfast._ext, "has_cpu_kernels", lambda: False)
+    fused = heads()
+    out = fused(z)
+    assert not _uses_op(out)
+    plain = fused.unfuse()
+    for t, y in out.items():
+        assert rel_err(y, plain[t](z)) < 1e-6
+
+
+def test_route_is_chosen_per_rows_dtype_and_mode(monkeypatch):
+    """The route kept per (rows, dtype, device, train/eval): large groups by their rows, the
+    padded bmm by dtype, dropout by mode; a full table starts anew."""
+    monkeypatch.setitem(gl._HEADS_LOOP_MK, ("cpu", torch.float32), 2**8)
+    monkeypatch.setattr(gl, "_HEADS_LOOP_MIN", 2**8)
+    fused = FusedHeads(6, {f"t{i}": n for i, n in enumerate([1, 200, 5, 50] * 2)}, hidden=4,
+                       dropout=0.5)
+    small, large = torch.randn(8, 6), torch.randn(128, 6)
+    fused.eval()
+    for x in (small, large, small):
+        fused(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused(small)
+    assert fused._routes == {(8, torch.float32, small.device, False): "groups",
+                             (128, torch.float32, small.device, False): "heads",
+                             (8, torch.bfloat16, small.device, False): "bmm"}
+    fused.train()(small)
+    assert fused._routes[(8, torch.float32, small.device, True)] is None
+    for rows in range(1, 70):
+        fused(torch.randn(rows, 6))
+    assert 0 < len(fused._routes) <= 64
+    fused.eval()
+    assert rel_err(fused(small)["t1"], fused.unfuse()["t1"](small)) < 1e-6
+
+
+def test_fused_heads_under_autocast_take_the_op():
+    fused = FusedHeads(6, {"a": 1, "b": 9}, hidden=4)
+    z = torch.randn(5, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused(z)
+    assert _uses_op(out) and all(y.dtype == torch.bfloat16 for y in out.values())
+    loss = sum(y.float().sum() for y in out.values())
+    grads = torch.autograd.grad(loss, [z, *fused.parameters()])
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def _step_grads(mode: str, features: bool, aten: bool, monkeypatch) -> torch.Tensor:
+    monkeypatch.undo()
+    if aten:
+        monkeypatch.setitem(_dispatch.RULES, "mlp_heads", (("torch", lambda op, t, f: True),))
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(7, 12), nn.Tanh()).double()
+    heads = FusedHeads(12, {"a": 1, "b": 3, "c": 1, "d": 2}, hidden=[5, 5, 3, 5]).double()
+    x, y = torch.randn(9, 7, dtype=torch.float64), torch.randn(9, 7, dtype=torch.float64)
+    z = trunk(x)
+    out = heads(z)
+    assert _uses_op(out) != aten
+    losses = torch.stack([((o - y[:, i:i + o.shape[1]]) ** 2).mean()
+                          for i, o in enumerate(out.values())])
+    mtlfast.backward(losses, trunk, methods.UPGrad(), features=z if features else None,
+                     mode=mode)
+    return torch.cat([p.grad.reshape(-1) for p in [*trunk.parameters(), *heads.parameters()]])
+
+
+@pytest.mark.parametrize(("mode", "features"), [("jacobian", False), ("jacobian", True),
+                                                ("gramian", False), ("features", True)])
+def test_engine_steps_equal_the_aten_composition(mode, features, monkeypatch):
+    """The engine's batched backward through the op (UPGrad) writes the same .grad as through
+    FusedHeads' plain ATen ops."""
+    got = _step_grads(mode, features, aten=False, monkeypatch=monkeypatch)
+    want = _step_grads(mode, features, aten=True, monkeypatch=monkeypatch)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
