@@ -27,7 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import backend
-from .grouped_linear import _PAD_BUDGET, _blocks, apply_activation
+from .grouped_linear import (
+    _MULSUM_LOWP_MAX_K,
+    _MULSUM_LOWP_MIN_MT,
+    _MULSUM_LOWP_MIN_T,
+    _PAD_BUDGET,
+    _blocks,
+    apply_activation,
+)
 
 __all__ = ["layer2_for", "mlp_heads", "mlp_heads_layer2", "mlp_heads_reference"]
 
@@ -56,12 +63,15 @@ def layer2_for(x: torch.Tensor, hidden: Sequence[int], outs: Sequence[int]) -> s
     T, k, n_max, N = len(hidden), hidden[0], max(outs), sum(outs)
     if any(h != k for h in hidden):
         return "groups"
+    lowp = x.dtype in (torch.float16, torch.bfloat16)
     if n_max == 1:
-        return "dot"
+        # grouped_linear's measured rule: a low-precision multiply-sum over k <= 16 is too
+        # short an inner loop once there are many rows; the batched GEMV wins there
+        return "bmm" if lowp and T >= _MULSUM_LOWP_MIN_T and k <= _MULSUM_LOWP_MAX_K \
+            and x.shape[0] * T >= _MULSUM_LOWP_MIN_MT else "dot"
     pad = T * n_max - N
     if pad == 0:
         return "bmm"
-    lowp = x.dtype in (torch.float16, torch.bfloat16)
     if T >= _PAD_MIN_T and (lowp or T * n_max <= _PAD_MAX_RATIO * N) \
             and x.shape[0] * k * pad <= _PAD_BUDGET["cpu"] * (T - 2):
         return "bmm"

@@ -202,6 +202,11 @@ def test_bad_arguments_raise_not_crash(args, match):
 
 @pytest.mark.parametrize(("hidden", "outs", "dtype", "M", "want"), [
     ([8, 8], [1, 1], torch.float32, 32, "dot"),
+    ([8] * 8, [1] * 8, torch.float32, 2**10, "dot"),
+    ([8] * 8, [1] * 8, torch.bfloat16, 2**9, "dot"),
+    ([8] * 8, [1] * 8, torch.bfloat16, 2**10, "bmm"),   # many rows, short dots: batched GEMV
+    ([32] * 8, [1] * 8, torch.bfloat16, 2**10, "dot"),
+    ([8] * 7, [1] * 7, torch.bfloat16, 2**11, "dot"),
     ([8, 4], [1, 1], torch.float32, 32, "groups"),
     ([8] * 3, [5] * 3, torch.bfloat16, 32, "bmm"),
     ([8] * 4, [1, 200, 5, 50], torch.bfloat16, 32, "groups"),        # below 8 heads
