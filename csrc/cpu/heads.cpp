@@ -4,6 +4,9 @@
 //                                           one batched GEMM over equal hidden widths, out
 //                                           widths zero-padded to the widest; "dot": width-1
 //                                           heads of equal hidden width, a multiply-sum)
+// or, for heads whose hidden layers are large ("heads"), each head's two layers on its own
+// (the fused hidden layer only moves memory there), its gradients written into the packed
+// gradient buffers instead of concatenated.
 // At these sizes a step is bound by per-node costs, not FLOPs: the same math as plain ATen ops
 // under torch's autograd needs a node per op plus the split nodes of the packed parameters
 // (about 10 us each on the CPU), and the Python of an autograd.Function costs as much again.
@@ -28,7 +31,7 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 enum class Act : int64_t { none = 0, relu = 1, gelu = 2, silu = 3 };
-enum class Layer2 : int64_t { groups = 0, bmm = 1, dot = 2 };
+enum class Layer2 : int64_t { groups = 0, bmm = 1, dot = 2, heads = 3 };
 
 Act act_of(const std::string& name) {
   if (name == "none") return Act::none;
@@ -42,7 +45,8 @@ Act act_of(const std::string& name) {
 Layer2 layer2_of(const std::string& name) {
   if (name == "groups") return Layer2::groups;
   if (name == "bmm") return Layer2::bmm;
-  TORCH_CHECK(name == "dot", "mlp_heads: layer2 must be groups, bmm or dot, got ", name);
+  if (name == "heads") return Layer2::heads;
+  TORCH_CHECK(name == "dot", "mlp_heads: layer2 must be groups, bmm, dot or heads, got ", name);
   return Layer2::dot;
 }
 
@@ -71,7 +75,7 @@ Shape shape_of(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor
     s.N += outs[t];
     packed += hid[t] * outs[t];
     s.n_max = std::max(s.n_max, outs[t]);
-    TORCH_CHECK(s.layer2 == Layer2::groups || hid[t] == hid[0],
+    TORCH_CHECK(s.layer2 == Layer2::groups || s.layer2 == Layer2::heads || hid[t] == hid[0],
                 "mlp_heads: layer2 bmm / dot needs equal hidden widths");
   }
   TORCH_CHECK(s.layer2 != Layer2::dot || s.n_max == 1, "mlp_heads: layer2 dot needs outs of 1");
@@ -113,10 +117,18 @@ Tensor activation_backward(const Tensor& g, const Tensor& pre, const Tensor& h, 
   }
 }
 
+Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b) {
+  return b.defined() ? at::addmm(b, x, w.t()) : at::mm(x, w.t());
+}
+
+Tensor slice(const Tensor& t, int64_t off, int64_t len) {
+  return t.defined() ? t.narrow(0, off, len) : Tensor();
+}
+
 // act(x W1^T + b1) and the pre-activation (the same tensor for relu and none)
 std::pair<Tensor, Tensor> hidden_layer(const Tensor& x, const Tensor& w1, const Tensor& b1,
                                        Act act) {
-  Tensor pre = b1.defined() ? at::addmm(b1, x, w1.t()) : at::mm(x, w1.t());
+  Tensor pre = linear(x, w1, b1);
   if (act == Act::relu || act == Act::none) {
     Tensor h = activate(pre, act);
     return {h, h};
@@ -171,7 +183,7 @@ variable_list second_layer(const Tensor& h, const Tensor& w2, const Tensor& b2, 
     const int64_t k = s.hid[t], n = s.outs[t];
     Tensor W = w2.narrow(0, wo, n * k).view({n, k});
     Tensor ht = h.narrow(1, c, k);
-    ys.push_back(b2.defined() ? at::addmm(b2.narrow(0, o, n), ht, W.t()) : at::mm(ht, W.t()));
+    ys.push_back(linear(ht, W, slice(b2, o, n)));
     wo += n * k;
     c += k;
     o += n;
@@ -231,6 +243,93 @@ Layer2Grads second_layer_backward(const variable_list& gs, const Tensor& h, cons
   return r;
 }
 
+// "heads": each head's hidden layer (and pre-activation) and output on its own
+struct HeadsForward {
+  std::vector<Tensor> hs, pres;
+  variable_list ys;
+};
+
+HeadsForward heads_forward(const Tensor& x, const Tensor& w1, const Tensor& b1,
+                           const Tensor& w2, const Tensor& b2, const Shape& s) {
+  HeadsForward r;
+  int64_t wo = 0, c = 0, o = 0;
+  for (int64_t t = 0; t < s.T; ++t) {
+    const int64_t k = s.hid[t], n = s.outs[t];
+    auto [h, pre] = hidden_layer(x, w1.narrow(0, c, k), slice(b1, c, k), s.act);
+    r.ys.push_back(linear(h, w2.narrow(0, wo, n * k).view({n, k}), slice(b2, o, n)));
+    r.hs.push_back(h);
+    r.pres.push_back(pre);
+    wo += n * k;
+    c += k;
+    o += n;
+  }
+  return r;
+}
+
+// The gradients of "heads": written into the packed buffers where autograd takes plain
+// tensors (no cat of the weight gradients: at large heads a copy of every weight), else as
+// differentiable ops (create_graph) that also take batched gradients (no out= there).
+variable_list heads_backward(const variable_list& gs, const Tensor& x, const Tensor& w1,
+                             const Tensor& w2, const std::vector<Tensor>& hs,
+                             const std::vector<Tensor>& pres, bool bias1, bool bias2,
+                             bool need_x, const Shape& s) {
+  const bool into = !at::GradMode::is_enabled() &&
+                    std::all_of(gs.begin(), gs.end(), [](const Tensor& g) {
+                      return g.has_storage();  // (a batched gradient has none)
+                    });
+  Tensor gx, gw1, gb1, gw2, gb2;
+  variable_list gw1s, gb1s, gw2s, gb2s;
+  if (into) {
+    gw1 = at::empty_like(w1);
+    gw2 = at::empty_like(w2);
+    if (bias1) gb1 = at::empty({s.H}, w1.options());
+    if (bias2) gb2 = at::empty({s.N}, w2.options());
+  }
+  int64_t wo = 0, c = 0, o = 0;
+  for (int64_t t = 0; t < s.T; ++t) {
+    const int64_t k = s.hid[t], n = s.outs[t];
+    const Tensor &g = gs[t], &h = hs[t];
+    const Tensor W2 = w2.narrow(0, wo, n * k).view({n, k}), W1 = w1.narrow(0, c, k);
+    Tensor gpre = activation_backward(at::mm(g, W2), pres[t], h, s.act);
+    if (into) {
+      Tensor gw2t = gw2.narrow(0, wo, n * k).view({n, k}), gw1t = gw1.narrow(0, c, k);
+      at::mm_out(gw2t, g.t(), h);
+      at::mm_out(gw1t, gpre.t(), x);
+      if (bias2) {
+        Tensor gb2t = gb2.narrow(0, o, n);
+        at::sum_out(gb2t, g, 0);
+      }
+      if (bias1) {
+        Tensor gb1t = gb1.narrow(0, c, k);
+        at::sum_out(gb1t, gpre, 0);
+      }
+      if (need_x) {
+        if (t == 0) {
+          gx = at::mm(gpre, W1);
+        } else {
+          gx.addmm_(gpre, W1);
+        }
+      }
+    } else {
+      gw2s.push_back(at::mm(g.t(), h).reshape(-1));
+      gw1s.push_back(at::mm(gpre.t(), x));
+      if (bias2) gb2s.push_back(g.sum(0));
+      if (bias1) gb1s.push_back(gpre.sum(0));
+      if (need_x) gx = t == 0 ? at::mm(gpre, W1) : gx + at::mm(gpre, W1);
+    }
+    wo += n * k;
+    c += k;
+    o += n;
+  }
+  if (!into) {
+    gw1 = at::cat(gw1s);
+    gw2 = at::cat(gw2s);
+    if (bias1) gb1 = at::cat(gb1s);
+    if (bias2) gb2 = at::cat(gb2s);
+  }
+  return {gx, gw1, gb1, gw2, gb2, Tensor(), Tensor(), Tensor(), Tensor()};
+}
+
 struct MLPHeads : public torch::autograd::Function<MLPHeads> {
   // (the biases as optionals: an undefined Tensor argument is not allowed here)
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w1,
@@ -240,11 +339,19 @@ struct MLPHeads : public torch::autograd::Function<MLPHeads> {
                                const std::string& layer2) {
     const Tensor b1 = bias1.value_or(Tensor()), b2 = bias2.value_or(Tensor());
     Shape s = shape_of(x, w1, b1, w2, b2, hid, outs, activation, layer2);
-    auto [h, pre] = hidden_layer(x, w1, b1, s.act);
-    variable_list ys = second_layer(h, w2, b2, s);
+    variable_list ys;
+    if (s.layer2 == Layer2::heads) {
+      HeadsForward f = heads_forward(x, w1, b1, w2, b2, s);
+      ys = std::move(f.ys);
+      ctx->saved_data["h"] = f.hs;
+      ctx->saved_data["pre"] = f.pres;
+    } else {
+      auto [h, pre] = hidden_layer(x, w1, b1, s.act);
+      ys = second_layer(h, w2, b2, s);
+      ctx->saved_data["h"] = std::vector<Tensor>{h};
+      ctx->saved_data["pre"] = std::vector<Tensor>{pre};
+    }
     ctx->save_for_backward({x, w1, b1, w2});
-    ctx->saved_data["h"] = h;
-    ctx->saved_data["pre"] = pre;
     ctx->saved_data["hid"] = s.hid;
     ctx->saved_data["outs"] = s.outs;
     ctx->saved_data["activation"] = activation;
@@ -261,7 +368,18 @@ struct MLPHeads : public torch::autograd::Function<MLPHeads> {
                        ctx->saved_data["outs"].toIntVector(),
                        ctx->saved_data["activation"].toStringRef(),
                        ctx->saved_data["layer2"].toStringRef());
-    Tensor h = ctx->saved_data["h"].toTensor(), pre = ctx->saved_data["pre"].toTensor();
+    std::vector<Tensor> hs = ctx->saved_data["h"].toTensorVector(),
+                        pres = ctx->saved_data["pre"].toTensorVector();
+    if (s.layer2 == Layer2::heads) {
+      if (at::GradMode::is_enabled()) {  // create_graph: see below
+        HeadsForward f = heads_forward(x, w1, b1, w2, Tensor(), s);
+        hs = std::move(f.hs);
+        pres = std::move(f.pres);
+      }
+      return heads_backward(gs, x, w1, w2, hs, pres, b1.defined() && ctx->needs_input_grad(2),
+                            bias2, ctx->needs_input_grad(0), s);
+    }
+    Tensor h = hs[0], pre = pres[0];
     if (at::GradMode::is_enabled()) {
       // create_graph: the saved hidden layer was computed without a graph
       std::tie(h, pre) = hidden_layer(x, w1, b1, s.act);
@@ -286,6 +404,7 @@ std::vector<Tensor> mlp_heads(const Tensor& x, const Tensor& w1, const std::opti
   if (has_tangent(x) || has_tangent(w1) || has_tangent(bias1) || has_tangent(w2) ||
       has_tangent(bias2)) {
     Shape s = shape_of(x, w1, bias1, w2, bias2, hidden, outs, act, mode);
+    if (s.layer2 == Layer2::heads) return heads_forward(x, w1, bias1, w2, bias2, s).ys;
     return second_layer(hidden_layer(x, w1, bias1, s.act).first, w2, bias2, s);
   }
   return MLPHeads::apply(x, w1, b1, w2, b2, hidden, outs, act, mode);

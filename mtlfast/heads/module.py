@@ -57,6 +57,7 @@ from .spec import normalize_activation, resolve_tasks
 __all__ = ["FusedHeads"]
 
 _ACT_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+_PER_HEAD = "per head"
 #: Routes kept per FusedHeads (one per batch size, dtype, device and mode); past it they are
 #: chosen anew.
 _ROUTES_KEPT = 64
@@ -230,22 +231,24 @@ class FusedHeads(Interop, nn.Module):
             else apply_activation(pre, self.activation)
 
     def _route(self, x: torch.Tensor) -> str | None:
-        """How an eager call on shared features runs the MLP heads: ``"heads"`` (each head on
-        its own, large groups), the C++ op's second-layer form (``mtlfast.ops.mlp_heads``), or
-        None (the fused first layer and ``grouped_linear_parts``). Chosen once per (rows,
-        dtype, device, train/eval): on heads this small the choice itself cost ~10% of a
-        step. It reads shapes and what the process has (extension, interpreter switch) only."""
+        """How an eager call on shared features runs the MLP heads: the C++ op's form
+        (``mtlfast.ops.mlp_heads``; its ``"heads"`` for large groups), ``_PER_HEAD`` (each
+        head on its own as ATen ops: large groups where the op does not serve, or with dropout
+        while training), or None (the fused first layer and ``grouped_linear_parts``). Chosen
+        once per (rows, dtype, device, train/eval): on heads this small the choice itself cost
+        ~10% of a step. It reads shapes and what the process has (extension, interpreter
+        switch) only."""
         key = (x.shape[0], x.dtype, x.device, self.training)
         route = self._routes.get(key, "")
         if route == "":
             if len(self._routes) >= _ROUTES_KEPT:
                 self._routes.clear()
-            if _large_groups(x, self.hidden_widths):
-                route = "heads"
-            elif self.dropout > 0 and self.training:
-                route = None
-            else:
-                route = mlp_heads_layer2(x, self.hidden_widths, self.out_widths)
+            large = _large_groups(x, self.hidden_widths)
+            route = None
+            if not (self.dropout > 0 and self.training):
+                route = mlp_heads_layer2(x, self.hidden_widths, self.out_widths, large)
+            if route is None and large:
+                route = _PER_HEAD
             self._routes[key] = route
         return route
 
@@ -278,7 +281,7 @@ class FusedHeads(Interop, nn.Module):
             # eager (no compile, torch.func or fake tensors): plain ATen ops, torch's autograd
             eager = _eager(x, w1, b1, w2, b2)
             route = self._route(x) if eager and not per_task else None
-            if route == "heads":
+            if route == _PER_HEAD:
                 parts = self._per_head(x, w1, b1, w2, b2)
             elif route is not None:
                 parts = mlp_heads(x, w1, b1, w2, b2, self.hidden_widths, self.out_widths,

@@ -11,8 +11,11 @@ autograd takes a node per op plus the split nodes of the packed parameters, and 
 loop of unfused heads at two to four heads (benchmarks/RESULTS.md, FusedHeads grid). Its
 second layer (``layer2``) is one GEMM per head (``"groups"``), one batched GEMM over equal
 hidden widths with the out widths zero-padded to the widest (``"bmm"``), or for width-1 heads
-a multiply-sum (``"dot"``); ``layer2_for`` picks it. Elsewhere (no extension, torch.compile,
-torch.func, GPU) FusedHeads composes ATen ops itself (``mtlfast.heads.module``).
+a multiply-sum (``"dot"``); ``layer2_for`` picks it. For heads whose hidden layers are large
+(FusedHeads' ``_large_groups``) ``"heads"`` runs each head's two layers on its own and writes
+the gradients into the packed buffers (no concatenation of the weight gradients). Elsewhere
+(no extension, torch.compile, torch.func, GPU) FusedHeads composes ATen ops itself
+(``mtlfast.heads.module``).
 
 The C++ op is differentiable twice (create_graph recomputes the hidden layer under autograd)
 and in forward mode (inputs with tangents take the plain ATen composition); batched backward
@@ -78,14 +81,14 @@ def layer2_for(x: torch.Tensor, hidden: Sequence[int], outs: Sequence[int]) -> s
     return "groups"
 
 
-def mlp_heads_layer2(x: torch.Tensor, hidden: Sequence[int], outs: Sequence[int]
-                     ) -> str | None:
-    """The dispatch: the C++ op's second-layer form (``layer2_for``) where it serves eager
-    calls with ``x`` (the caller checked they are eager), else None (FusedHeads composes ATen
-    ops)."""
+def mlp_heads_layer2(x: torch.Tensor, hidden: Sequence[int], outs: Sequence[int],
+                     per_head: bool = False) -> str | None:
+    """The dispatch: the C++ op's form where it serves eager calls with ``x`` (the caller
+    checked they are eager), ``"heads"`` for ``per_head`` (each head's two layers on its own)
+    else ``layer2_for``'s; None where it does not serve (FusedHeads composes ATen ops)."""
     if backend("mlp_heads", x, eager=True) != "cpu":
         return None
-    return layer2_for(x, hidden, outs)
+    return "heads" if per_head else layer2_for(x, hidden, outs)
 
 
 def mlp_heads(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,

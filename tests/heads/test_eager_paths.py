@@ -214,10 +214,14 @@ def _heads_loop_from(monkeypatch, dtype, mk):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_large_groups_run_each_head_on_its_own(dtype, activation, bias, monkeypatch):
+@pytest.mark.parametrize("aten", [True, False])
+def test_large_groups_run_each_head_on_its_own(dtype, activation, bias, aten, monkeypatch):
     """Past ``_HEADS_LOOP_MK`` each MLP head runs both layers on views of the fused parameters
-    (no fused hidden layer, no grouped second layer): same outputs and gradients as the
-    unfused heads, at ragged hidden and output widths."""
+    (no fused hidden layer, no grouped second layer; as ATen ops, or the C++ op's per-head
+    form): same outputs and gradients as the unfused heads, at ragged hidden and output
+    widths."""
+    if aten:
+        aten_heads(monkeypatch)
     _heads_loop_from(monkeypatch, dtype, 0)
     ran = _spy(monkeypatch)
     torch.manual_seed(0)

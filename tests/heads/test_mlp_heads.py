@@ -36,6 +36,9 @@ CASES = {
     "bmm, padded": ([4] * 9, [1, 7, 3, 7, 2, 5, 1, 4, 6], "bmm"),
     "dot, width-1 heads": ([8] * 5, [1] * 5, "dot"),
     "dot, one head": ([3], [1], "dot"),
+    "heads, ragged": ([5, 2, 4], [1, 7, 3], "heads"),
+    "heads, one head": ([6], [3], "heads"),
+    "heads, width-1": ([4, 4], [1, 1], "heads"),
 }
 
 
@@ -241,8 +244,9 @@ def test_fused_heads_take_the_op_on_eager_cpu_calls(hidden, widths):
 
 
 def test_fused_heads_other_calls_keep_their_paths(monkeypatch):
-    """Dropout while training, per-task inputs and large groups do not take the op; without
-    the extension FusedHeads composes ATen ops and still matches the unfused heads."""
+    """Dropout while training and per-task inputs do not take the op, large groups take its
+    per-head form; without the extension FusedHeads composes ATen ops and still matches the
+    unfused heads."""
     z = torch.randn(5, 6, requires_grad=True)
 
     def heads(**kw):
@@ -255,7 +259,8 @@ def test_fused_heads_other_calls_keep_their_paths(monkeypatch):
     assert not _uses_op(heads()(torch.stack([z, z]), per_task=True))
     monkeypatch.setitem(gl._HEADS_LOOP_MK, ("cpu", torch.float32), 0)
     monkeypatch.setattr(gl, "_HEADS_LOOP_MIN", 0)
-    assert not _uses_op(heads()(z))
+    large = heads()
+    assert _uses_op(large(z)) and large._routes[(5, torch.float32, z.device, True)] == "heads"
     monkeypatch.undo()
     monkeypatch.setattr(mtlfast._ext, "has_cpu_kernels", lambda: False)
     fused = heads()
@@ -282,8 +287,11 @@ def test_route_is_chosen_per_rows_dtype_and_mode(monkeypatch):
     assert fused._routes == {(8, torch.float32, small.device, False): "groups",
                              (128, torch.float32, small.device, False): "heads",
                              (8, torch.bfloat16, small.device, False): "bmm"}
-    fused.train()(small)
+    fused.train()
+    for x in (small, large):
+        assert not _uses_op(fused(x))
     assert fused._routes[(8, torch.float32, small.device, True)] is None
+    assert fused._routes[(128, torch.float32, small.device, True)] == "per head"
     for rows in range(1, 70):
         fused(torch.randn(rows, 6))
     assert 0 < len(fused._routes) <= 64
