@@ -5,11 +5,12 @@ layers (+ bias and activation), then the second layers as one grouped block-diag
 (see ``mtlfast.ops.grouped_linear``). Eager CPU calls on shared features run the C++ op
 ``mtlfast::mlp_heads`` (``mtlfast.ops.mlp_heads``): the same math as ONE autograd node, since at
 the sizes of task heads a step is bound by per-node costs; once a head's hidden layer is large
-(batch x hidden past ``_HEADS_LOOP_MK``) each head instead runs both layers on its own, on views
-of the fused parameters (the loop of heads, measured faster there). Other eager calls (no
-extension, the GPU, per-task inputs, dropout while training) run plain ATen ops under torch's
-own autograd (``grouped_linear_parts``: one ``bmm`` over equal-width groups, ragged ones
-zero-padded while that is cheap; on the CPU one GEMM per group where that is measured faster).
+(batch x hidden past ``_HEADS_LOOP_MK``) each head instead runs both layers on its own (the
+op's per-head form, or as ATen ops on views of the fused parameters: the loop of heads,
+measured faster there). Other eager calls (no extension, the GPU, per-task inputs, dropout
+while training) run plain ATen ops under torch's own autograd (``grouped_linear_parts``: one
+``bmm`` over equal-width groups, ragged ones zero-padded while that is cheap; on the CPU one
+GEMM per group where that is measured faster).
 torch.compile and torch.func calls, and ragged groups on the GPU, run the
 ``mtlfast::grouped_linear`` custom op (Triton on the GPU).
 
