@@ -170,6 +170,14 @@ class FusedHeads(Interop, nn.Module):
     # ------------------------------------------------------------------ forward
     def _prepare(self, z, per_task):
         """Validate ``z``; return (x as (M, D) or (T, M, D), batch shape, per_task, dtype)."""
+        ref = self.weight if self.hidden_widths is None else self.weight1
+        # The usual call first, in as few steps as the checks below take for it (a plain (M, D)
+        # tensor of the parameters' dtype and device, no autocast): on tiny heads they are a
+        # measurable part of the step.
+        if not per_task and type(z) is torch.Tensor and z.dim() == 2 \
+                and z.dtype == ref.dtype and z.shape[1] == self.in_features \
+                and z.device == ref.device and not torch._C._is_any_autocast_enabled():
+            return z, z.shape[:-1], False, ref.dtype
         if isinstance(z, dict):
             if set(z) != set(self.tasks):
                 raise ValueError(f"per-task input dict must have keys {list(self.tasks)}, got "
@@ -178,7 +186,6 @@ class FusedHeads(Interop, nn.Module):
             per_task = True
         if not isinstance(z, torch.Tensor):
             raise TypeError(f"z must be a torch.Tensor or a dict of them, got {type(z).__name__}")
-        ref = self.weight if self.hidden_widths is None else self.weight1
         device = z.device
         if device != ref.device:
             raise ValueError(f"z is on {device} but the heads' parameters are on {ref.device}")

@@ -97,4 +97,6 @@ def mlp_heads(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: to
     """The heads' outputs ``[(M, out_t)]`` from the C++ op. Arguments as FusedHeads holds
     them, already checked: ``x`` ``(M, D)``, ``w1`` ``(sum hidden, D)``, ``w2`` flat packed,
     ``layer2`` from ``mlp_heads_layer2``."""
-    return torch.ops.mtlfast.mlp_heads(x, w1, b1, w2, b2, hidden, outs, activation, layer2)
+    # (the overload itself: the packet's overload resolution costs ~2 us a call)
+    return torch.ops.mtlfast.mlp_heads.default(x, w1, b1, w2, b2, hidden, outs, activation,
+                                               layer2)
