@@ -6,7 +6,8 @@
 //                                           heads of equal hidden width, a multiply-sum)
 // or, for heads whose hidden layers are large ("heads"), each head's two layers on its own
 // (the fused hidden layer only moves memory there), its gradients written into the packed
-// gradient buffers instead of concatenated.
+// gradient buffers instead of concatenated. "heads" also takes per-task inputs: x (T, M, D),
+// head t on x[t].
 // At these sizes a step is bound by per-node costs, not FLOPs: the same math as plain ATen ops
 // under torch's autograd needs a node per op plus the split nodes of the packed parameters
 // (about 10 us each on the CPU), and the Python of an autograd.Function costs as much again.
@@ -53,6 +54,7 @@ Layer2 layer2_of(const std::string& name) {
 struct Shape {
   std::vector<int64_t> hid, outs;
   int64_t T = 0, H = 0, N = 0, n_max = 0;
+  bool per_task = false;  // x (T, M, D): head t reads x[t]
   Act act = Act::none;
   Layer2 layer2 = Layer2::groups;
 };
@@ -79,8 +81,12 @@ Shape shape_of(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor
                 "mlp_heads: layer2 bmm / dot needs equal hidden widths");
   }
   TORCH_CHECK(s.layer2 != Layer2::dot || s.n_max == 1, "mlp_heads: layer2 dot needs outs of 1");
-  TORCH_CHECK(x.dim() == 2 && w1.dim() == 2 && w1.size(0) == s.H && w1.size(1) == x.size(1),
-              "mlp_heads: x must be (M, D) and w1 (sum hidden, D)");
+  s.per_task = x.dim() == 3;
+  TORCH_CHECK((x.dim() == 2 || (s.per_task && x.size(0) == s.T)) && w1.dim() == 2 &&
+                  w1.size(0) == s.H && w1.size(1) == x.size(-1),
+              "mlp_heads: x must be (M, D), or (T, M, D) per task, and w1 (sum hidden, D)");
+  TORCH_CHECK(!s.per_task || s.layer2 == Layer2::heads,
+              "mlp_heads: per-task x (T, M, D) needs layer2 heads");
   TORCH_CHECK(w2.dim() == 1 && w2.numel() == packed, "mlp_heads: w2 must be the flat packed "
               "second-layer weights of sum(hidden_t * outs_t) elements");
   TORCH_CHECK(!b1.defined() || (b1.dim() == 1 && b1.numel() == s.H),
@@ -255,7 +261,8 @@ HeadsForward heads_forward(const Tensor& x, const Tensor& w1, const Tensor& b1,
   int64_t wo = 0, c = 0, o = 0;
   for (int64_t t = 0; t < s.T; ++t) {
     const int64_t k = s.hid[t], n = s.outs[t];
-    auto [h, pre] = hidden_layer(x, w1.narrow(0, c, k), slice(b1, c, k), s.act);
+    auto [h, pre] = hidden_layer(s.per_task ? x.select(0, t) : x, w1.narrow(0, c, k),
+                                 slice(b1, c, k), s.act);
     r.ys.push_back(linear(h, w2.narrow(0, wo, n * k).view({n, k}), slice(b2, o, n)));
     r.hs.push_back(h);
     r.pres.push_back(pre);
@@ -278,8 +285,9 @@ variable_list heads_backward(const variable_list& gs, const Tensor& x, const Ten
                       return g.has_storage();  // (a batched gradient has none)
                     });
   Tensor gx, gw1, gb1, gw2, gb2;
-  variable_list gw1s, gb1s, gw2s, gb2s;
+  variable_list gw1s, gb1s, gw2s, gb2s, gxs;
   if (into) {
+    if (need_x && s.per_task) gx = at::empty(x.sizes(), x.options());
     gw1 = at::empty_like(w1);
     gw2 = at::empty_like(w2);
     if (bias1) gb1 = at::empty({s.H}, w1.options());
@@ -290,11 +298,12 @@ variable_list heads_backward(const variable_list& gs, const Tensor& x, const Ten
     const int64_t k = s.hid[t], n = s.outs[t];
     const Tensor &g = gs[t], &h = hs[t];
     const Tensor W2 = w2.narrow(0, wo, n * k).view({n, k}), W1 = w1.narrow(0, c, k);
+    const Tensor xt = s.per_task ? x.select(0, t) : x;
     Tensor gpre = activation_backward(at::mm(g, W2), pres[t], h, s.act);
     if (into) {
       Tensor gw2t = gw2.narrow(0, wo, n * k).view({n, k}), gw1t = gw1.narrow(0, c, k);
       at::mm_out(gw2t, g.t(), h);
-      at::mm_out(gw1t, gpre.t(), x);
+      at::mm_out(gw1t, gpre.t(), xt);
       if (bias2) {
         Tensor gb2t = gb2.narrow(0, o, n);
         at::sum_out(gb2t, g, 0);
@@ -303,7 +312,10 @@ variable_list heads_backward(const variable_list& gs, const Tensor& x, const Ten
         Tensor gb1t = gb1.narrow(0, c, k);
         at::sum_out(gb1t, gpre, 0);
       }
-      if (need_x) {
+      if (need_x && s.per_task) {
+        Tensor gxt = gx.select(0, t);
+        at::mm_out(gxt, gpre, W1);
+      } else if (need_x) {
         if (t == 0) {
           gx = at::mm(gpre, W1);
         } else {
@@ -312,16 +324,21 @@ variable_list heads_backward(const variable_list& gs, const Tensor& x, const Ten
       }
     } else {
       gw2s.push_back(at::mm(g.t(), h).reshape(-1));
-      gw1s.push_back(at::mm(gpre.t(), x));
+      gw1s.push_back(at::mm(gpre.t(), xt));
       if (bias2) gb2s.push_back(g.sum(0));
       if (bias1) gb1s.push_back(gpre.sum(0));
-      if (need_x) gx = t == 0 ? at::mm(gpre, W1) : gx + at::mm(gpre, W1);
+      if (need_x && s.per_task) {
+        gxs.push_back(at::mm(gpre, W1));
+      } else if (need_x) {
+        gx = t == 0 ? at::mm(gpre, W1) : gx + at::mm(gpre, W1);
+      }
     }
     wo += n * k;
     c += k;
     o += n;
   }
   if (!into) {
+    if (need_x && s.per_task) gx = at::stack(gxs);
     gw1 = at::cat(gw1s);
     gw2 = at::cat(gw2s);
     if (bias1) gb1 = at::cat(gb1s);

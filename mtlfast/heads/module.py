@@ -172,12 +172,13 @@ class FusedHeads(Interop, nn.Module):
         """Validate ``z``; return (x as (M, D) or (T, M, D), batch shape, per_task, dtype)."""
         ref = self.weight if self.hidden_widths is None else self.weight1
         # The usual call first, in as few steps as the checks below take for it (a plain (M, D)
-        # tensor of the parameters' dtype and device, no autocast): on tiny heads they are a
-        # measurable part of the step.
-        if not per_task and type(z) is torch.Tensor and z.dim() == 2 \
-                and z.dtype == ref.dtype and z.shape[1] == self.in_features \
+        # tensor, or (T, M, D) with per_task=True, of the parameters' dtype and device, no
+        # autocast): on tiny heads they are a measurable part of the step.
+        if type(z) is torch.Tensor and z.dim() == (3 if per_task else 2) \
+                and z.dtype == ref.dtype and z.shape[-1] == self.in_features \
+                and (not per_task or z.shape[0] == len(self.tasks)) \
                 and z.device == ref.device and not torch._C._is_any_autocast_enabled():
-            return z, z.shape[:-1], False, ref.dtype
+            return z, z.shape[-2:-1], bool(per_task), ref.dtype
         if isinstance(z, dict):
             if set(z) != set(self.tasks):
                 raise ValueError(f"per-task input dict must have keys {list(self.tasks)}, got "
@@ -238,23 +239,24 @@ class FusedHeads(Interop, nn.Module):
         return torch.relu_(pre) if self.activation == "relu" \
             else apply_activation(pre, self.activation)
 
-    def _route(self, x: torch.Tensor) -> str | None:
-        """How an eager call on shared features runs the MLP heads: the C++ op's form
-        (``mtlfast.ops.mlp_heads``; its ``"heads"`` for large groups), ``_PER_HEAD`` (each
-        head on its own as ATen ops: large groups where the op does not serve, or with dropout
-        while training), or None (the fused first layer and ``grouped_linear_parts``). Chosen
-        once per (rows, dtype, device, train/eval): on heads this small the choice itself cost
-        ~10% of a step. It reads shapes and what the process has (extension, interpreter
-        switch) only."""
-        key = (x.shape[0], x.dtype, x.device, self.training)
+    def _route(self, x: torch.Tensor, per_task: bool) -> str | None:
+        """How an eager call runs the MLP heads: the C++ op's form (``mtlfast.ops.mlp_heads``;
+        its ``"heads"`` for large groups and per-task inputs), ``_PER_HEAD`` (each head on its
+        own as ATen ops: large groups where the op does not serve, or with dropout while
+        training), or None (the first layer in one op and ``grouped_linear_parts``). Chosen
+        once per (rows, dtype, device, train/eval, per-task): on heads this small the choice
+        itself cost ~10% of a step. It reads shapes and what the process has (extension,
+        interpreter switch) only."""
+        key = (x.shape[-2], x.dtype, x.device, self.training, per_task)
         route = self._routes.get(key, "")
         if route == "":
             if len(self._routes) >= _ROUTES_KEPT:
                 self._routes.clear()
-            large = _large_groups(x, self.hidden_widths)
+            large = not per_task and _large_groups(x, self.hidden_widths)
             route = None
             if not (self.dropout > 0 and self.training):
-                route = mlp_heads_layer2(x, self.hidden_widths, self.out_widths, large)
+                route = mlp_heads_layer2(x, self.hidden_widths, self.out_widths, large,
+                                         per_task)
             if route is None and large:
                 route = _PER_HEAD
             self._routes[key] = route
@@ -288,7 +290,7 @@ class FusedHeads(Interop, nn.Module):
                 w1, b1, w2, b2 = (cast(p, dtype) for p in (w1, b1, w2, b2))
             # eager (no compile, torch.func or fake tensors): plain ATen ops, torch's autograd
             eager = _eager(x, w1, b1, w2, b2)
-            route = self._route(x) if eager and not per_task else None
+            route = self._route(x, per_task) if eager else None
             if route == _PER_HEAD:
                 parts = self._per_head(x, w1, b1, w2, b2)
             elif route is not None:

@@ -189,11 +189,12 @@ def test_non_finite_values_stay_where_the_unfused_heads_put_them(case):
     (dict(activation="tanh"), "activation must be"),
     (dict(w1_dtype=torch.float64), "dtype and device"),
     (dict(x_dim=3), "x must be"),
+    (dict(x_dim=3, x_T=2), "per-task x .* needs layer2 heads"),
 ])
 def test_bad_arguments_raise_not_crash(args, match):
     hidden, outs = args.get("hidden", [4, 4]), args.get("outs", [2, 2])
     D = 5
-    x = torch.randn(3, D) if args.get("x_dim", 2) == 2 else torch.randn(2, 3, D)
+    x = torch.randn(3, D) if args.get("x_dim", 2) == 2 else torch.randn(args.get("x_T", 3), 3, D)
     w1 = torch.randn(sum(hidden), D, dtype=args.get("w1_dtype", torch.float32))
     w2 = torch.randn(sum(h * n for h, n in zip(hidden, outs, strict=False))
                      + args.get("w2_extra", 0))
@@ -257,11 +258,12 @@ def test_fused_heads_other_calls_keep_their_paths(monkeypatch):
     assert not _uses_op(dropping(z))
     assert _uses_op(dropping.eval()(z))
     assert not _uses_op(dropping.train()(z))
-    assert not _uses_op(heads()(torch.stack([z, z]), per_task=True))
+    assert not _uses_op(dropping.train()(torch.stack([z, z]), per_task=True))
     monkeypatch.setitem(gl._HEADS_LOOP_MK, ("cpu", torch.float32), 0)
     monkeypatch.setattr(gl, "_HEADS_LOOP_MIN", 0)
     large = heads()
-    assert _uses_op(large(z)) and large._routes[(5, torch.float32, z.device, True)] == "heads"
+    assert _uses_op(large(z))
+    assert large._routes[(5, torch.float32, z.device, True, False)] == "heads"
     monkeypatch.undo()
     monkeypatch.setattr(mtlfast._ext, "has_cpu_kernels", lambda: False)
     fused = heads()
@@ -273,8 +275,8 @@ def test_fused_heads_other_calls_keep_their_paths(monkeypatch):
 
 
 def test_route_is_chosen_per_rows_dtype_and_mode(monkeypatch):
-    """The route kept per (rows, dtype, device, train/eval): large groups by their rows, the
-    padded bmm by dtype, dropout by mode; a full table starts anew."""
+    """The route kept per (rows, dtype, device, train/eval, per-task): large groups by their
+    rows, the padded bmm by dtype, dropout by mode; a full table starts anew."""
     monkeypatch.setitem(gl._HEADS_LOOP_MK, ("cpu", torch.float32), 2**8)
     monkeypatch.setattr(gl, "_HEADS_LOOP_MIN", 2**8)
     fused = FusedHeads(6, {f"t{i}": n for i, n in enumerate([1, 200, 5, 50] * 2)}, hidden=4,
@@ -285,14 +287,16 @@ def test_route_is_chosen_per_rows_dtype_and_mode(monkeypatch):
         fused(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused(small)
-    assert fused._routes == {(8, torch.float32, small.device, False): "groups",
-                             (128, torch.float32, small.device, False): "heads",
-                             (8, torch.bfloat16, small.device, False): "bmm"}
+    assert fused._routes == {(8, torch.float32, small.device, False, False): "groups",
+                             (128, torch.float32, small.device, False, False): "heads",
+                             (8, torch.bfloat16, small.device, False, False): "bmm"}
+    fused(torch.stack([small] * 8), per_task=True)
+    assert fused._routes[(8, torch.float32, small.device, False, True)] == "heads"
     fused.train()
     for x in (small, large):
         assert not _uses_op(fused(x))
-    assert fused._routes[(8, torch.float32, small.device, True)] is None
-    assert fused._routes[(128, torch.float32, small.device, True)] == "per head"
+    assert fused._routes[(8, torch.float32, small.device, True, False)] is None
+    assert fused._routes[(128, torch.float32, small.device, True, False)] == "per head"
     for rows in range(1, 70):
         fused(torch.randn(rows, 6))
     assert 0 < len(fused._routes) <= 64
@@ -369,3 +373,103 @@ def test_fused_heads_through_autograd_features(hidden, tasks):
         (gz,) = torch.autograd.grad(f(z).square().sum(), z, create_graph=True)
         hvp.append(torch.autograd.grad(gz.sum(), z)[0])
     torch.testing.assert_close(*hvp)
+
+
+PER_TASK = {"ragged": ([5, 2, 4], [1, 7, 3]), "equal": ([4, 4], [2, 2]), "one head": ([3], [1])}
+
+
+@pytest.mark.parametrize("case", list(PER_TASK))
+@pytest.mark.parametrize("activation", ["relu", "gelu", "none"])
+@pytest.mark.parametrize("dtype", list(TOL))
+def test_per_task_inputs_match_reference(case, activation, dtype):
+    """Per-task inputs (T, M, D), head t on x[t] (the op's per-head form): forward and every
+    gradient against the fp64 per-head reference."""
+    hidden, outs = PER_TASK[case]
+    g = torch.Generator().manual_seed(2)
+    T, D = len(hidden), 6
+    x = torch.randn(T, 7, D, generator=g).to(dtype).requires_grad_()
+    w1 = (torch.randn(sum(hidden), D, generator=g) / 2).to(dtype).requires_grad_()
+    b1 = torch.randn(sum(hidden), generator=g).to(dtype).requires_grad_()
+    w2 = (torch.randn(sum(h * n for h, n in zip(hidden, outs, strict=True)), generator=g)
+          / 2).to(dtype).requires_grad_()
+    b2 = torch.randn(sum(outs), generator=g).to(dtype).requires_grad_()
+    leaves = [x, w1, b1, w2, b2]
+    ys = torch.ops.mtlfast.mlp_heads(*leaves, hidden, outs, activation, "heads")
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    refs = mlp_heads_reference(*ref_leaves, hidden, outs, activation)
+    same = mlp_heads_reference(*leaves, hidden, outs, activation)
+    for y, r, u in zip(ys, refs, same, strict=True):
+        assert rel_err(y, r) < max(TOL[dtype], 2 * rel_err(u, r))
+    seeds = [torch.randn(r.shape, dtype=torch.float64) for r in refs]
+    got = torch.autograd.grad(ys, leaves, [v.to(dtype) for v in seeds])
+    want = torch.autograd.grad(refs, ref_leaves, seeds)
+    unfused = torch.autograd.grad(same, leaves, [v.to(dtype) for v in seeds])
+    for a, w, u in zip(got, want, unfused, strict=True):
+        assert a.shape == w.shape and rel_err(a, w) < max(TOL[dtype], 2 * rel_err(u, w))
+
+
+@pytest.mark.parametrize("case", list(PER_TASK))
+def test_per_task_gradcheck_twice_forward_mode_and_batched(case):
+    hidden, outs = PER_TASK[case]
+    T = len(hidden)
+    x = torch.randn(T, 4, 5, dtype=torch.float64, requires_grad=True)
+    w1 = torch.randn(sum(hidden), 5, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(sum(h * n for h, n in zip(hidden, outs, strict=True)),
+                     dtype=torch.float64, requires_grad=True)
+
+    def f(x, w1, w2):
+        return tuple(torch.ops.mtlfast.mlp_heads(x, w1, None, w2, None, hidden, outs, "silu",
+                                                 "heads"))
+
+    assert torch.autograd.gradcheck(f, (x, w1, w2), check_forward_ad=True,
+                                    check_batched_grad=True)
+    assert torch.autograd.gradgradcheck(f, (x, w1, w2))
+
+
+@pytest.mark.parametrize(("T", "widths", "dtype", "takes_op"), [
+    (2, [2, 3], torch.float32, True),
+    (8, [2] * 8, torch.float32, True),
+    (9, [2] * 9, torch.float32, False),      # the batched first layer wins from here
+    (2, [2, 2], torch.bfloat16, True),
+    (4, [2] * 4, torch.bfloat16, False),     # equal low-precision heads: the batched bmm
+    (4, [1, 7, 3, 2], torch.bfloat16, True),
+])
+def test_fused_heads_per_task_route(T, widths, dtype, takes_op):
+    fused = FusedHeads(6, {f"t{i}": n for i, n in enumerate(widths)}, hidden=4, dtype=dtype)
+    z = torch.randn(T, 2, 5, 6, dtype=dtype, requires_grad=True)
+    out = fused(z, per_task=True)
+    assert _uses_op(out) == takes_op
+    plain = fused.unfuse()
+    for i, (t, y) in enumerate(out.items()):
+        assert y.shape == (2, 5, widths[i])
+        assert rel_err(y, plain[t](z[i])) < TOL[dtype]
+    grads = torch.autograd.grad(sum((y * y).sum() for y in out.values()), [z, *fused.parameters()])
+    want = torch.autograd.grad(sum((plain[t](z[i]) ** 2).sum() for i, t in enumerate(out)),
+                               [z, *plain.parameters()])
+    assert rel_err(grads[0], want[0]) < 4 * TOL[dtype]
+
+
+@pytest.mark.parametrize("mode", ["jacobian", "features"])
+def test_engine_per_task_features_through_the_op(mode, monkeypatch):
+    """An MMoE-style step (per-task features into the heads, features= the (T, B, D) tensor):
+    the same .grad through the op as through the ATen composition."""
+    grads = []
+    for aten in (False, True):
+        monkeypatch.undo()
+        if aten:
+            monkeypatch.setitem(_dispatch.RULES, "mlp_heads",
+                                (("torch", lambda op, t, f: True),))
+        torch.manual_seed(0)
+        trunk = nn.Linear(7, 3 * 12).double()
+        heads = FusedHeads(12, {"a": 1, "b": 3, "c": 2}, hidden=[5, 5, 3]).double()
+        x, y = torch.randn(9, 7, dtype=torch.float64), torch.randn(9, 6, dtype=torch.float64)
+        z = torch.tanh(trunk(x)).view(9, 3, 12).transpose(0, 1)
+        out = heads(z, per_task=True)
+        assert _uses_op(out) != aten
+        cols = [0, 1, 4]
+        losses = torch.stack([((o - y[:, c:c + o.shape[1]]) ** 2).mean()
+                              for c, o in zip(cols, out.values(), strict=True)])
+        mtlfast.backward(losses, trunk, methods.UPGrad(), features=z, mode=mode)
+        grads.append(torch.cat([p.grad.reshape(-1) for p in [*trunk.parameters(),
+                                                              *heads.parameters()]]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
