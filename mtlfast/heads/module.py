@@ -2,17 +2,17 @@
 
 Linear heads are one GEMM over the concatenated weights. MLP heads are one GEMM for all first
 layers (+ bias and activation), then the second layers as one grouped block-diagonal GEMM
-(see ``mtlfast.ops.grouped_linear``). Eager CPU calls on shared features run the C++ op
-``mtlfast::mlp_heads`` (``mtlfast.ops.mlp_heads``): the same math as ONE autograd node, since at
-the sizes of task heads a step is bound by per-node costs; once a head's hidden layer is large
-(batch x hidden past ``_HEADS_LOOP_MK``) each head instead runs both layers on its own (the
-op's per-head form, or as ATen ops on views of the fused parameters: the loop of heads,
-measured faster there). Other eager calls (no extension, the GPU, per-task inputs, dropout
-while training) run plain ATen ops under torch's own autograd (``grouped_linear_parts``: one
-``bmm`` over equal-width groups, ragged ones zero-padded while that is cheap; on the CPU one
-GEMM per group where that is measured faster).
-torch.compile and torch.func calls, and ragged groups on the GPU, run the
-``mtlfast::grouped_linear`` custom op (Triton on the GPU).
+(see ``mtlfast.ops.grouped_linear``). Eager CPU calls run the C++ op ``mtlfast::mlp_heads``
+(``mtlfast.ops.mlp_heads``): the same math as ONE autograd node, since at the sizes of task
+heads a step is bound by per-node costs; once a head's hidden layer is large (batch x hidden
+past ``_HEADS_LOOP_MK``), and for per-task inputs of up to 8 heads, each head instead runs both
+layers on its own (the op's per-head form, or as ATen ops on views of the fused parameters: the
+loop of heads, measured faster there). Other eager calls (no extension, the GPU, more per-task
+heads, dropout while training) run plain ATen ops under torch's own autograd
+(``grouped_linear_parts``: one ``bmm`` over equal-width groups, ragged ones zero-padded while
+that is cheap; on the CPU one GEMM per group where that is measured faster). torch.compile
+and torch.func calls, and ragged groups on the GPU, run the ``mtlfast::grouped_linear`` custom
+op (Triton on the GPU).
 
 Parameters (fused storage) and the unfused ``nn.ModuleDict`` keys they map to, task ``t`` with
 output rows ``o_t`` (``out_t`` wide), hidden rows ``h_t`` and packed block ``p_t``:

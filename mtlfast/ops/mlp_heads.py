@@ -1,7 +1,7 @@
-"""MLP heads on one shared input as one op: ``y_t = W2_t act(W1_t x + b1_t) + b2_t`` for T
-heads, with every head's first layer in one GEMM (``h = act(x W1^T + b1)``, ``W1`` the heads'
-first-layer weights stacked) and the second layers read from one flat packed buffer (head t's
-``(out_t, hidden_t)`` block after block, FusedHeads' ``weight2``).
+"""MLP heads as one op: ``y_t = W2_t act(W1_t x + b1_t) + b2_t`` for T heads on one shared input
+``x`` (every head's first layer in one GEMM, ``h = act(x W1^T + b1)``, ``W1`` the heads'
+first-layer weights stacked) or on per-task inputs ``x[t]``; the second layers read from one
+flat packed buffer (head t's ``(out_t, hidden_t)`` block after block, FusedHeads' ``weight2``).
 
 Dispatch (``_dispatch.backend("mlp_heads", x, ...)``): plain eager CPU calls run the C++ op
 (``csrc/cpu/heads.cpp``, ``torch.ops.mtlfast.mlp_heads``): forward and backward are ONE
