@@ -427,13 +427,117 @@ std::vector<Tensor> mlp_heads(const Tensor& x, const Tensor& w1, const std::opti
   return MLPHeads::apply(x, w1, b1, w2, b2, hidden, outs, act, mode);
 }
 
+// Linear heads on per-task inputs, y_t = x[t] W_t^T + b_t (W the heads' rows stacked), as one
+// node: the (T, M, D) input's batched path costs a Python autograd.Function and split nodes,
+// more than two to eight heads' GEMMs.
+void check_linear(const Tensor& x, const Tensor& w, const Tensor& b, at::IntArrayRef outs) {
+  int64_t N = 0;
+  for (int64_t n : outs) {
+    TORCH_CHECK(n >= 1, "linear_heads: every width must be >= 1");
+    N += n;
+  }
+  TORCH_CHECK(x.dim() == 3 && x.size(0) == static_cast<int64_t>(outs.size()) && w.dim() == 2 &&
+                  w.size(0) == N && w.size(1) == x.size(2),
+              "linear_heads: x must be (T, M, D) and w (sum outs, D)");
+  TORCH_CHECK(!b.defined() || (b.dim() == 1 && b.numel() == N), "linear_heads: b must be (N,)");
+  for (const Tensor* t : {&w, &b}) {
+    TORCH_CHECK(!t->defined() || (t->scalar_type() == x.scalar_type() &&
+                                  t->device() == x.device()),
+                "linear_heads: every tensor must have x's dtype and device");
+  }
+}
+
+variable_list linear_heads_forward(const Tensor& x, const Tensor& w, const Tensor& b,
+                                   at::IntArrayRef outs) {
+  variable_list ys;
+  int64_t o = 0;
+  for (size_t t = 0; t < outs.size(); ++t) {
+    ys.push_back(linear(x.select(0, static_cast<int64_t>(t)), w.narrow(0, o, outs[t]),
+                        slice(b, o, outs[t])));
+    o += outs[t];
+  }
+  return ys;
+}
+
+struct LinearHeads : public torch::autograd::Function<LinearHeads> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w,
+                               const std::optional<Tensor>& bias, at::IntArrayRef outs) {
+    const Tensor b = bias.value_or(Tensor());
+    check_linear(x, w, b, outs);
+    ctx->save_for_backward({x, w});
+    ctx->saved_data["outs"] = outs.vec();
+    ctx->saved_data["bias"] = b.defined();
+    return linear_heads_forward(x, w, b, outs);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list gs) {
+    auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &w = saved[1];
+    const auto outs = ctx->saved_data["outs"].toIntVector();
+    const bool bias = ctx->saved_data["bias"].toBool(), need_x = ctx->needs_input_grad(0);
+    const bool into = !at::GradMode::is_enabled() &&
+                      std::all_of(gs.begin(), gs.end(),
+                                  [](const Tensor& g) { return g.has_storage(); });
+    Tensor gx, gw, gb;
+    variable_list gxs, gws, gbs;
+    if (into) {
+      if (need_x) gx = at::empty(x.sizes(), x.options());
+      gw = at::empty_like(w);
+      if (bias) gb = at::empty({w.size(0)}, w.options());
+    }
+    int64_t o = 0;
+    for (size_t i = 0; i < outs.size(); ++i) {
+      const auto t = static_cast<int64_t>(i);
+      const int64_t n = outs[i];
+      const Tensor &g = gs[i], xt = x.select(0, t), W = w.narrow(0, o, n);
+      if (into) {
+        Tensor gwt = gw.narrow(0, o, n);
+        at::mm_out(gwt, g.t(), xt);
+        if (need_x) {
+          Tensor gxt = gx.select(0, t);
+          at::mm_out(gxt, g, W);
+        }
+        if (bias) {
+          Tensor gbt = gb.narrow(0, o, n);
+          at::sum_out(gbt, g, 0);
+        }
+      } else {
+        gws.push_back(at::mm(g.t(), xt));
+        if (need_x) gxs.push_back(at::mm(g, W));
+        if (bias) gbs.push_back(g.sum(0));
+      }
+      o += n;
+    }
+    if (!into) {
+      gw = at::cat(gws);
+      if (need_x) gx = at::stack(gxs);
+      if (bias) gb = at::cat(gbs);
+    }
+    return {gx, gw, gb, Tensor()};
+  }
+};
+
+std::vector<Tensor> linear_heads(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b,
+                                 at::IntArrayRef outs) {
+  const Tensor bias = b.value_or(Tensor());
+  if (has_tangent(x) || has_tangent(w) || has_tangent(bias)) {
+    check_linear(x, w, bias, outs);
+    return linear_heads_forward(x, w, bias, outs);
+  }
+  return LinearHeads::apply(x, w, b, outs);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mtlfast, m) {
   m.def("mlp_heads(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, int[] hidden, "
         "int[] outs, str activation, str layer2) -> Tensor[]");
+  m.def("linear_heads(Tensor x, Tensor w, Tensor? b, int[] outs) -> Tensor[]");
 }
 
-TORCH_LIBRARY_IMPL(mtlfast, CompositeImplicitAutograd, m) { m.impl("mlp_heads", &mlp_heads); }
+TORCH_LIBRARY_IMPL(mtlfast, CompositeImplicitAutograd, m) {
+  m.impl("mlp_heads", &mlp_heads);
+  m.impl("linear_heads", &linear_heads);
+}
 
 }  // namespace mtlfast

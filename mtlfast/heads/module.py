@@ -52,6 +52,7 @@ from ..ops.grouped_linear import (
     grouped_linear,
     grouped_linear_input_grad,
 )
+from ..ops.linear_heads import linear_heads, linear_heads_serves
 from ..ops.mlp_heads import mlp_heads, mlp_heads_layer2
 from .spec import normalize_activation, resolve_tasks
 
@@ -240,10 +241,12 @@ class FusedHeads(Interop, nn.Module):
             else apply_activation(pre, self.activation)
 
     def _route(self, x: torch.Tensor, per_task: bool) -> str | None:
-        """How an eager call runs the MLP heads: the C++ op's form (``mtlfast.ops.mlp_heads``;
-        its ``"heads"`` for large groups and per-task inputs), ``_PER_HEAD`` (each head on its
-        own as ATen ops: large groups where the op does not serve, or with dropout while
-        training), or None (the first layer in one op and ``grouped_linear_parts``). Chosen
+        """How an eager call runs the heads. MLP heads: the C++ op's form
+        (``mtlfast.ops.mlp_heads``; its ``"heads"`` for large groups and per-task inputs),
+        ``_PER_HEAD`` (each head on its own as ATen ops: large groups where the op does not
+        serve, or with dropout while training), or None (the first layer in one op and
+        ``grouped_linear_parts``). Linear heads: ``"heads"`` (``mtlfast.ops.linear_heads``,
+        per-task inputs) or None (one ``F.linear``, or ``grouped_linear`` per task). Chosen
         once per (rows, dtype, device, train/eval, per-task): on heads this small the choice
         itself cost ~10% of a step. It reads shapes and what the process has (extension,
         interpreter switch) only."""
@@ -252,6 +255,11 @@ class FusedHeads(Interop, nn.Module):
         if route == "":
             if len(self._routes) >= _ROUTES_KEPT:
                 self._routes.clear()
+            if not self.is_mlp:  # linear heads: the op for per-task inputs only
+                route = "heads" if per_task and linear_heads_serves(x, self.out_widths) \
+                    else None
+                self._routes[key] = route
+                return route
             large = not per_task and _large_groups(x, self.hidden_widths)
             route = None
             if not (self.dropout > 0 and self.training):
@@ -309,9 +317,14 @@ class FusedHeads(Interop, nn.Module):
             # fastest and adds no custom-op dispatch overhead.
             y = F.linear(x, cast(self.weight, dtype), cast(self.bias, dtype))
         else:
+            w, b = cast(self.weight, dtype), cast(self.bias, dtype)
+            if _eager(x, w, b) and self._route(x, True) == "heads":
+                parts = linear_heads(x, w, b, self.out_widths)
+                if len(batch) != 1:
+                    parts = [p.view(*batch, p.shape[-1]) for p in parts]
+                return dict(zip(self.tasks, parts, strict=True))
             ins, outs = self._first_layer_widths(per_task)
-            y = grouped_linear(x, self.weight.to(dtype).view(-1), cast(self.bias, dtype),
-                               ins, outs, per_task=per_task)
+            y = grouped_linear(x, w.view(-1), b, ins, outs, per_task=per_task)
         if len(batch) != 1:
             y = y.view(*batch, y.shape[-1])
         # the ATen method: Tensor.split's Python wrapper costs as much again (tiny heads)

@@ -49,7 +49,7 @@ gated_mixture             torch (gate weights +         cpu (eager,         soft
 gate_logits               torch (grouped_linear)        cpu (eager,         a row's gates
                                                         fp32/fp64), else    from cache, no
                                                         torch (baddbmm)     few-column GEMMs
-mlp_heads                 torch (FusedHeads' ATen ops)  cpu (eager), else   one autograd
+mlp_heads, linear_heads   torch (FusedHeads' ATen ops)  cpu (eager), else   one autograd
                                                         torch               node, not one
                                                                             per op
 ========================  ============================  ==================  =================
@@ -185,6 +185,10 @@ RULES: dict[str, tuple[tuple[str, Rule], ...]] = {
     "mlp_heads": (("cpu", lambda op, t, f: f["eager"] and not _triton_cpu()
                    and _kernel(op, t, "cpu")),
                   ("torch", lambda op, t, f: True)),
+    # Linear heads on per-task inputs (FusedHeads): the same
+    "linear_heads": (("cpu", lambda op, t, f: f["eager"] and not _triton_cpu()
+                      and _kernel(op, t, "cpu")),
+                     ("torch", lambda op, t, f: True)),
 }
 
 

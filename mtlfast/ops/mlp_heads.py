@@ -40,7 +40,8 @@ from .grouped_linear import (
     apply_activation,
 )
 
-__all__ = ["layer2_for", "mlp_heads", "mlp_heads_layer2", "mlp_heads_reference"]
+__all__ = ["layer2_for", "mlp_heads", "mlp_heads_layer2", "mlp_heads_reference",
+           "per_task_per_head"]
 
 #: Ragged out widths (equal hidden widths) are zero-padded into one batched GEMM from this many
 #: heads on, where the padding costs less than a GEMM per head (grouped_linear's padding budget
@@ -100,11 +101,18 @@ def mlp_heads_layer2(x: torch.Tensor, hidden: Sequence[int], outs: Sequence[int]
     if backend("mlp_heads", x, eager=True) != "cpu":
         return None
     if per_task:
-        lowp = x.dtype in (torch.float16, torch.bfloat16)
-        ragged = len(set(hidden)) > 1 or len(set(outs)) > 1
-        most = _PER_TASK_MAX_T["ragged" if ragged or not lowp else "uniform, low precision"]
-        return "heads" if len(hidden) <= most else None
+        return "heads" if per_task_per_head(x, hidden, outs) else None
     return "heads" if per_head else layer2_for(x, hidden, outs)
+
+
+def per_task_per_head(x: torch.Tensor, hidden: Sequence[int] | None, outs: Sequence[int]
+                      ) -> bool:
+    """Heads on per-task inputs run one by one (the per-head form of this op, or of
+    ``linear_heads``) rather than batched: up to ``_PER_TASK_MAX_T`` heads."""
+    lowp = x.dtype in (torch.float16, torch.bfloat16)
+    ragged = len(set(outs)) > 1 or (hidden is not None and len(set(hidden)) > 1)
+    return len(outs) <= _PER_TASK_MAX_T["ragged" if ragged or not lowp
+                                        else "uniform, low precision"]
 
 
 def mlp_heads(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
