@@ -5,8 +5,8 @@ Dispatch (``_dispatch.backend("linear_heads", x, ...)``): plain eager CPU calls 
 ``mlp_heads``' per-task head count run the C++ op (``csrc/cpu/heads.cpp``,
 ``torch.ops.mtlfast.linear_heads``): one autograd node whose gradients are written into the
 packed buffers. FusedHeads' batched path (the ``grouped_linear`` custom op, a Python
-``autograd.Function``, and the split of its output) ran 1.3-2.2x the loop of heads at 2-8
-heads; the op ran 0.6-0.97x (benchmarks/RESULTS.md). Elsewhere FusedHeads keeps that path.
+``autograd.Function``, and the split of its output) ran 1.2-2.2x the loop of heads at 2-8
+heads; the op ran 0.2-0.97x (benchmarks/RESULTS.md). Elsewhere FusedHeads keeps that path.
 Differentiable twice, in forward mode and under batched backward gradients, as ``mlp_heads``.
 """
 
