@@ -5,8 +5,6 @@ arguments; and which FusedHeads calls take it."""
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
@@ -14,13 +12,11 @@ import mtlfast
 from mtlfast import FusedHeads
 from mtlfast.ops.linear_heads import linear_heads_reference
 from tests.conftest import rel_err
+from tests.heads.helpers import TOL, assert_engine_step_unchanged, assert_matches_reference
 
 pytestmark = pytest.mark.skipif(not mtlfast._ext.has_cpu_kernels(),
                                 reason="the C++ op needs the compiled extension")
 
-_dispatch = importlib.import_module("mtlfast.ops._dispatch")
-
-TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 FAMILIES = {"one head": [3], "width-1": [1, 1], "ragged": [1, 7, 3], "eight": [2] * 8}
 
 
@@ -38,20 +34,8 @@ def _args(outs, dtype, bias=True, M=6, D=5, seed=0):
 def test_op_matches_reference(family, bias, dtype):
     outs = FAMILIES[family]
     x, w, b = _args(outs, dtype, bias)
-    leaves = [t for t in (x, w, b) if t is not None]
-    ys = torch.ops.mtlfast.linear_heads(x, w, b, outs)
-    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    refs = linear_heads_reference(*ref_leaves, outs) if bias else \
-        linear_heads_reference(*ref_leaves, None, outs)
-    same = linear_heads_reference(x, w, b, outs)
-    for y, r, u in zip(ys, refs, same, strict=True):
-        assert y.shape == r.shape and rel_err(y, r) < max(TOL[dtype], 2 * rel_err(u, r))
-    seeds = [torch.randn(r.shape, dtype=torch.float64) for r in refs]
-    got = torch.autograd.grad(ys, leaves, [v.to(dtype) for v in seeds])
-    want = torch.autograd.grad(refs, ref_leaves, seeds)
-    unfused = torch.autograd.grad(same, leaves, [v.to(dtype) for v in seeds])
-    for a, r, u in zip(got, want, unfused, strict=True):
-        assert a.dtype == dtype and rel_err(a, r) < max(TOL[dtype], 2 * rel_err(u, r))
+    assert_matches_reference(lambda *a: torch.ops.mtlfast.linear_heads(*a, outs),
+                             lambda *a: linear_heads_reference(*a, outs), [x, w, b], dtype)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -138,22 +122,4 @@ def test_fused_linear_heads_per_task_route(widths, dtype, takes_op):
 def test_engine_step_equals_the_grouped_path(monkeypatch):
     """UPGrad's jacobian step with per-task features into Linear heads: the same .grad
     through the op as through ``grouped_linear``."""
-    grads = []
-    for aten in (False, True):
-        monkeypatch.undo()
-        if aten:
-            monkeypatch.setitem(_dispatch.RULES, "linear_heads",
-                                (("torch", lambda op, t, f: True),))
-        torch.manual_seed(0)
-        trunk = torch.nn.Linear(7, 3 * 12).double()
-        heads = FusedHeads(12, {"a": 1, "b": 3, "c": 2}).double()
-        x, y = torch.randn(9, 7, dtype=torch.float64), torch.randn(9, 6, dtype=torch.float64)
-        z = torch.tanh(trunk(x)).view(9, 3, 12).transpose(0, 1)
-        out = heads(z, per_task=True)
-        assert _uses_op(out) != aten
-        losses = torch.stack([((o - y[:, c:c + o.shape[1]]) ** 2).mean()
-                              for c, o in zip([0, 1, 4], out.values(), strict=True)])
-        mtlfast.backward(losses, trunk, mtlfast.methods.UPGrad(), features=z, mode="jacobian")
-        grads.append(torch.cat([p.grad.reshape(-1) for p in [*trunk.parameters(),
-                                                              *heads.parameters()]]))
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+    assert_engine_step_unchanged(monkeypatch, "linear_heads", None, "jacobian", _uses_op)

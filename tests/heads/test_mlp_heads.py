@@ -17,6 +17,7 @@ import mtlfast
 from mtlfast import FusedHeads, methods
 from mtlfast.ops.mlp_heads import layer2_for, mlp_heads_reference
 from tests.conftest import rel_err
+from tests.heads.helpers import TOL, assert_engine_step_unchanged, assert_matches_reference
 
 pytestmark = pytest.mark.skipif(not mtlfast._ext.has_cpu_kernels(),
                                 reason="the C++ op needs the compiled extension")
@@ -24,7 +25,6 @@ pytestmark = pytest.mark.skipif(not mtlfast._ext.has_cpu_kernels(),
 _dispatch = importlib.import_module("mtlfast.ops._dispatch")
 gl = importlib.import_module("mtlfast.ops.grouped_linear")
 
-TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 ACTIVATIONS = ["relu", "gelu", "silu", "none"]
 
 # (hidden widths, out widths, second-layer form)
@@ -64,31 +64,12 @@ def _params(case, dtype, bias=True, D=6, scale=0.5):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", list(TOL))
 def test_op_matches_reference_forward_backward(case, activation, bias, dtype):
-    hidden, outs, _ = CASES[case]
+    hidden, outs, layer2 = CASES[case]
     w1, b1, w2, b2 = _params(case, dtype, bias)
     x = torch.randn(13, 6, dtype=dtype, requires_grad=True)
-    ys = _op(x, w1, b1, w2, b2, case, activation)
-    assert [tuple(y.shape) for y in ys] == [(13, n) for n in outs]
-    assert all(y.dtype == dtype for y in ys)
-    leaves = [t for t in (x, w1, b1, w2, b2) if t is not None]
-    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    rx, rw1, *rest = ref_leaves
-    rb1 = rest.pop(0) if bias else None
-    rw2 = rest.pop(0)
-    rb2 = rest.pop(0) if bias else None
-    refs = mlp_heads_reference(rx, rw1, rb1, rw2, rb2, hidden, outs, activation)
-    # the unfused heads in the same dtype: their rounding error bounds what ours may be
-    same = mlp_heads_reference(*leaves[:2], b1, w2, b2, hidden, outs, activation) \
-        if bias else mlp_heads_reference(x, w1, None, w2, None, hidden, outs, activation)
-    for y, r, u in zip(ys, refs, same, strict=True):
-        assert rel_err(y, r) < max(TOL[dtype], 2 * rel_err(u, r))
-    seeds = [torch.randn(r.shape, dtype=torch.float64) for r in refs]
-    got = torch.autograd.grad(ys, leaves, [s.to(dtype) for s in seeds])
-    want = torch.autograd.grad(refs, ref_leaves, seeds)
-    unfused = torch.autograd.grad(same, leaves, [s.to(dtype) for s in seeds])
-    for g, w, u in zip(got, want, unfused, strict=True):
-        assert g.dtype == dtype and g.shape == w.shape
-        assert rel_err(g, w) < max(TOL[dtype], 2 * rel_err(u, w))
+    assert_matches_reference(
+        lambda *a: torch.ops.mtlfast.mlp_heads(*a, hidden, outs, activation, layer2),
+        lambda *a: mlp_heads_reference(*a, hidden, outs, activation), [x, w1, b1, w2, b2], dtype)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -393,19 +374,9 @@ def test_per_task_inputs_match_reference(case, activation, dtype):
     w2 = (torch.randn(sum(h * n for h, n in zip(hidden, outs, strict=True)), generator=g)
           / 2).to(dtype).requires_grad_()
     b2 = torch.randn(sum(outs), generator=g).to(dtype).requires_grad_()
-    leaves = [x, w1, b1, w2, b2]
-    ys = torch.ops.mtlfast.mlp_heads(*leaves, hidden, outs, activation, "heads")
-    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    refs = mlp_heads_reference(*ref_leaves, hidden, outs, activation)
-    same = mlp_heads_reference(*leaves, hidden, outs, activation)
-    for y, r, u in zip(ys, refs, same, strict=True):
-        assert rel_err(y, r) < max(TOL[dtype], 2 * rel_err(u, r))
-    seeds = [torch.randn(r.shape, dtype=torch.float64) for r in refs]
-    got = torch.autograd.grad(ys, leaves, [v.to(dtype) for v in seeds])
-    want = torch.autograd.grad(refs, ref_leaves, seeds)
-    unfused = torch.autograd.grad(same, leaves, [v.to(dtype) for v in seeds])
-    for a, w, u in zip(got, want, unfused, strict=True):
-        assert a.shape == w.shape and rel_err(a, w) < max(TOL[dtype], 2 * rel_err(u, w))
+    assert_matches_reference(
+        lambda *a: torch.ops.mtlfast.mlp_heads(*a, hidden, outs, activation, "heads"),
+        lambda *a: mlp_heads_reference(*a, hidden, outs, activation), [x, w1, b1, w2, b2], dtype)
 
 
 @pytest.mark.parametrize("case", list(PER_TASK))
@@ -453,23 +424,4 @@ def test_fused_heads_per_task_route(T, widths, dtype, takes_op):
 def test_engine_per_task_features_through_the_op(mode, monkeypatch):
     """An MMoE-style step (per-task features into the heads, features= the (T, B, D) tensor):
     the same .grad through the op as through the ATen composition."""
-    grads = []
-    for aten in (False, True):
-        monkeypatch.undo()
-        if aten:
-            monkeypatch.setitem(_dispatch.RULES, "mlp_heads",
-                                (("torch", lambda op, t, f: True),))
-        torch.manual_seed(0)
-        trunk = nn.Linear(7, 3 * 12).double()
-        heads = FusedHeads(12, {"a": 1, "b": 3, "c": 2}, hidden=[5, 5, 3]).double()
-        x, y = torch.randn(9, 7, dtype=torch.float64), torch.randn(9, 6, dtype=torch.float64)
-        z = torch.tanh(trunk(x)).view(9, 3, 12).transpose(0, 1)
-        out = heads(z, per_task=True)
-        assert _uses_op(out) != aten
-        cols = [0, 1, 4]
-        losses = torch.stack([((o - y[:, c:c + o.shape[1]]) ** 2).mean()
-                              for c, o in zip(cols, out.values(), strict=True)])
-        mtlfast.backward(losses, trunk, methods.UPGrad(), features=z, mode=mode)
-        grads.append(torch.cat([p.grad.reshape(-1) for p in [*trunk.parameters(),
-                                                              *heads.parameters()]]))
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+    assert_engine_step_unchanged(monkeypatch, "mlp_heads", [5, 5, 3], mode, _uses_op)
