@@ -40,12 +40,12 @@ def widths_of(kind: str, T: int) -> tuple[int, ...]:
     return (1,) * T if kind == "ones" else tuple(RAGGED[i % len(RAGGED)] for i in range(T))
 
 
-def contenders(D: int, hidden: int, widths: tuple[int, ...], B: int, dtype: torch.dtype
-               ) -> dict[str, Callable[[], tuple[torch.Tensor, ...]]]:
-    heads = make_heads(D, hidden, widths, torch.device("cpu")).to(dtype)
+def contenders(D: int, hidden: int, widths: tuple[int, ...], B: int, dtype: torch.dtype,
+               device: str = "cpu") -> dict[str, Callable[[], tuple[torch.Tensor, ...]]]:
+    heads = make_heads(D, hidden, widths, torch.device("cpu")).to(device, dtype)
     gen = torch.Generator().manual_seed(1)
-    z = torch.randn(B, D, generator=gen).to(dtype).requires_grad_()
-    cotangent = torch.randn(B, sum(widths), generator=gen).to(dtype)
+    z = torch.randn(B, D, generator=gen).to(device, dtype).requires_grad_()
+    cotangent = torch.randn(B, sum(widths), generator=gen).to(device, dtype)
     fused = fuse_heads(copy.deepcopy(heads))
     cat = baselines.ConcatBmmHeads(heads)
     return {
@@ -56,19 +56,20 @@ def contenders(D: int, hidden: int, widths: tuple[int, ...], B: int, dtype: torc
     }
 
 
-def _calls_for(fn: Callable[[], object], min_ms: float) -> int:
-    t0 = time.thread_time()
+def _calls_for(fn: Callable[[], object], min_ms: float, clock: Callable[[], float]) -> int:
+    t0 = clock()
     fn()
-    once = max(time.thread_time() - t0, 1e-6)
+    once = max(clock() - t0, 1e-6)
     return max(1, round(min_ms * 1e-3 / once))
 
 
-def measure(runs: dict[str, Callable[[], object]], rounds: int, min_ms: float
-            ) -> tuple[dict[str, float], float]:
-    """Median thread CPU milliseconds per call of each contender (contenders alternating), and
-    the ratio fused / best alternative: the median over rounds of the ratio within a round,
-    the best alternative being the one with the lowest median (each round's pair ran side by
-    side, so load from other processes on the machine hits both alike)."""
+def measure(runs: dict[str, Callable[[], object]], rounds: int, min_ms: float,
+            clock: Callable[[], float] = time.thread_time) -> tuple[dict[str, float], float]:
+    """Median milliseconds per call of each contender (contenders alternating; ``clock``:
+    thread CPU time by default, a synchronizing wall clock on a GPU), and the ratio fused /
+    best alternative: the median over rounds of the ratio within a round, the best alternative
+    being the one with the lowest median (each round's pair ran side by side, so load from
+    other processes on the machine hits both alike)."""
     ref_out = None
     for name, fn in runs.items():  # warm-up, and every contender computes the same thing
         out, gz = fn()
@@ -80,16 +81,16 @@ def measure(runs: dict[str, Callable[[], object]], rounds: int, min_ms: float
             err = (a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)
             if err > tol:
                 raise AssertionError(f"{name} differs from fused: relative error {err:.2e}")
-    calls = {name: _calls_for(fn, min_ms) for name, fn in runs.items()}
+    calls = {name: _calls_for(fn, min_ms, clock) for name, fn in runs.items()}
     times: dict[str, list[float]] = {name: [] for name in runs}
     order = list(runs)
     for r in range(rounds):
         for name in order[r % len(order):] + order[:r % len(order)]:
             fn, n = runs[name], calls[name]
-            t0 = time.thread_time()
+            t0 = clock()
             for _ in range(n):
                 fn()
-            times[name].append((time.thread_time() - t0) * 1e3 / n)
+            times[name].append((clock() - t0) * 1e3 / n)
     ms = {name: statistics.median(t) for name, t in times.items()}
     best = min((k for k in ms if k != "fused"), key=ms.__getitem__)
     return ms, statistics.median(f / b for f, b in zip(times["fused"], times[best], strict=True))

@@ -341,3 +341,20 @@ def test_bad_arguments_fail_clearly(tmp_path, capsys):
         assert main(["bench", "--device", "cuda", "--out", str(tmp_path)]) == 2
         assert "CUDA" in capsys.readouterr().err
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_heads_op_device_script_forces_the_op_and_reports(monkeypatch, tmp_path):
+    """benchmarks/heads_op_device.py (the GPU proof's measurement of the heads op on CUDA)
+    runs on the CPU: every contender checked equal, the forced FusedHeads on the op's route,
+    the dispatch rule restored."""
+    from benchmarks import heads_op_device
+
+    rule = heads_op_device._dispatch.RULES["mlp_heads"]
+    monkeypatch.setattr("sys.argv", ["heads_op_device.py", "--device", "cpu", "--quick",
+                                     "--rounds", "1", "--min-ms", "0.1", "--out", str(tmp_path)])
+    heads_op_device.main()
+    doc = json.loads((tmp_path / "heads_op.json").read_text())
+    assert [(r["T"], r["B"]) for r in doc["rows"]] == [(2, 32), (2, 1024)]
+    assert all(set(r["ms"]) == {"fused", "default", "loop", "concat+bmm"} for r in doc["rows"])
+    assert (tmp_path / "heads_op.md").read_text().count("\n| 2 |") == 2
+    assert heads_op_device._dispatch.RULES["mlp_heads"] is rule
