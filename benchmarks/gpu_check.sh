@@ -14,10 +14,10 @@
 #    three modes and its CUDA-graph replay vs the per-task loop, torchjd and sum().backward(),
 #    with peak memory), ops (copy bandwidth, gram / combine / graddrop vs torch in float32
 #    and bfloat16, each solver kernel vs its torch path, the mixtures), then the Triton tests,
-#    heads (fused vs loop vs concat+bmm; then benchmarks/heads_op_device.py, FusedHeads with
-#    its C++ heads op forced on the GPU), methods (every method vs torchjd, the floor and
+#    heads (fused vs loop vs concat+bmm), methods (every method vs torchjd, the floor and
 #    PCGrad's pairwise loop, up to T=8 P=1e8), arch (fused MMoE / PLE vs their loops),
-#    weights (the T x T solves vs torchjd); each contender checked equal first,
+#    weights (the T x T solves vs torchjd), and last benchmarks/heads_op_device.py
+#    (FusedHeads with its C++ heads op forced on the GPU); each contender checked equal first,
 # 4. writes gpu_report.json + gpu_report.md (benchmarks/gpu_report.py: environment, step exit
 #    codes, test summaries, pass/fail table with the floor and speed targets, benchmark
 #    table) to the report folder; with $OUT set (the device tool's folder), packs the folder
@@ -110,12 +110,13 @@ else
   echo "== pytest_triton: no test file mentions Triton"
 fi
 bench heads 30
-# the C++ heads op (CPU-only by its dispatch rule) forced on the GPU: should CUDA take it?
-step heads_op_device 40 "$PY" benchmarks/heads_op_device.py --device cuda \
-  --out "$REPORT/heads_op_device"
 bench methods 45
 bench arch 30
 bench weights 20
+# last, so it displaces none of the above: the C++ heads op (CPU-only by its dispatch rule)
+# forced on the GPU, should CUDA take it?
+step heads_op_device 40 "$PY" benchmarks/heads_op_device.py --device cuda \
+  --out "$REPORT/heads_op_device"
 "$PY" benchmarks/gpu_report.py --out "$REPORT"
 RC=$?
 pack
