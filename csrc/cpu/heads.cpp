@@ -1,5 +1,5 @@
 // Few small MLP heads (FusedHeads' eager CPU path), forward and backward as ONE autograd node:
-//   h = act(x W1^T + b1)                    one GEMM for every head's first layer
+//   h = dropout(act(x W1^T + b1))           one GEMM for every head's first layer
 //   y_t = h[:, cols_t] W2_t^T + b2_t        the second layers ("groups": a GEMM each; "bmm":
 //                                           one batched GEMM over equal hidden widths, out
 //                                           widths zero-padded to the widest; "dot": width-1
@@ -55,14 +55,18 @@ struct Shape {
   std::vector<int64_t> hid, outs;
   int64_t T = 0, H = 0, N = 0, n_max = 0;
   bool per_task = false;  // x (T, M, D): head t reads x[t]
+  double p = 0;           // dropout on the hidden layer (training)
   Act act = Act::none;
   Layer2 layer2 = Layer2::groups;
 };
 
 Shape shape_of(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2,
                const Tensor& b2, at::IntArrayRef hid, at::IntArrayRef outs,
-               const std::string& activation, const std::string& layer2) {
+               const std::string& activation, const std::string& layer2, double dropout) {
   Shape s;
+  TORCH_CHECK(dropout >= 0 && dropout < 1, "mlp_heads: dropout must be in [0, 1), got ",
+              dropout);
+  s.p = dropout;
   s.hid = hid.vec();
   s.outs = outs.vec();
   s.T = static_cast<int64_t>(hid.size());
@@ -163,6 +167,12 @@ Tensor padded(const Tensor& rows, const Shape& s) {
   return rows.new_zeros(shape).index_copy(0, pad_positions(s, rows.device()), rows);
 }
 
+// The hidden layer's dropout as F.dropout runs it on the CPU (one bernoulli draw over the
+// layer: the op draws the masks the ATen path would), its noise kept for the backward.
+Tensor dropout_noise(const Tensor& h, double p) {
+  return at::empty_like(h).bernoulli_(1 - p).div_(1 - p);
+}
+
 variable_list second_layer(const Tensor& h, const Tensor& w2, const Tensor& b2, const Shape& s) {
   const int64_t M = h.size(0);
   if (s.layer2 == Layer2::dot) {  // T dot products per row
@@ -249,21 +259,29 @@ Layer2Grads second_layer_backward(const variable_list& gs, const Tensor& h, cons
   return r;
 }
 
-// "heads": each head's hidden layer (and pre-activation) and output on its own
+// "heads": each head's hidden layer (its pre-activation, and with dropout its noise and the
+// second layer's input) and output on its own; ``noises``: the forward's, when recomputing
 struct HeadsForward {
-  std::vector<Tensor> hs, pres;
+  std::vector<Tensor> hs, pres, noises, ins;
   variable_list ys;
 };
 
 HeadsForward heads_forward(const Tensor& x, const Tensor& w1, const Tensor& b1,
-                           const Tensor& w2, const Tensor& b2, const Shape& s) {
+                           const Tensor& w2, const Tensor& b2, const Shape& s,
+                           const std::vector<Tensor>* noises = nullptr) {
   HeadsForward r;
   int64_t wo = 0, c = 0, o = 0;
   for (int64_t t = 0; t < s.T; ++t) {
     const int64_t k = s.hid[t], n = s.outs[t];
     auto [h, pre] = hidden_layer(s.per_task ? x.select(0, t) : x, w1.narrow(0, c, k),
                                  slice(b1, c, k), s.act);
-    r.ys.push_back(linear(h, w2.narrow(0, wo, n * k).view({n, k}), slice(b2, o, n)));
+    Tensor in = h;
+    if (s.p > 0) {
+      r.noises.push_back(noises ? (*noises)[t] : dropout_noise(h, s.p));
+      in = h * r.noises.back();
+      r.ins.push_back(in);
+    }
+    r.ys.push_back(linear(in, w2.narrow(0, wo, n * k).view({n, k}), slice(b2, o, n)));
     r.hs.push_back(h);
     r.pres.push_back(pre);
     wo += n * k;
@@ -277,8 +295,7 @@ HeadsForward heads_forward(const Tensor& x, const Tensor& w1, const Tensor& b1,
 // tensors (no cat of the weight gradients: at large heads a copy of every weight), else as
 // differentiable ops (create_graph) that also take batched gradients (no out= there).
 variable_list heads_backward(const variable_list& gs, const Tensor& x, const Tensor& w1,
-                             const Tensor& w2, const std::vector<Tensor>& hs,
-                             const std::vector<Tensor>& pres, bool bias1, bool bias2,
+                             const Tensor& w2, const HeadsForward& f, bool bias1, bool bias2,
                              bool need_x, const Shape& s) {
   const bool into = !at::GradMode::is_enabled() &&
                     std::all_of(gs.begin(), gs.end(), [](const Tensor& g) {
@@ -296,13 +313,14 @@ variable_list heads_backward(const variable_list& gs, const Tensor& x, const Ten
   int64_t wo = 0, c = 0, o = 0;
   for (int64_t t = 0; t < s.T; ++t) {
     const int64_t k = s.hid[t], n = s.outs[t];
-    const Tensor &g = gs[t], &h = hs[t];
+    const Tensor &g = gs[t], &h = f.hs[t], &in = s.p > 0 ? f.ins[t] : h;
     const Tensor W2 = w2.narrow(0, wo, n * k).view({n, k}), W1 = w1.narrow(0, c, k);
     const Tensor xt = s.per_task ? x.select(0, t) : x;
-    Tensor gpre = activation_backward(at::mm(g, W2), pres[t], h, s.act);
+    Tensor gh = at::mm(g, W2);
+    Tensor gpre = activation_backward(s.p > 0 ? gh * f.noises[t] : gh, f.pres[t], h, s.act);
     if (into) {
       Tensor gw2t = gw2.narrow(0, wo, n * k).view({n, k}), gw1t = gw1.narrow(0, c, k);
-      at::mm_out(gw2t, g.t(), h);
+      at::mm_out(gw2t, g.t(), in);
       at::mm_out(gw1t, gpre.t(), xt);
       if (bias2) {
         Tensor gb2t = gb2.narrow(0, o, n);
@@ -323,7 +341,7 @@ variable_list heads_backward(const variable_list& gs, const Tensor& x, const Ten
         }
       }
     } else {
-      gw2s.push_back(at::mm(g.t(), h).reshape(-1));
+      gw2s.push_back(at::mm(g.t(), in).reshape(-1));
       gw1s.push_back(at::mm(gpre.t(), xt));
       if (bias2) gb2s.push_back(g.sum(0));
       if (bias1) gb1s.push_back(gpre.sum(0));
@@ -344,7 +362,7 @@ variable_list heads_backward(const variable_list& gs, const Tensor& x, const Ten
     if (bias1) gb1 = at::cat(gb1s);
     if (bias2) gb2 = at::cat(gb2s);
   }
-  return {gx, gw1, gb1, gw2, gb2, Tensor(), Tensor(), Tensor(), Tensor()};
+  return {gx, gw1, gb1, gw2, gb2, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
 }
 
 struct MLPHeads : public torch::autograd::Function<MLPHeads> {
@@ -353,28 +371,36 @@ struct MLPHeads : public torch::autograd::Function<MLPHeads> {
                                const std::optional<Tensor>& bias1, const Tensor& w2,
                                const std::optional<Tensor>& bias2, at::IntArrayRef hid,
                                at::IntArrayRef outs, const std::string& activation,
-                               const std::string& layer2) {
+                               const std::string& layer2, double dropout) {
     const Tensor b1 = bias1.value_or(Tensor()), b2 = bias2.value_or(Tensor());
-    Shape s = shape_of(x, w1, b1, w2, b2, hid, outs, activation, layer2);
-    variable_list ys;
+    Shape s = shape_of(x, w1, b1, w2, b2, hid, outs, activation, layer2, dropout);
+    HeadsForward f;
     if (s.layer2 == Layer2::heads) {
-      HeadsForward f = heads_forward(x, w1, b1, w2, b2, s);
-      ys = std::move(f.ys);
-      ctx->saved_data["h"] = f.hs;
-      ctx->saved_data["pre"] = f.pres;
+      f = heads_forward(x, w1, b1, w2, b2, s);
     } else {
       auto [h, pre] = hidden_layer(x, w1, b1, s.act);
-      ys = second_layer(h, w2, b2, s);
-      ctx->saved_data["h"] = std::vector<Tensor>{h};
-      ctx->saved_data["pre"] = std::vector<Tensor>{pre};
+      f.hs = {h};
+      f.pres = {pre};
+      if (s.p > 0) {
+        f.noises = {dropout_noise(h, s.p)};
+        f.ins = {h * f.noises[0]};
+      }
+      f.ys = second_layer(s.p > 0 ? f.ins[0] : h, w2, b2, s);
     }
     ctx->save_for_backward({x, w1, b1, w2});
+    ctx->saved_data["h"] = f.hs;
+    ctx->saved_data["pre"] = f.pres;
+    if (s.p > 0) {
+      ctx->saved_data["noise"] = f.noises;
+      ctx->saved_data["in"] = f.ins;
+    }
     ctx->saved_data["hid"] = s.hid;
     ctx->saved_data["outs"] = s.outs;
     ctx->saved_data["activation"] = activation;
     ctx->saved_data["layer2"] = layer2;
+    ctx->saved_data["dropout"] = dropout;
     ctx->saved_data["bias2"] = b2.defined();
-    return ys;
+    return f.ys;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list gs) {
@@ -384,29 +410,35 @@ struct MLPHeads : public torch::autograd::Function<MLPHeads> {
     Shape s = shape_of(x, w1, b1, w2, Tensor(), ctx->saved_data["hid"].toIntVector(),
                        ctx->saved_data["outs"].toIntVector(),
                        ctx->saved_data["activation"].toStringRef(),
-                       ctx->saved_data["layer2"].toStringRef());
-    std::vector<Tensor> hs = ctx->saved_data["h"].toTensorVector(),
-                        pres = ctx->saved_data["pre"].toTensorVector();
-    if (s.layer2 == Layer2::heads) {
-      if (at::GradMode::is_enabled()) {  // create_graph: see below
-        HeadsForward f = heads_forward(x, w1, b1, w2, Tensor(), s);
-        hs = std::move(f.hs);
-        pres = std::move(f.pres);
-      }
-      return heads_backward(gs, x, w1, w2, hs, pres, b1.defined() && ctx->needs_input_grad(2),
-                            bias2, ctx->needs_input_grad(0), s);
+                       ctx->saved_data["layer2"].toStringRef(),
+                       ctx->saved_data["dropout"].toDouble());
+    HeadsForward f;
+    f.hs = ctx->saved_data["h"].toTensorVector();
+    f.pres = ctx->saved_data["pre"].toTensorVector();
+    if (s.p > 0) {
+      f.noises = ctx->saved_data["noise"].toTensorVector();
+      f.ins = ctx->saved_data["in"].toTensorVector();
     }
-    Tensor h = hs[0], pre = pres[0];
+    if (s.layer2 == Layer2::heads) {
+      if (at::GradMode::is_enabled()) {  // create_graph: see below (the same dropout noise)
+        f = heads_forward(x, w1, b1, w2, Tensor(), s, &f.noises);
+      }
+      return heads_backward(gs, x, w1, w2, f, b1.defined() && ctx->needs_input_grad(2), bias2,
+                            ctx->needs_input_grad(0), s);
+    }
+    Tensor h = f.hs[0], pre = f.pres[0], noise = s.p > 0 ? f.noises[0] : Tensor();
+    Tensor in = s.p > 0 ? f.ins[0] : h;
     if (at::GradMode::is_enabled()) {
       // create_graph: the saved hidden layer was computed without a graph
       std::tie(h, pre) = hidden_layer(x, w1, b1, s.act);
+      in = s.p > 0 ? h * noise : h;
     }
-    Layer2Grads l2 = second_layer_backward(gs, h, w2, bias2, s);
-    Tensor gpre = activation_backward(l2.gh, pre, h, s.act);
+    Layer2Grads l2 = second_layer_backward(gs, in, w2, bias2, s);
+    Tensor gpre = activation_backward(s.p > 0 ? l2.gh * noise : l2.gh, pre, h, s.act);
     Tensor gx = ctx->needs_input_grad(0) ? at::mm(gpre, w1) : Tensor();
     Tensor gw1 = ctx->needs_input_grad(1) ? at::mm(gpre.t(), x) : Tensor();
     Tensor gb1 = b1.defined() && ctx->needs_input_grad(2) ? gpre.sum(0) : Tensor();
-    return {gx, gw1, gb1, l2.gw2, l2.gb2, Tensor(), Tensor(), Tensor(), Tensor()};
+    return {gx, gw1, gb1, l2.gw2, l2.gb2, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -415,16 +447,18 @@ bool has_tangent(const Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0
 std::vector<Tensor> mlp_heads(const Tensor& x, const Tensor& w1, const std::optional<Tensor>& b1,
                               const Tensor& w2, const std::optional<Tensor>& b2,
                               at::IntArrayRef hidden, at::IntArrayRef outs,
-                              c10::string_view activation, c10::string_view layer2) {
+                              c10::string_view activation, c10::string_view layer2,
+                              double dropout) {
   const Tensor bias1 = b1.value_or(Tensor()), bias2 = b2.value_or(Tensor());
   const std::string act(activation), mode(layer2);
   if (has_tangent(x) || has_tangent(w1) || has_tangent(bias1) || has_tangent(w2) ||
       has_tangent(bias2)) {
-    Shape s = shape_of(x, w1, bias1, w2, bias2, hidden, outs, act, mode);
+    Shape s = shape_of(x, w1, bias1, w2, bias2, hidden, outs, act, mode, dropout);
     if (s.layer2 == Layer2::heads) return heads_forward(x, w1, bias1, w2, bias2, s).ys;
-    return second_layer(hidden_layer(x, w1, bias1, s.act).first, w2, bias2, s);
+    Tensor h = hidden_layer(x, w1, bias1, s.act).first;
+    return second_layer(s.p > 0 ? h * dropout_noise(h, s.p) : h, w2, bias2, s);
   }
-  return MLPHeads::apply(x, w1, b1, w2, b2, hidden, outs, act, mode);
+  return MLPHeads::apply(x, w1, b1, w2, b2, hidden, outs, act, mode, dropout);
 }
 
 // Linear heads on per-task inputs, y_t = x[t] W_t^T + b_t (W the heads' rows stacked), as one
@@ -531,7 +565,7 @@ std::vector<Tensor> linear_heads(const Tensor& x, const Tensor& w, const std::op
 
 TORCH_LIBRARY_FRAGMENT(mtlfast, m) {
   m.def("mlp_heads(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, int[] hidden, "
-        "int[] outs, str activation, str layer2) -> Tensor[]");
+        "int[] outs, str activation, str layer2, float dropout=0.0) -> Tensor[]");
   m.def("linear_heads(Tensor x, Tensor w, Tensor? b, int[] outs) -> Tensor[]");
 }
 

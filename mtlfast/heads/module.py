@@ -8,7 +8,7 @@ heads a step is bound by per-node costs; once a head's hidden layer is large (ba
 past ``_HEADS_LOOP_MK``), and for per-task inputs of up to 8 heads, each head instead runs both
 layers on its own (the op's per-head form, or as ATen ops on views of the fused parameters: the
 loop of heads, measured faster there). Other eager calls (no extension, the GPU, more per-task
-heads, dropout while training) run plain ATen ops under torch's own autograd
+heads) run plain ATen ops under torch's own autograd
 (``grouped_linear_parts``: one ``bmm`` over equal-width groups, ragged ones zero-padded while
 that is cheap; on the CPU one GEMM per group where that is measured faster). torch.compile
 and torch.func calls, and ragged groups on the GPU, run the ``mtlfast::grouped_linear`` custom
@@ -244,7 +244,7 @@ class FusedHeads(Interop, nn.Module):
         """How an eager call runs the heads. MLP heads: the C++ op's form
         (``mtlfast.ops.mlp_heads``; its ``"heads"`` for large groups and per-task inputs),
         ``_PER_HEAD`` (each head on its own as ATen ops: large groups where the op does not
-        serve, or with dropout while training), or None (the first layer in one op and
+        serve), or None (the first layer in one op and
         ``grouped_linear_parts``). Linear heads: ``"heads"`` (``mtlfast.ops.linear_heads``,
         per-task inputs) or None (one ``F.linear``, or ``grouped_linear`` per task). Chosen
         once per (rows, dtype, device, train/eval, per-task): on heads this small the choice
@@ -261,10 +261,7 @@ class FusedHeads(Interop, nn.Module):
                 self._routes[key] = route
                 return route
             large = not per_task and _large_groups(x, self.hidden_widths)
-            route = None
-            if not (self.dropout > 0 and self.training):
-                route = mlp_heads_layer2(x, self.hidden_widths, self.out_widths, large,
-                                         per_task)
+            route = mlp_heads_layer2(x, self.hidden_widths, self.out_widths, large, per_task)
             if route is None and large:
                 route = _PER_HEAD
             self._routes[key] = route
@@ -303,7 +300,8 @@ class FusedHeads(Interop, nn.Module):
                 parts = self._per_head(x, w1, b1, w2, b2)
             elif route is not None:
                 parts = mlp_heads(x, w1, b1, w2, b2, self.hidden_widths, self.out_widths,
-                                  self.activation, route)
+                                  self.activation, route,
+                                  self.dropout if self.training else 0.0)
             else:
                 h = self._hidden(x, w1, b1, per_task, eager)
                 if self.dropout > 0:

@@ -117,10 +117,11 @@ def per_task_per_head(x: torch.Tensor, hidden: Sequence[int] | None, outs: Seque
 
 def mlp_heads(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
               b2: torch.Tensor | None, hidden: Sequence[int], outs: Sequence[int],
-              activation: str, layer2: str) -> list[torch.Tensor]:
+              activation: str, layer2: str, dropout: float = 0.0) -> list[torch.Tensor]:
     """The heads' outputs ``[(M, out_t)]`` from the C++ op. Arguments as FusedHeads holds
-    them, already checked: ``x`` ``(M, D)``, ``w1`` ``(sum hidden, D)``, ``w2`` flat packed,
-    ``layer2`` from ``mlp_heads_layer2``."""
+    them, already checked: ``x`` ``(M, D)`` or ``(T, M, D)``, ``w1`` ``(sum hidden, D)``,
+    ``w2`` flat packed, ``layer2`` from ``mlp_heads_layer2``; ``dropout``: the probability
+    on the hidden layer (0 outside training), drawn as ``F.dropout`` draws it."""
     # (the overload itself: the packet's overload resolution costs ~2 us a call)
     return torch.ops.mtlfast.mlp_heads.default(x, w1, b1, w2, b2, hidden, outs, activation,
-                                               layer2)
+                                               layer2, dropout)

@@ -171,6 +171,8 @@ def test_non_finite_values_stay_where_the_unfused_heads_put_them(case):
     (dict(w1_dtype=torch.float64), "dtype and device"),
     (dict(x_dim=3), "x must be"),
     (dict(x_dim=3, x_T=2), "per-task x .* needs layer2 heads"),
+    (dict(dropout=1.0), "dropout must be in"),
+    (dict(dropout=-0.1), "dropout must be in"),
 ])
 def test_bad_arguments_raise_not_crash(args, match):
     hidden, outs = args.get("hidden", [4, 4]), args.get("outs", [2, 2])
@@ -183,7 +185,8 @@ def test_bad_arguments_raise_not_crash(args, match):
     b2 = torch.randn(sum(outs) + args.get("b2_extra", 0))
     with pytest.raises(RuntimeError, match=match):
         torch.ops.mtlfast.mlp_heads(x, w1, b1, w2, b2, hidden, outs,
-                                    args.get("activation", "relu"), args.get("layer2", "groups"))
+                                    args.get("activation", "relu"), args.get("layer2", "groups"),
+                                    args.get("dropout", 0.0))
 
 
 @pytest.mark.parametrize(("hidden", "outs", "dtype", "M", "want"), [
@@ -227,19 +230,18 @@ def test_fused_heads_take_the_op_on_eager_cpu_calls(hidden, widths):
 
 
 def test_fused_heads_other_calls_keep_their_paths(monkeypatch):
-    """Dropout while training and per-task inputs do not take the op, large groups take its
-    per-head form; without the extension FusedHeads composes ATen ops and still matches the
-    unfused heads."""
+    """Dropout (training or not) and per-task inputs take the op, large groups its per-head
+    form; without the extension FusedHeads composes ATen ops and still matches the unfused
+    heads."""
     z = torch.randn(5, 6, requires_grad=True)
 
     def heads(**kw):
         return FusedHeads(6, {"a": 2, "b": 3}, hidden=4, **kw)
 
     dropping = heads(dropout=0.5)
-    assert not _uses_op(dropping(z))
+    assert _uses_op(dropping(z))
     assert _uses_op(dropping.eval()(z))
-    assert not _uses_op(dropping.train()(z))
-    assert not _uses_op(dropping.train()(torch.stack([z, z]), per_task=True))
+    assert _uses_op(dropping.train()(torch.stack([z, z]), per_task=True))
     monkeypatch.setitem(gl._HEADS_LOOP_MK, ("cpu", torch.float32), 0)
     monkeypatch.setattr(gl, "_HEADS_LOOP_MIN", 0)
     large = heads()
@@ -257,7 +259,8 @@ def test_fused_heads_other_calls_keep_their_paths(monkeypatch):
 
 def test_route_is_chosen_per_rows_dtype_and_mode(monkeypatch):
     """The route kept per (rows, dtype, device, train/eval, per-task): large groups by their
-    rows, the padded bmm by dtype, dropout by mode; a full table starts anew."""
+    rows, the padded bmm by dtype; without the extension large groups run as ATen ops per
+    head; a full table starts anew."""
     monkeypatch.setitem(gl._HEADS_LOOP_MK, ("cpu", torch.float32), 2**8)
     monkeypatch.setattr(gl, "_HEADS_LOOP_MIN", 2**8)
     fused = FusedHeads(6, {f"t{i}": n for i, n in enumerate([1, 200, 5, 50] * 2)}, hidden=4,
@@ -275,9 +278,14 @@ def test_route_is_chosen_per_rows_dtype_and_mode(monkeypatch):
     assert fused._routes[(8, torch.float32, small.device, False, True)] == "heads"
     fused.train()
     for x in (small, large):
-        assert not _uses_op(fused(x))
-    assert fused._routes[(8, torch.float32, small.device, True, False)] is None
-    assert fused._routes[(128, torch.float32, small.device, True, False)] == "per head"
+        assert _uses_op(fused(x))
+    assert fused._routes[(8, torch.float32, small.device, True, False)] == "groups"
+    assert fused._routes[(128, torch.float32, small.device, True, False)] == "heads"
+    monkeypatch.setattr(mtlfast._ext, "has_cpu_kernels", lambda: False)
+    fused._routes.clear()
+    fused(large)
+    assert fused._routes == {(128, torch.float32, small.device, True, False): "per head"}
+    monkeypatch.undo()
     for rows in range(1, 70):
         fused(torch.randn(rows, 6))
     assert 0 < len(fused._routes) <= 64
@@ -425,3 +433,71 @@ def test_engine_per_task_features_through_the_op(mode, monkeypatch):
     """An MMoE-style step (per-task features into the heads, features= the (T, B, D) tensor):
     the same .grad through the op as through the ATen composition."""
     assert_engine_step_unchanged(monkeypatch, "mlp_heads", [5, 5, 3], mode, _uses_op)
+
+
+@pytest.mark.parametrize(("hidden", "widths"), [(4, [1, 9]), (4, [1, 1, 1]), (4, [3, 3]),
+                                                ([3, 5], [2, 1])])
+def test_dropout_draws_the_masks_of_the_aten_path(hidden, widths, monkeypatch):
+    """Training with dropout through the op: under the same seed, the outputs and every
+    gradient equal FusedHeads' ATen composition (one draw over the fused hidden layer, as
+    F.dropout draws it); eval runs without dropout."""
+    fused = FusedHeads(6, {f"t{i}": n for i, n in enumerate(widths)}, hidden=hidden,
+                       dropout=0.3).double()
+    z = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    results = []
+    for aten in (False, True):
+        monkeypatch.undo()
+        if aten:
+            monkeypatch.setitem(_dispatch.RULES, "mlp_heads", (("torch", lambda op, t, f: True),))
+        fused._routes.clear()
+        torch.manual_seed(5)
+        out = fused(z)
+        assert _uses_op(out) != aten
+        y = torch.cat(list(out.values()), -1)
+        results.append((y, *torch.autograd.grad((y * y).sum(), [z, *fused.parameters()])))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    y = results[0][0]
+    assert not torch.equal(y, torch.cat(list(fused.eval()(z).values()), -1))
+
+
+@pytest.mark.parametrize("per_task", [False, True])
+def test_dropout_per_head_draws_the_masks_of_the_unfused_heads(per_task, monkeypatch):
+    """The op's per-head form (large groups, per-task inputs) draws one mask per head in
+    task order, as the unfused heads' nn.Dropout do: the same outputs and gradients under the
+    same seed."""
+    if not per_task:
+        monkeypatch.setitem(gl._HEADS_LOOP_MK, ("cpu", torch.float64), 0)
+        monkeypatch.setattr(gl, "_HEADS_LOOP_MIN", 0)
+    fused = FusedHeads(6, {"a": 2, "b": 1, "c": 3}, hidden=[4, 5, 4], dropout=0.4).double()
+    plain = fused.unfuse().train()
+    z = torch.randn(3 if per_task else 1, 7, 6, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(3)
+    out = fused(z, per_task=True) if per_task else fused(z[0])
+    assert _uses_op(out)
+    torch.manual_seed(3)
+    ref = {t: plain[t](z[i] if per_task else z[0]) for i, t in enumerate(plain)}
+    got = torch.autograd.grad(sum((y * y).sum() for y in out.values()), z)
+    want = torch.autograd.grad(sum((y * y).sum() for y in ref.values()), z)
+    for t in ref:
+        torch.testing.assert_close(out[t], ref[t], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layer2", ["groups", "bmm", "dot", "heads"])
+def test_dropout_gradcheck_twice(layer2):
+    """With its seed fixed the op is a function: gradcheck and gradgradcheck (create_graph
+    reuses the forward's masks)."""
+    hidden, outs = ([4, 4], [1, 1]) if layer2 == "dot" else ([4, 4], [2, 3])
+    w1, b1, w2, b2 = (torch.randn(8, 5, dtype=torch.float64, requires_grad=True),
+                      torch.randn(8, dtype=torch.float64, requires_grad=True),
+                      torch.randn(4 * sum(outs), dtype=torch.float64, requires_grad=True),
+                      torch.randn(sum(outs), dtype=torch.float64, requires_grad=True))
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+
+    def f(*args):
+        torch.manual_seed(0)
+        return tuple(torch.ops.mtlfast.mlp_heads(*args, hidden, outs, "gelu", layer2, 0.5))
+
+    assert torch.autograd.gradcheck(f, (x, w1, b1, w2, b2), check_batched_grad=True)
+    assert torch.autograd.gradgradcheck(f, (x, w1, b1, w2, b2))
