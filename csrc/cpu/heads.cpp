@@ -21,6 +21,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -60,6 +61,21 @@ struct Shape {
   Layer2 layer2 = Layer2::groups;
 };
 
+void check_like_x(const char* op, const Tensor& x, std::initializer_list<const Tensor*> ts) {
+  for (const Tensor* t : ts) {
+    TORCH_CHECK(!t->defined() || (t->scalar_type() == x.scalar_type() &&
+                                  t->device() == x.device()),
+                op, ": every tensor must have x's dtype and device");
+  }
+}
+
+// Gradients written into preallocated packed buffers (out= GEMMs) where autograd hands plain
+// tensors outside create_graph; a batched gradient (is_grads_batched) has no storage.
+bool writable(const variable_list& gs) {
+  return !at::GradMode::is_enabled() &&
+         std::all_of(gs.begin(), gs.end(), [](const Tensor& g) { return g.has_storage(); });
+}
+
 Shape shape_of(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2,
                const Tensor& b2, at::IntArrayRef hid, at::IntArrayRef outs,
                const std::string& activation, const std::string& layer2, double dropout) {
@@ -97,11 +113,7 @@ Shape shape_of(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor
               "mlp_heads: b1 must be (sum hidden,)");
   TORCH_CHECK(!b2.defined() || (b2.dim() == 1 && b2.numel() == s.N),
               "mlp_heads: b2 must be (sum outs,)");
-  for (const Tensor* t : {&w1, &b1, &w2, &b2}) {
-    TORCH_CHECK(!t->defined() || (t->scalar_type() == x.scalar_type() &&
-                                  t->device() == x.device()),
-                "mlp_heads: every tensor must have x's dtype and device");
-  }
+  check_like_x("mlp_heads", x, {&w1, &b1, &w2, &b2});
   return s;
 }
 
@@ -158,13 +170,13 @@ Tensor pad_positions(const Shape& s, const at::Device& device) {
   return at::tensor(pos, at::TensorOptions().dtype(at::kLong)).to(device);
 }
 
-// The packed rows copied into zeros (padding rows exact zeros: an inf weight gives no 0 * inf);
-// its backward is one gather.
-Tensor padded(const Tensor& rows, const Shape& s) {
-  if (!ragged(s)) return rows;
+// The packed rows copied into zeros at ``pos`` (padding rows exact zeros: an inf weight gives
+// no 0 * inf); its backward is one gather. Undefined ``pos``: not ragged, the rows as they are.
+Tensor padded(const Tensor& rows, const Shape& s, const Tensor& pos) {
+  if (!pos.defined()) return rows;
   std::vector<int64_t> shape = rows.sizes().vec();
   shape[0] = s.T * s.n_max;
-  return rows.new_zeros(shape).index_copy(0, pad_positions(s, rows.device()), rows);
+  return rows.new_zeros(shape).index_copy(0, pos, rows);
 }
 
 // The hidden layer's dropout as F.dropout runs it on the CPU (one bernoulli draw over the
@@ -183,9 +195,10 @@ variable_list second_layer(const Tensor& h, const Tensor& w2, const Tensor& b2, 
   }
   if (s.layer2 == Layer2::bmm) {
     const int64_t k = s.hid[0], n = s.n_max;
+    const Tensor pos = ragged(s) ? pad_positions(s, h.device()) : Tensor();
     Tensor hs = h.view({M, s.T, k}).transpose(0, 1);
-    Tensor W = padded(w2.view({-1, k}), s).view({s.T, n, k}).transpose(1, 2);
-    Tensor y = b2.defined() ? at::baddbmm(padded(b2, s).view({s.T, 1, n}), hs, W)
+    Tensor W = padded(w2.view({-1, k}), s, pos).view({s.T, n, k}).transpose(1, 2);
+    Tensor y = b2.defined() ? at::baddbmm(padded(b2, s, pos).view({s.T, 1, n}), hs, W)
                             : at::bmm(hs, W);
     variable_list ys = y.unbind(0);
     for (int64_t t = 0; t < s.T; ++t) {
@@ -231,12 +244,12 @@ Layer2Grads second_layer_backward(const variable_list& gs, const Tensor& h, cons
       gp.push_back(s.outs[t] < n ? at::constant_pad_nd(gs[t], {0, n - s.outs[t]}) : gs[t]);
     }
     Tensor G = at::stack(gp);  // (T, M, n_max)
+    const Tensor pos = ragged(s) ? pad_positions(s, h.device()) : Tensor();
     Tensor gW = at::bmm(G.transpose(1, 2), h.view({M, s.T, k}).transpose(0, 1));
-    r.gh = at::bmm(G, padded(w2.view({-1, k}), s).view({s.T, n, k}))
+    r.gh = at::bmm(G, padded(w2.view({-1, k}), s, pos).view({s.T, n, k}))
                .transpose(0, 1).reshape({M, s.H});
     if (bias) r.gb2 = G.sum(1).reshape(-1);
-    if (ragged(s)) {
-      Tensor pos = pad_positions(s, h.device());
+    if (pos.defined()) {
       gW = gW.reshape({-1, k}).index_select(0, pos);
       if (bias) r.gb2 = r.gb2.index_select(0, pos);
     }
@@ -297,10 +310,7 @@ HeadsForward heads_forward(const Tensor& x, const Tensor& w1, const Tensor& b1,
 variable_list heads_backward(const variable_list& gs, const Tensor& x, const Tensor& w1,
                              const Tensor& w2, const HeadsForward& f, bool bias1, bool bias2,
                              bool need_x, const Shape& s) {
-  const bool into = !at::GradMode::is_enabled() &&
-                    std::all_of(gs.begin(), gs.end(), [](const Tensor& g) {
-                      return g.has_storage();  // (a batched gradient has none)
-                    });
+  const bool into = writable(gs);
   Tensor gx, gw1, gb1, gw2, gb2;
   variable_list gw1s, gb1s, gw2s, gb2s, gxs;
   if (into) {
@@ -474,11 +484,7 @@ void check_linear(const Tensor& x, const Tensor& w, const Tensor& b, at::IntArra
                   w.size(0) == N && w.size(1) == x.size(2),
               "linear_heads: x must be (T, M, D) and w (sum outs, D)");
   TORCH_CHECK(!b.defined() || (b.dim() == 1 && b.numel() == N), "linear_heads: b must be (N,)");
-  for (const Tensor* t : {&w, &b}) {
-    TORCH_CHECK(!t->defined() || (t->scalar_type() == x.scalar_type() &&
-                                  t->device() == x.device()),
-                "linear_heads: every tensor must have x's dtype and device");
-  }
+  check_like_x("linear_heads", x, {&w, &b});
 }
 
 variable_list linear_heads_forward(const Tensor& x, const Tensor& w, const Tensor& b,
@@ -509,9 +515,7 @@ struct LinearHeads : public torch::autograd::Function<LinearHeads> {
     const Tensor &x = saved[0], &w = saved[1];
     const auto outs = ctx->saved_data["outs"].toIntVector();
     const bool bias = ctx->saved_data["bias"].toBool(), need_x = ctx->needs_input_grad(0);
-    const bool into = !at::GradMode::is_enabled() &&
-                      std::all_of(gs.begin(), gs.end(),
-                                  [](const Tensor& g) { return g.has_storage(); });
+    const bool into = writable(gs);
     Tensor gx, gw, gb;
     variable_list gxs, gws, gbs;
     if (into) {

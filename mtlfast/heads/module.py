@@ -258,12 +258,12 @@ class FusedHeads(Interop, nn.Module):
             if not self.is_mlp:  # linear heads: the op for per-task inputs only
                 route = "heads" if per_task and linear_heads_serves(x, self.out_widths) \
                     else None
-                self._routes[key] = route
-                return route
-            large = not per_task and _large_groups(x, self.hidden_widths)
-            route = mlp_heads_layer2(x, self.hidden_widths, self.out_widths, large, per_task)
-            if route is None and large:
-                route = _PER_HEAD
+            else:
+                large = not per_task and _large_groups(x, self.hidden_widths)
+                route = mlp_heads_layer2(x, self.hidden_widths, self.out_widths, large,
+                                         per_task)
+                if route is None and large:
+                    route = _PER_HEAD
             self._routes[key] = route
         return route
 
@@ -307,9 +307,7 @@ class FusedHeads(Interop, nn.Module):
                 if self.dropout > 0:
                     h = F.dropout(h, self.dropout, self.training)
                 parts = _parts(h, w2, b2, self.hidden_widths, self.out_widths, eager)
-            if len(batch) != 1:
-                parts = [p.view(*batch, p.shape[-1]) for p in parts]
-            return dict(zip(self.tasks, parts, strict=True))
+            return self._outputs(parts, batch)
         if not per_task:
             # One dense GEMM with no epilogue to fuse: the native op (addmm / cuBLAS) is the
             # fastest and adds no custom-op dispatch overhead.
@@ -317,16 +315,19 @@ class FusedHeads(Interop, nn.Module):
         else:
             w, b = cast(self.weight, dtype), cast(self.bias, dtype)
             if _eager(x, w, b) and self._route(x, True) == "heads":
-                parts = linear_heads(x, w, b, self.out_widths)
-                if len(batch) != 1:
-                    parts = [p.view(*batch, p.shape[-1]) for p in parts]
-                return dict(zip(self.tasks, parts, strict=True))
+                return self._outputs(linear_heads(x, w, b, self.out_widths), batch)
             ins, outs = self._first_layer_widths(per_task)
             y = grouped_linear(x, w.view(-1), b, ins, outs, per_task=per_task)
         if len(batch) != 1:
             y = y.view(*batch, y.shape[-1])
         # the ATen method: Tensor.split's Python wrapper costs as much again (tiny heads)
         return dict(zip(self.tasks, y.split_with_sizes(self.out_widths, -1), strict=True))
+
+    def _outputs(self, parts: list[torch.Tensor], batch) -> dict[str, torch.Tensor]:
+        """``{task: y_t}``, each ``(M, out_t)`` part viewed in the input's batch shape."""
+        if len(batch) != 1:
+            parts = [p.view(*batch, p.shape[-1]) for p in parts]
+        return dict(zip(self.tasks, parts, strict=True))
 
     # ------------------------------------------------------------------ per-task Jacobian
     @torch.no_grad()

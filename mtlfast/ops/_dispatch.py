@@ -122,6 +122,9 @@ def _combine_out(t: torch.Tensor, f: dict) -> bool:
     return f["out_dtype"] == t.dtype and f["out_contiguous"]
 
 
+_HEADS_OP = (("cpu", lambda op, t, f: f["eager"] and not _triton_cpu() and _kernel(op, t, "cpu")),
+             ("torch", lambda op, t, f: True))
+
 #: op -> ordered (backend, rule) pairs; the first rule that holds picks the backend, and
 #: "reference" serves when none does. ``f`` holds the op's keyword facts.
 RULES: dict[str, tuple[tuple[str, Rule], ...]] = {
@@ -180,15 +183,10 @@ RULES: dict[str, tuple[tuple[str, Rule], ...]] = {
         ("cpu", lambda op, t, f: f["eager"] and t.dtype in (torch.float32, torch.float64)
          and not _triton_cpu() and _kernel(op, t, "cpu")),
         ("torch", lambda op, t, f: True)),
-    # MLP heads on one input (FusedHeads): the C++ op (one autograd node) for plain eager CPU
-    # calls; otherwise FusedHeads' own composition of ATen ops ("torch")
-    "mlp_heads": (("cpu", lambda op, t, f: f["eager"] and not _triton_cpu()
-                   and _kernel(op, t, "cpu")),
-                  ("torch", lambda op, t, f: True)),
-    # Linear heads on per-task inputs (FusedHeads): the same
-    "linear_heads": (("cpu", lambda op, t, f: f["eager"] and not _triton_cpu()
-                      and _kernel(op, t, "cpu")),
-                     ("torch", lambda op, t, f: True)),
+    # FusedHeads' MLP heads, and its Linear heads on per-task inputs: the C++ op (one autograd
+    # node) for plain eager CPU calls; otherwise FusedHeads' own composition of ATen ops
+    "mlp_heads": _HEADS_OP,
+    "linear_heads": _HEADS_OP,
 }
 
 

@@ -522,14 +522,27 @@ _MULSUM_LOWP_MIN_MT = 2**13
 
 
 def _bmm_ok(x: torch.Tensor, k: int, out_widths) -> bool:
-    M, device = x.shape[0], x.device.type
-    if M * k > _BMM_MAX_MK.get(device, M * k):
+    M = x.shape[0]
+    if M * k > _BMM_MAX_MK.get(x.device.type, M * k):
         return False
+    return len(out_widths) * max(out_widths) == sum(out_widths) or _pad_ok(x, k, out_widths)
+
+
+def _pad_ok(x: torch.Tensor, k: int, out_widths) -> bool:
+    """Ragged out widths padded to the widest cost less than a GEMM per group: within
+    ``_PAD_MAX_RATIO`` and ``_PAD_BUDGET`` (the mlp_heads op's padded form uses it too)."""
+    device = x.device.type
     T, N, n_max = len(out_widths), sum(out_widths), max(out_widths)
-    if T * n_max == N:
-        return True
-    return T * n_max <= _PAD_MAX_RATIO.get((device, x.dtype), T) * N \
-        and M * k * (T * n_max - N) <= _PAD_BUDGET.get(device, 0) * (T - 1 - _PAD_COPY_GROUPS)
+    return T * n_max <= _PAD_MAX_RATIO.get((device, x.dtype), T) * N and x.shape[0] * k * (
+        T * n_max - N) <= _PAD_BUDGET.get(device, 0) * (T - 1 - _PAD_COPY_GROUPS)
+
+
+def _width_one_mulsum(x: torch.Tensor, T: int, k: int) -> bool:
+    """Width-1 groups of k inputs on the CPU run as a broadcast multiply-sum, not a batched
+    GEMV (``_MULSUM_LOWP_*``; the mlp_heads op's ``"dot"`` form follows it too)."""
+    return x.device.type == "cpu" and (
+        x.dtype in (torch.float32, torch.float64) or T < _MULSUM_LOWP_MIN_T
+        or k > _MULSUM_LOWP_MAX_K or x.shape[0] * T < _MULSUM_LOWP_MIN_MT)
 
 
 def _large_groups(x: torch.Tensor, in_widths) -> bool:
@@ -553,9 +566,7 @@ def _parts_bmm(x, w, bias, k, out_widths) -> list[torch.Tensor]:
     """One ``baddbmm`` of ``(T, M, k)`` x ``(T, k, n_max)`` views, ragged groups zero-padded
     (width-1 groups on the CPU: a multiply-sum)."""
     T, M, n_max = len(out_widths), x.shape[0], max(out_widths)
-    if n_max == 1 and x.device.type == "cpu" and (
-            x.dtype in (torch.float32, torch.float64) or T < _MULSUM_LOWP_MIN_T
-            or k > _MULSUM_LOWP_MAX_K or M * T < _MULSUM_LOWP_MIN_MT):
+    if n_max == 1 and _width_one_mulsum(x, T, k):
         # T dot products per row: a broadcast multiply-sum, forward and backward as fast as
         # the CPU's bmm (a batch of GEMVs) or up to 2x faster where this path runs.
         y = (x.reshape(M, T, k) * w.view(T, k)).sum(-1)

@@ -31,25 +31,17 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import backend
-from .grouped_linear import (
-    _MULSUM_LOWP_MAX_K,
-    _MULSUM_LOWP_MIN_MT,
-    _MULSUM_LOWP_MIN_T,
-    _PAD_BUDGET,
-    _blocks,
-    apply_activation,
-)
+from .grouped_linear import _blocks, _pad_ok, _width_one_mulsum, apply_activation
 
 __all__ = ["layer2_for", "mlp_heads", "mlp_heads_layer2", "mlp_heads_reference",
            "per_task_per_head"]
 
 #: Ragged out widths (equal hidden widths) are zero-padded into one batched GEMM from this many
-#: heads on, where the padding costs less than a GEMM per head (grouped_linear's padding budget
-#: bounds the extra multiply-adds; fp32/fp64 also pad at most 2x). Low-precision GEMMs cost
-#: ~20 us a call on the CPU (fp32 ~5 us): bf16, 40 ragged heads of 8 hidden, B=32, padded 4x,
-#: took 1.64 ms where a GEMM per head took 2.48 ms.
+#: heads on, where the padding costs less than a GEMM per head (grouped_linear's ``_pad_ok``:
+#: its budget bounds the extra multiply-adds; fp32/fp64 also pad at most 2x). Low-precision
+#: GEMMs cost ~20 us a call on the CPU (fp32 ~5 us): bf16, 40 ragged heads of 8 hidden, B=32,
+#: padded 4x, took 1.64 ms where a GEMM per head took 2.48 ms.
 _PAD_MIN_T = 8
-_PAD_MAX_RATIO = 2.0
 #: Per-task inputs take the op's per-head form up to this many heads; beyond, FusedHeads'
 #: batched first layer (one bmm over the heads' inputs) wins. Measured side by side (CPU,
 #: B=32-1024, hidden 16-64): the per-head form ran 0.5-0.93x the loop of heads up to 8 heads,
@@ -74,20 +66,12 @@ def mlp_heads_reference(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | No
 
 def layer2_for(x: torch.Tensor, hidden: Sequence[int], outs: Sequence[int]) -> str:
     """The C++ op's second-layer form for these heads (see the module docstring)."""
-    T, k, n_max, N = len(hidden), hidden[0], max(outs), sum(outs)
+    T, k, n_max = len(hidden), hidden[0], max(outs)
     if any(h != k for h in hidden):
         return "groups"
-    lowp = x.dtype in (torch.float16, torch.bfloat16)
-    if n_max == 1:
-        # grouped_linear's measured rule: a low-precision multiply-sum over k <= 16 is too
-        # short an inner loop once there are many rows; the batched GEMV wins there
-        return "bmm" if lowp and T >= _MULSUM_LOWP_MIN_T and k <= _MULSUM_LOWP_MAX_K \
-            and x.shape[0] * T >= _MULSUM_LOWP_MIN_MT else "dot"
-    pad = T * n_max - N
-    if pad == 0:
-        return "bmm"
-    if T >= _PAD_MIN_T and (lowp or T * n_max <= _PAD_MAX_RATIO * N) \
-            and x.shape[0] * k * pad <= _PAD_BUDGET["cpu"] * (T - 2):
+    if n_max == 1:  # grouped_linear's measured rule for width-1 groups
+        return "dot" if _width_one_mulsum(x, T, k) else "bmm"
+    if T * n_max == sum(outs) or (T >= _PAD_MIN_T and _pad_ok(x, k, outs)):
         return "bmm"
     return "groups"
 
