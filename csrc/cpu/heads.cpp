@@ -15,7 +15,8 @@
 //
 // Double backward (create_graph) recomputes the hidden layer under autograd and runs the same
 // formulas as differentiable ops; inputs carrying forward-mode tangents take the plain ATen
-// composition (which torch differentiates in both modes).
+// composition (which torch differentiates in both modes). With ``upcast`` the GEMMs of bf16 /
+// fp16 calls run in fp32 (gemm_in_fp32: CPUs without native low-precision GEMMs).
 #include <torch/library.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <ATen/ATen.h>
@@ -59,6 +60,7 @@ struct Shape {
   double p = 0;           // dropout on the hidden layer (training)
   Act act = Act::none;
   Layer2 layer2 = Layer2::groups;
+  bool up = false;        // low-precision GEMMs run in fp32 (see gemm_in_fp32)
 };
 
 void check_like_x(const char* op, const Tensor& x, std::initializer_list<const Tensor*> ts) {
@@ -76,9 +78,51 @@ bool writable(const variable_list& gs) {
          std::all_of(gs.begin(), gs.end(), [](const Tensor& g) { return g.has_storage(); });
 }
 
+// CPUs without a native bf16/fp16 GEMM (torch's mkldnn checks answer no: an AVX2-only AMD EPYC
+// here) run low-precision GEMMs in a scalar loop, 30-60x an fp32 GEMM of the same size. With
+// ``upcast`` (the caller's check) every GEMM of these ops runs as an fp32 GEMM of the upcast
+// operands, its result rounded once: what a native low-precision GEMM computes (products
+// accumulated in fp32), in another summation order. Everything else stays in x's dtype.
+bool gemm_in_fp32(const Tensor& x, bool upcast) {
+  return upcast && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf);
+}
+
+Tensor f32(const Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; }
+
+Tensor mm(const Tensor& a, const Tensor& b, bool up) {
+  return up ? at::mm(f32(a), f32(b)).to(a.scalar_type()) : at::mm(a, b);
+}
+
+Tensor bmm(const Tensor& a, const Tensor& b, bool up) {
+  return up ? at::bmm(f32(a), f32(b)).to(a.scalar_type()) : at::bmm(a, b);
+}
+
+Tensor baddbmm(const Tensor& c, const Tensor& a, const Tensor& b, bool up) {
+  return up ? at::baddbmm(f32(c), f32(a), f32(b)).to(a.scalar_type()) : at::baddbmm(c, a, b);
+}
+
+// out = a b, into a view of a packed gradient buffer
+void mm_into(Tensor out, const Tensor& a, const Tensor& b, bool up) {
+  if (up) {
+    out.copy_(at::mm(f32(a), f32(b)));
+  } else {
+    at::mm_out(out, a, b);
+  }
+}
+
+// acc += a b, rounded once
+void addmm_into(Tensor& acc, const Tensor& a, const Tensor& b, bool up) {
+  if (up) {
+    acc.copy_(at::addmm(f32(acc), f32(a), f32(b)));
+  } else {
+    acc.addmm_(a, b);
+  }
+}
+
 Shape shape_of(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2,
                const Tensor& b2, at::IntArrayRef hid, at::IntArrayRef outs,
-               const std::string& activation, const std::string& layer2, double dropout) {
+               const std::string& activation, const std::string& layer2, double dropout,
+               bool upcast) {
   Shape s;
   TORCH_CHECK(dropout >= 0 && dropout < 1, "mlp_heads: dropout must be in [0, 1), got ",
               dropout);
@@ -114,6 +158,7 @@ Shape shape_of(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor
   TORCH_CHECK(!b2.defined() || (b2.dim() == 1 && b2.numel() == s.N),
               "mlp_heads: b2 must be (sum outs,)");
   check_like_x("mlp_heads", x, {&w1, &b1, &w2, &b2});
+  s.up = gemm_in_fp32(x, upcast);
   return s;
 }
 
@@ -139,8 +184,9 @@ Tensor activation_backward(const Tensor& g, const Tensor& pre, const Tensor& h, 
   }
 }
 
-Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b) {
-  return b.defined() ? at::addmm(b, x, w.t()) : at::mm(x, w.t());
+Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b, bool up) {
+  if (!b.defined()) return mm(x, w.t(), up);
+  return up ? at::addmm(f32(b), f32(x), f32(w).t()).to(x.scalar_type()) : at::addmm(b, x, w.t());
 }
 
 Tensor slice(const Tensor& t, int64_t off, int64_t len) {
@@ -149,8 +195,8 @@ Tensor slice(const Tensor& t, int64_t off, int64_t len) {
 
 // act(x W1^T + b1) and the pre-activation (the same tensor for relu and none)
 std::pair<Tensor, Tensor> hidden_layer(const Tensor& x, const Tensor& w1, const Tensor& b1,
-                                       Act act) {
-  Tensor pre = linear(x, w1, b1);
+                                       Act act, bool up) {
+  Tensor pre = linear(x, w1, b1, up);
   if (act == Act::relu || act == Act::none) {
     Tensor h = activate(pre, act);
     return {h, h};
@@ -198,8 +244,8 @@ variable_list second_layer(const Tensor& h, const Tensor& w2, const Tensor& b2, 
     const Tensor pos = ragged(s) ? pad_positions(s, h.device()) : Tensor();
     Tensor hs = h.view({M, s.T, k}).transpose(0, 1);
     Tensor W = padded(w2.view({-1, k}), s, pos).view({s.T, n, k}).transpose(1, 2);
-    Tensor y = b2.defined() ? at::baddbmm(padded(b2, s, pos).view({s.T, 1, n}), hs, W)
-                            : at::bmm(hs, W);
+    Tensor y = b2.defined() ? baddbmm(padded(b2, s, pos).view({s.T, 1, n}), hs, W, s.up)
+                            : bmm(hs, W, s.up);
     variable_list ys = y.unbind(0);
     for (int64_t t = 0; t < s.T; ++t) {
       if (s.outs[t] < n) ys[t] = ys[t].narrow(1, 0, s.outs[t]);
@@ -212,7 +258,7 @@ variable_list second_layer(const Tensor& h, const Tensor& w2, const Tensor& b2, 
     const int64_t k = s.hid[t], n = s.outs[t];
     Tensor W = w2.narrow(0, wo, n * k).view({n, k});
     Tensor ht = h.narrow(1, c, k);
-    ys.push_back(linear(ht, W, slice(b2, o, n)));
+    ys.push_back(linear(ht, W, slice(b2, o, n), s.up));
     wo += n * k;
     c += k;
     o += n;
@@ -245,8 +291,8 @@ Layer2Grads second_layer_backward(const variable_list& gs, const Tensor& h, cons
     }
     Tensor G = at::stack(gp);  // (T, M, n_max)
     const Tensor pos = ragged(s) ? pad_positions(s, h.device()) : Tensor();
-    Tensor gW = at::bmm(G.transpose(1, 2), h.view({M, s.T, k}).transpose(0, 1));
-    r.gh = at::bmm(G, padded(w2.view({-1, k}), s, pos).view({s.T, n, k}))
+    Tensor gW = bmm(G.transpose(1, 2), h.view({M, s.T, k}).transpose(0, 1), s.up);
+    r.gh = bmm(G, padded(w2.view({-1, k}), s, pos).view({s.T, n, k}), s.up)
                .transpose(0, 1).reshape({M, s.H});
     if (bias) r.gb2 = G.sum(1).reshape(-1);
     if (pos.defined()) {
@@ -260,8 +306,8 @@ Layer2Grads second_layer_backward(const variable_list& gs, const Tensor& h, cons
   int64_t wo = 0, c = 0;
   for (int64_t t = 0; t < s.T; ++t) {
     const int64_t k = s.hid[t], n = s.outs[t];
-    gw.push_back(at::mm(gs[t].t(), h.narrow(1, c, k)).reshape(-1));
-    gh.push_back(at::mm(gs[t], w2.narrow(0, wo, n * k).view({n, k})));
+    gw.push_back(mm(gs[t].t(), h.narrow(1, c, k), s.up).reshape(-1));
+    gh.push_back(mm(gs[t], w2.narrow(0, wo, n * k).view({n, k}), s.up));
     if (bias) gb.push_back(gs[t].sum(0));
     wo += n * k;
     c += k;
@@ -287,14 +333,14 @@ HeadsForward heads_forward(const Tensor& x, const Tensor& w1, const Tensor& b1,
   for (int64_t t = 0; t < s.T; ++t) {
     const int64_t k = s.hid[t], n = s.outs[t];
     auto [h, pre] = hidden_layer(s.per_task ? x.select(0, t) : x, w1.narrow(0, c, k),
-                                 slice(b1, c, k), s.act);
+                                 slice(b1, c, k), s.act, s.up);
     Tensor in = h;
     if (s.p > 0) {
       r.noises.push_back(noises ? (*noises)[t] : dropout_noise(h, s.p));
       in = h * r.noises.back();
       r.ins.push_back(in);
     }
-    r.ys.push_back(linear(in, w2.narrow(0, wo, n * k).view({n, k}), slice(b2, o, n)));
+    r.ys.push_back(linear(in, w2.narrow(0, wo, n * k).view({n, k}), slice(b2, o, n), s.up));
     r.hs.push_back(h);
     r.pres.push_back(pre);
     wo += n * k;
@@ -326,12 +372,12 @@ variable_list heads_backward(const variable_list& gs, const Tensor& x, const Ten
     const Tensor &g = gs[t], &h = f.hs[t], &in = s.p > 0 ? f.ins[t] : h;
     const Tensor W2 = w2.narrow(0, wo, n * k).view({n, k}), W1 = w1.narrow(0, c, k);
     const Tensor xt = s.per_task ? x.select(0, t) : x;
-    Tensor gh = at::mm(g, W2);
+    Tensor gh = mm(g, W2, s.up);
     Tensor gpre = activation_backward(s.p > 0 ? gh * f.noises[t] : gh, f.pres[t], h, s.act);
     if (into) {
       Tensor gw2t = gw2.narrow(0, wo, n * k).view({n, k}), gw1t = gw1.narrow(0, c, k);
-      at::mm_out(gw2t, g.t(), in);
-      at::mm_out(gw1t, gpre.t(), xt);
+      mm_into(gw2t, g.t(), in, s.up);
+      mm_into(gw1t, gpre.t(), xt, s.up);
       if (bias2) {
         Tensor gb2t = gb2.narrow(0, o, n);
         at::sum_out(gb2t, g, 0);
@@ -341,24 +387,23 @@ variable_list heads_backward(const variable_list& gs, const Tensor& x, const Ten
         at::sum_out(gb1t, gpre, 0);
       }
       if (need_x && s.per_task) {
-        Tensor gxt = gx.select(0, t);
-        at::mm_out(gxt, gpre, W1);
+        mm_into(gx.select(0, t), gpre, W1, s.up);
       } else if (need_x) {
         if (t == 0) {
-          gx = at::mm(gpre, W1);
+          gx = mm(gpre, W1, s.up);
         } else {
-          gx.addmm_(gpre, W1);
+          addmm_into(gx, gpre, W1, s.up);
         }
       }
     } else {
-      gw2s.push_back(at::mm(g.t(), in).reshape(-1));
-      gw1s.push_back(at::mm(gpre.t(), xt));
+      gw2s.push_back(mm(g.t(), in, s.up).reshape(-1));
+      gw1s.push_back(mm(gpre.t(), xt, s.up));
       if (bias2) gb2s.push_back(g.sum(0));
       if (bias1) gb1s.push_back(gpre.sum(0));
       if (need_x && s.per_task) {
-        gxs.push_back(at::mm(gpre, W1));
+        gxs.push_back(mm(gpre, W1, s.up));
       } else if (need_x) {
-        gx = t == 0 ? at::mm(gpre, W1) : gx + at::mm(gpre, W1);
+        gx = t == 0 ? mm(gpre, W1, s.up) : gx + mm(gpre, W1, s.up);
       }
     }
     wo += n * k;
@@ -372,7 +417,7 @@ variable_list heads_backward(const variable_list& gs, const Tensor& x, const Ten
     if (bias1) gb1 = at::cat(gb1s);
     if (bias2) gb2 = at::cat(gb2s);
   }
-  return {gx, gw1, gb1, gw2, gb2, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  return {gx, gw1, gb1, gw2, gb2, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
 }
 
 struct MLPHeads : public torch::autograd::Function<MLPHeads> {
@@ -381,14 +426,14 @@ struct MLPHeads : public torch::autograd::Function<MLPHeads> {
                                const std::optional<Tensor>& bias1, const Tensor& w2,
                                const std::optional<Tensor>& bias2, at::IntArrayRef hid,
                                at::IntArrayRef outs, const std::string& activation,
-                               const std::string& layer2, double dropout) {
+                               const std::string& layer2, double dropout, bool upcast) {
     const Tensor b1 = bias1.value_or(Tensor()), b2 = bias2.value_or(Tensor());
-    Shape s = shape_of(x, w1, b1, w2, b2, hid, outs, activation, layer2, dropout);
+    Shape s = shape_of(x, w1, b1, w2, b2, hid, outs, activation, layer2, dropout, upcast);
     HeadsForward f;
     if (s.layer2 == Layer2::heads) {
       f = heads_forward(x, w1, b1, w2, b2, s);
     } else {
-      auto [h, pre] = hidden_layer(x, w1, b1, s.act);
+      auto [h, pre] = hidden_layer(x, w1, b1, s.act, s.up);
       f.hs = {h};
       f.pres = {pre};
       if (s.p > 0) {
@@ -409,6 +454,7 @@ struct MLPHeads : public torch::autograd::Function<MLPHeads> {
     ctx->saved_data["activation"] = activation;
     ctx->saved_data["layer2"] = layer2;
     ctx->saved_data["dropout"] = dropout;
+    ctx->saved_data["upcast"] = s.up;
     ctx->saved_data["bias2"] = b2.defined();
     return f.ys;
   }
@@ -421,7 +467,8 @@ struct MLPHeads : public torch::autograd::Function<MLPHeads> {
                        ctx->saved_data["outs"].toIntVector(),
                        ctx->saved_data["activation"].toStringRef(),
                        ctx->saved_data["layer2"].toStringRef(),
-                       ctx->saved_data["dropout"].toDouble());
+                       ctx->saved_data["dropout"].toDouble(),
+                       ctx->saved_data["upcast"].toBool());
     HeadsForward f;
     f.hs = ctx->saved_data["h"].toTensorVector();
     f.pres = ctx->saved_data["pre"].toTensorVector();
@@ -440,15 +487,16 @@ struct MLPHeads : public torch::autograd::Function<MLPHeads> {
     Tensor in = s.p > 0 ? f.ins[0] : h;
     if (at::GradMode::is_enabled()) {
       // create_graph: the saved hidden layer was computed without a graph
-      std::tie(h, pre) = hidden_layer(x, w1, b1, s.act);
+      std::tie(h, pre) = hidden_layer(x, w1, b1, s.act, s.up);
       in = s.p > 0 ? h * noise : h;
     }
     Layer2Grads l2 = second_layer_backward(gs, in, w2, bias2, s);
     Tensor gpre = activation_backward(s.p > 0 ? l2.gh * noise : l2.gh, pre, h, s.act);
-    Tensor gx = ctx->needs_input_grad(0) ? at::mm(gpre, w1) : Tensor();
-    Tensor gw1 = ctx->needs_input_grad(1) ? at::mm(gpre.t(), x) : Tensor();
+    Tensor gx = ctx->needs_input_grad(0) ? mm(gpre, w1, s.up) : Tensor();
+    Tensor gw1 = ctx->needs_input_grad(1) ? mm(gpre.t(), x, s.up) : Tensor();
     Tensor gb1 = b1.defined() && ctx->needs_input_grad(2) ? gpre.sum(0) : Tensor();
-    return {gx, gw1, gb1, l2.gw2, l2.gb2, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    return {gx, gw1, gb1, l2.gw2, l2.gb2, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
+            Tensor()};
   }
 };
 
@@ -458,17 +506,17 @@ std::vector<Tensor> mlp_heads(const Tensor& x, const Tensor& w1, const std::opti
                               const Tensor& w2, const std::optional<Tensor>& b2,
                               at::IntArrayRef hidden, at::IntArrayRef outs,
                               c10::string_view activation, c10::string_view layer2,
-                              double dropout) {
+                              double dropout, bool upcast) {
   const Tensor bias1 = b1.value_or(Tensor()), bias2 = b2.value_or(Tensor());
   const std::string act(activation), mode(layer2);
   if (has_tangent(x) || has_tangent(w1) || has_tangent(bias1) || has_tangent(w2) ||
       has_tangent(bias2)) {
-    Shape s = shape_of(x, w1, bias1, w2, bias2, hidden, outs, act, mode, dropout);
+    Shape s = shape_of(x, w1, bias1, w2, bias2, hidden, outs, act, mode, dropout, upcast);
     if (s.layer2 == Layer2::heads) return heads_forward(x, w1, bias1, w2, bias2, s).ys;
-    Tensor h = hidden_layer(x, w1, bias1, s.act).first;
+    Tensor h = hidden_layer(x, w1, bias1, s.act, s.up).first;
     return second_layer(s.p > 0 ? h * dropout_noise(h, s.p) : h, w2, bias2, s);
   }
-  return MLPHeads::apply(x, w1, b1, w2, b2, hidden, outs, act, mode, dropout);
+  return MLPHeads::apply(x, w1, b1, w2, b2, hidden, outs, act, mode, dropout, upcast);
 }
 
 // Linear heads on per-task inputs, y_t = x[t] W_t^T + b_t (W the heads' rows stacked), as one
@@ -488,12 +536,12 @@ void check_linear(const Tensor& x, const Tensor& w, const Tensor& b, at::IntArra
 }
 
 variable_list linear_heads_forward(const Tensor& x, const Tensor& w, const Tensor& b,
-                                   at::IntArrayRef outs) {
+                                   at::IntArrayRef outs, bool up) {
   variable_list ys;
   int64_t o = 0;
   for (size_t t = 0; t < outs.size(); ++t) {
     ys.push_back(linear(x.select(0, static_cast<int64_t>(t)), w.narrow(0, o, outs[t]),
-                        slice(b, o, outs[t])));
+                        slice(b, o, outs[t]), up));
     o += outs[t];
   }
   return ys;
@@ -501,13 +549,16 @@ variable_list linear_heads_forward(const Tensor& x, const Tensor& w, const Tenso
 
 struct LinearHeads : public torch::autograd::Function<LinearHeads> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w,
-                               const std::optional<Tensor>& bias, at::IntArrayRef outs) {
+                               const std::optional<Tensor>& bias, at::IntArrayRef outs,
+                               bool upcast) {
     const Tensor b = bias.value_or(Tensor());
     check_linear(x, w, b, outs);
+    const bool up = gemm_in_fp32(x, upcast);
     ctx->save_for_backward({x, w});
     ctx->saved_data["outs"] = outs.vec();
     ctx->saved_data["bias"] = b.defined();
-    return linear_heads_forward(x, w, b, outs);
+    ctx->saved_data["upcast"] = up;
+    return linear_heads_forward(x, w, b, outs, up);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list gs) {
@@ -515,7 +566,7 @@ struct LinearHeads : public torch::autograd::Function<LinearHeads> {
     const Tensor &x = saved[0], &w = saved[1];
     const auto outs = ctx->saved_data["outs"].toIntVector();
     const bool bias = ctx->saved_data["bias"].toBool(), need_x = ctx->needs_input_grad(0);
-    const bool into = writable(gs);
+    const bool into = writable(gs), up = ctx->saved_data["upcast"].toBool();
     Tensor gx, gw, gb;
     variable_list gxs, gws, gbs;
     if (into) {
@@ -530,18 +581,15 @@ struct LinearHeads : public torch::autograd::Function<LinearHeads> {
       const Tensor &g = gs[i], xt = x.select(0, t), W = w.narrow(0, o, n);
       if (into) {
         Tensor gwt = gw.narrow(0, o, n);
-        at::mm_out(gwt, g.t(), xt);
-        if (need_x) {
-          Tensor gxt = gx.select(0, t);
-          at::mm_out(gxt, g, W);
-        }
+        mm_into(gwt, g.t(), xt, up);
+        if (need_x) mm_into(gx.select(0, t), g, W, up);
         if (bias) {
           Tensor gbt = gb.narrow(0, o, n);
           at::sum_out(gbt, g, 0);
         }
       } else {
-        gws.push_back(at::mm(g.t(), xt));
-        if (need_x) gxs.push_back(at::mm(g, W));
+        gws.push_back(mm(g.t(), xt, up));
+        if (need_x) gxs.push_back(mm(g, W, up));
         if (bias) gbs.push_back(g.sum(0));
       }
       o += n;
@@ -551,26 +599,27 @@ struct LinearHeads : public torch::autograd::Function<LinearHeads> {
       if (need_x) gx = at::stack(gxs);
       if (bias) gb = at::cat(gbs);
     }
-    return {gx, gw, gb, Tensor()};
+    return {gx, gw, gb, Tensor(), Tensor()};
   }
 };
 
 std::vector<Tensor> linear_heads(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b,
-                                 at::IntArrayRef outs) {
+                                 at::IntArrayRef outs, bool upcast) {
   const Tensor bias = b.value_or(Tensor());
   if (has_tangent(x) || has_tangent(w) || has_tangent(bias)) {
     check_linear(x, w, bias, outs);
-    return linear_heads_forward(x, w, bias, outs);
+    return linear_heads_forward(x, w, bias, outs, gemm_in_fp32(x, upcast));
   }
-  return LinearHeads::apply(x, w, b, outs);
+  return LinearHeads::apply(x, w, b, outs, upcast);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mtlfast, m) {
   m.def("mlp_heads(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, int[] hidden, "
-        "int[] outs, str activation, str layer2, float dropout=0.0) -> Tensor[]");
-  m.def("linear_heads(Tensor x, Tensor w, Tensor? b, int[] outs) -> Tensor[]");
+        "int[] outs, str activation, str layer2, float dropout=0.0, bool upcast=False) "
+        "-> Tensor[]");
+  m.def("linear_heads(Tensor x, Tensor w, Tensor? b, int[] outs, bool upcast=False) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(mtlfast, CompositeImplicitAutograd, m) {

@@ -7,7 +7,8 @@ layers (+ bias and activation), then the second layers as one grouped block-diag
 heads a step is bound by per-node costs; once a head's hidden layer is large (batch x hidden
 past ``_HEADS_LOOP_MK``), and for per-task inputs of up to 8 heads, each head instead runs both
 layers on its own (the op's per-head form, or as ATen ops on views of the fused parameters: the
-loop of heads, measured faster there). Other eager calls (no extension, the GPU, more per-task
+loop of heads, measured faster there). On a CPU with no native bf16/fp16 GEMM (where torch runs
+one 30-60x slower than fp32's) the op runs the GEMMs of low-precision heads in fp32. Other eager calls (no extension, the GPU, more per-task
 heads) run plain ATen ops under torch's own autograd
 (``grouped_linear_parts``: one ``bmm`` over equal-width groups, ragged ones zero-padded while
 that is cheap; on the CPU one GEMM per group where that is measured faster). torch.compile
@@ -53,7 +54,7 @@ from ..ops.grouped_linear import (
     grouped_linear_input_grad,
 )
 from ..ops.linear_heads import linear_heads, linear_heads_serves
-from ..ops.mlp_heads import mlp_heads, mlp_heads_layer2
+from ..ops.mlp_heads import gemm_dtype, mlp_heads, mlp_heads_layer2
 from .spec import normalize_activation, resolve_tasks
 
 __all__ = ["FusedHeads"]
@@ -259,7 +260,7 @@ class FusedHeads(Interop, nn.Module):
                 route = "heads" if per_task and linear_heads_serves(x, self.out_widths) \
                     else None
             else:
-                large = not per_task and _large_groups(x, self.hidden_widths)
+                large = not per_task and _large_groups(x, self.hidden_widths, gemm_dtype(x))
                 route = mlp_heads_layer2(x, self.hidden_widths, self.out_widths, large,
                                          per_task)
                 if route is None and large:

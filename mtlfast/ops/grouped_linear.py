@@ -528,29 +528,33 @@ def _bmm_ok(x: torch.Tensor, k: int, out_widths) -> bool:
     return len(out_widths) * max(out_widths) == sum(out_widths) or _pad_ok(x, k, out_widths)
 
 
-def _pad_ok(x: torch.Tensor, k: int, out_widths) -> bool:
+def _pad_ok(x: torch.Tensor, k: int, out_widths, dtype: torch.dtype | None = None) -> bool:
     """Ragged out widths padded to the widest cost less than a GEMM per group: within
-    ``_PAD_MAX_RATIO`` and ``_PAD_BUDGET`` (the mlp_heads op's padded form uses it too)."""
+    ``_PAD_MAX_RATIO`` and ``_PAD_BUDGET`` (the mlp_heads op's padded form uses it too).
+    ``dtype``: the GEMMs' (x's unless the mlp_heads op runs them in fp32)."""
     device = x.device.type
     T, N, n_max = len(out_widths), sum(out_widths), max(out_widths)
-    return T * n_max <= _PAD_MAX_RATIO.get((device, x.dtype), T) * N and x.shape[0] * k * (
-        T * n_max - N) <= _PAD_BUDGET.get(device, 0) * (T - 1 - _PAD_COPY_GROUPS)
+    return T * n_max <= _PAD_MAX_RATIO.get((device, dtype or x.dtype), T) * N and \
+        x.shape[0] * k * (T * n_max - N) <= _PAD_BUDGET.get(device, 0) * (T - 1 - _PAD_COPY_GROUPS)
 
 
-def _width_one_mulsum(x: torch.Tensor, T: int, k: int) -> bool:
+def _width_one_mulsum(x: torch.Tensor, T: int, k: int, dtype: torch.dtype | None = None
+                      ) -> bool:
     """Width-1 groups of k inputs on the CPU run as a broadcast multiply-sum, not a batched
-    GEMV (``_MULSUM_LOWP_*``; the mlp_heads op's ``"dot"`` form follows it too)."""
+    GEMV (``_MULSUM_LOWP_*``; the mlp_heads op's ``"dot"`` form follows it too, ``dtype``
+    its GEMMs')."""
     return x.device.type == "cpu" and (
-        x.dtype in (torch.float32, torch.float64) or T < _MULSUM_LOWP_MIN_T
+        (dtype or x.dtype) in (torch.float32, torch.float64) or T < _MULSUM_LOWP_MIN_T
         or k > _MULSUM_LOWP_MAX_K or x.shape[0] * T < _MULSUM_LOWP_MIN_MT)
 
 
-def _large_groups(x: torch.Tensor, in_widths) -> bool:
+def _large_groups(x: torch.Tensor, in_widths, dtype: torch.dtype | None = None) -> bool:
     """Groups past ``_HEADS_LOOP_MK``: FusedHeads then runs each MLP head on its own (layer 1
-    too), as the loop of heads would."""
+    too), as the loop of heads would. ``dtype``: the GEMMs' (x's by default)."""
     mk = x.shape[0] * max(in_widths)
     # (the first test alone answers tiny heads, where this runs on every ~0.2 ms step)
-    return mk > _HEADS_LOOP_MIN and mk > _HEADS_LOOP_MK.get((x.device.type, x.dtype), math.inf)
+    return mk > _HEADS_LOOP_MIN and mk > _HEADS_LOOP_MK.get((x.device.type, dtype or x.dtype),
+                                                            math.inf)
 
 
 @functools.cache

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import backend
-from .mlp_heads import per_task_per_head
+from .mlp_heads import per_task_per_head, upcast_gemms
 
 __all__ = ["linear_heads", "linear_heads_reference", "linear_heads_serves"]
 
@@ -39,5 +39,5 @@ def linear_heads_serves(x: torch.Tensor, outs: Sequence[int]) -> bool:
 def linear_heads(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                  outs: Sequence[int]) -> list[torch.Tensor]:
     """The heads' outputs ``[(M, out_t)]`` from the C++ op; arguments as FusedHeads holds
-    them, already checked."""
-    return torch.ops.mtlfast.linear_heads.default(x, w, b, outs)
+    them, already checked. Low-precision GEMMs run in fp32 where ``mlp_heads.upcast_gemms``."""
+    return torch.ops.mtlfast.linear_heads.default(x, w, b, outs, upcast_gemms(x))

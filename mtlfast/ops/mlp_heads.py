@@ -18,6 +18,13 @@ takes per-task inputs ``x`` ``(T, M, D)``, head t on ``x[t]`` (MMoE/PLE towers).
 (no extension, torch.compile, torch.func, GPU) FusedHeads composes ATen ops itself
 (``mtlfast.heads.module``).
 
+On CPUs without a native bf16/fp16 GEMM (``_lowp_gemm_emulated``: torch's mkldnn checks say
+no, as on an AVX2-only AMD EPYC), torch runs low-precision GEMMs in a scalar loop, 30-60x an
+fp32 GEMM of the same size; the op then runs each of its GEMMs as an fp32 GEMM of the upcast
+operands and rounds the result once (``upcast``), which is what a native low-precision GEMM
+computes (fp32 accumulation) in another summation order, and the form choice reads the
+GEMMs' dtype, fp32 (``gemm_dtype``).
+
 The C++ op is differentiable twice (create_graph recomputes the hidden layer under autograd)
 and in forward mode (inputs with tangents take the plain ATen composition); batched backward
 gradients (``autograd.grad(..., is_grads_batched=True)``) flow through its formulas.
@@ -25,6 +32,7 @@ gradients (``autograd.grad(..., is_grads_batched=True)``) flow through its formu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -33,8 +41,8 @@ import torch.nn.functional as F
 from ._dispatch import backend
 from .grouped_linear import _blocks, _pad_ok, _width_one_mulsum, apply_activation
 
-__all__ = ["layer2_for", "mlp_heads", "mlp_heads_layer2", "mlp_heads_reference",
-           "per_task_per_head"]
+__all__ = ["gemm_dtype", "layer2_for", "mlp_heads", "mlp_heads_layer2", "mlp_heads_reference",
+           "per_task_per_head", "upcast_gemms"]
 
 #: Ragged out widths (equal hidden widths) are zero-padded into one batched GEMM from this many
 #: heads on, where the padding costs less than a GEMM per head (grouped_linear's ``_pad_ok``:
@@ -64,14 +72,40 @@ def mlp_heads_reference(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | No
                                               _blocks(w2, hidden, outs), b2s, strict=True)]
 
 
+@functools.cache
+def _lowp_gemm_emulated() -> frozenset[torch.dtype]:
+    """The low-precision dtypes this CPU has no native GEMM for, by torch's own checks (the
+    ones its CPU matmul asks before taking oneDNN's bf16 / fp16 kernels)."""
+    checks = {torch.bfloat16: "_is_mkldnn_bf16_supported",
+              torch.float16: "_is_mkldnn_fp16_supported"}
+    try:
+        return frozenset(dt for dt, name in checks.items() if not getattr(torch.ops.mkldnn, name)())
+    except (AttributeError, RuntimeError):  # a build without the checks: keep torch's GEMMs
+        return frozenset()
+
+
+def upcast_gemms(x: torch.Tensor) -> bool:
+    """Whether the op runs ``x``'s GEMMs in fp32 (``x`` bf16/fp16 on a CPU with no native
+    GEMM for it)."""
+    return x.device.type == "cpu" and x.dtype in _lowp_gemm_emulated()
+
+
+def gemm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the GEMMs of FusedHeads' eager heads run in for ``x``: fp32 where the op
+    serves and ``upcast_gemms``, else x's. The form choice's cost rules read it."""
+    if upcast_gemms(x) and backend("mlp_heads", x, eager=True) == "cpu":
+        return torch.float32
+    return x.dtype
+
+
 def layer2_for(x: torch.Tensor, hidden: Sequence[int], outs: Sequence[int]) -> str:
     """The C++ op's second-layer form for these heads (see the module docstring)."""
-    T, k, n_max = len(hidden), hidden[0], max(outs)
+    T, k, n_max, dtype = len(hidden), hidden[0], max(outs), gemm_dtype(x)
     if any(h != k for h in hidden):
         return "groups"
     if n_max == 1:  # grouped_linear's measured rule for width-1 groups
-        return "dot" if _width_one_mulsum(x, T, k) else "bmm"
-    if T * n_max == sum(outs) or (T >= _PAD_MIN_T and _pad_ok(x, k, outs)):
+        return "dot" if _width_one_mulsum(x, T, k, dtype) else "bmm"
+    if T * n_max == sum(outs) or (T >= _PAD_MIN_T and _pad_ok(x, k, outs, dtype)):
         return "bmm"
     return "groups"
 
@@ -93,7 +127,7 @@ def per_task_per_head(x: torch.Tensor, hidden: Sequence[int] | None, outs: Seque
                       ) -> bool:
     """Heads on per-task inputs run one by one (the per-head form of this op, or of
     ``linear_heads``) rather than batched: up to ``_PER_TASK_MAX_T`` heads."""
-    lowp = x.dtype in (torch.float16, torch.bfloat16)
+    lowp = gemm_dtype(x) in (torch.float16, torch.bfloat16)
     ragged = len(set(outs)) > 1 or (hidden is not None and len(set(hidden)) > 1)
     return len(outs) <= _PER_TASK_MAX_T["ragged" if ragged or not lowp
                                         else "uniform, low precision"]
@@ -105,7 +139,8 @@ def mlp_heads(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: to
     """The heads' outputs ``[(M, out_t)]`` from the C++ op. Arguments as FusedHeads holds
     them, already checked: ``x`` ``(M, D)`` or ``(T, M, D)``, ``w1`` ``(sum hidden, D)``,
     ``w2`` flat packed, ``layer2`` from ``mlp_heads_layer2``; ``dropout``: the probability
-    on the hidden layer (0 outside training), drawn as ``F.dropout`` draws it."""
+    on the hidden layer (0 outside training), drawn as ``F.dropout`` draws it. Low-precision
+    GEMMs run in fp32 where ``upcast_gemms``."""
     # (the overload itself: the packet's overload resolution costs ~2 us a call)
     return torch.ops.mtlfast.mlp_heads.default(x, w1, b1, w2, b2, hidden, outs, activation,
-                                               layer2, dropout)
+                                               layer2, dropout, upcast_gemms(x))

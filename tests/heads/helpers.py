@@ -6,13 +6,37 @@ import importlib
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mtlfast
 from tests.conftest import rel_err
 
 _dispatch = importlib.import_module("mtlfast.ops._dispatch")
+_mlp_heads = importlib.import_module("mtlfast.ops.mlp_heads")
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def lowp_gemms(monkeypatch, native: bool) -> None:
+    """Run as on a CPU with (or without) native bf16/fp16 GEMMs: without them the heads' ops
+    run their GEMMs in fp32 and the form choice reads fp32's rules."""
+    emulated = frozenset() if native else frozenset({torch.bfloat16, torch.float16})
+    monkeypatch.setattr(_mlp_heads, "_lowp_gemm_emulated", lambda: emulated)
+
+
+class GemmDtypes(TorchDispatchMode):
+    """The dtypes of the operands of every GEMM dispatched inside the block."""
+
+    GEMMS = frozenset({"mm", "addmm", "bmm", "baddbmm"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: set[torch.dtype] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.GEMMS:
+            self.dtypes.update(a.dtype for a in args if isinstance(a, torch.Tensor))
+        return func(*args, **(kwargs or {}))
 
 
 def assert_matches_reference(op: Callable, reference: Callable, args: list, dtype: torch.dtype

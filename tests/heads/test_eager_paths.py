@@ -207,7 +207,10 @@ def _assert_matches_unfused(fused, z):
 
 
 def _heads_loop_from(monkeypatch, dtype, mk):
-    monkeypatch.setitem(gl._HEADS_LOOP_MK, ("cpu", dtype), mk)
+    # (fp32 too: on a CPU with no native low-precision GEMM the op's GEMMs run in fp32, and
+    # the rule reads their dtype)
+    for dt in {dtype, torch.float32}:
+        monkeypatch.setitem(gl._HEADS_LOOP_MK, ("cpu", dt), mk)
     monkeypatch.setattr(gl, "_HEADS_LOOP_MIN", min(gl._HEADS_LOOP_MK.values()))
 
 

@@ -12,7 +12,13 @@ import mtlfast
 from mtlfast import FusedHeads
 from mtlfast.ops.linear_heads import linear_heads_reference
 from tests.conftest import rel_err
-from tests.heads.helpers import TOL, assert_engine_step_unchanged, assert_matches_reference
+from tests.heads.helpers import (
+    TOL,
+    GemmDtypes,
+    assert_engine_step_unchanged,
+    assert_matches_reference,
+    lowp_gemms,
+)
 
 pytestmark = pytest.mark.skipif(not mtlfast._ext.has_cpu_kernels(),
                                 reason="the C++ op needs the compiled extension")
@@ -31,11 +37,33 @@ def _args(outs, dtype, bias=True, M=6, D=5, seed=0):
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", list(TOL))
-def test_op_matches_reference(family, bias, dtype):
+@pytest.mark.parametrize("upcast", [False, True])
+def test_op_matches_reference(family, bias, dtype, upcast):
     outs = FAMILIES[family]
     x, w, b = _args(outs, dtype, bias)
-    assert_matches_reference(lambda *a: torch.ops.mtlfast.linear_heads(*a, outs),
+    assert_matches_reference(lambda *a: torch.ops.mtlfast.linear_heads(*a, outs, upcast=upcast),
                              lambda *a: linear_heads_reference(*a, outs), [x, w, b], dtype)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("dtype", list(TOL))
+def test_upcast_runs_low_precision_gemms_in_fp32(family, dtype):
+    """``upcast``: every GEMM of a bf16/fp16 call, forward and backward, on fp32 operands;
+    fp32/fp64 calls ignore it, bit for bit."""
+    outs = FAMILIES[family]
+    results = {}
+    for upcast in (False, True):
+        x, w, b = _args(outs, dtype)
+        with GemmDtypes() as gemms:
+            ys = torch.ops.mtlfast.linear_heads(x, w, b, outs, upcast=upcast)
+            grads = torch.autograd.grad(ys, [x, w, b], [torch.ones_like(y) for y in ys])
+        lowp = dtype in (torch.float16, torch.bfloat16)
+        assert gemms.dtypes == {torch.float32 if upcast and lowp else dtype}
+        assert all(t.dtype == dtype for t in [*ys, *grads])
+        results[upcast] = [*ys, *grads]
+    if dtype in (torch.float32, torch.float64):
+        for a, c in zip(results[False], results[True], strict=True):
+            assert torch.equal(a, c)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -102,7 +130,10 @@ def _uses_op(out: dict) -> bool:
     ([2] * 4, torch.bfloat16, False),
     ([1, 7, 3, 2], torch.bfloat16, True),
 ])
-def test_fused_linear_heads_per_task_route(widths, dtype, takes_op):
+@pytest.mark.parametrize("native", [True, False])
+def test_fused_linear_heads_per_task_route(widths, dtype, takes_op, native, monkeypatch):
+    lowp_gemms(monkeypatch, native)
+    takes_op = takes_op or (not native and len(widths) <= 8)
     fused = FusedHeads(6, {f"t{i}": n for i, n in enumerate(widths)}, dtype=dtype)
     z = torch.randn(len(widths), 2, 3, 6, dtype=dtype, requires_grad=True)
     out = fused(z, per_task=True)

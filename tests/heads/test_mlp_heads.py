@@ -17,7 +17,13 @@ import mtlfast
 from mtlfast import FusedHeads, methods
 from mtlfast.ops.mlp_heads import layer2_for, mlp_heads_reference
 from tests.conftest import rel_err
-from tests.heads.helpers import TOL, assert_engine_step_unchanged, assert_matches_reference
+from tests.heads.helpers import (
+    TOL,
+    GemmDtypes,
+    assert_engine_step_unchanged,
+    assert_matches_reference,
+    lowp_gemms,
+)
 
 pytestmark = pytest.mark.skipif(not mtlfast._ext.has_cpu_kernels(),
                                 reason="the C++ op needs the compiled extension")
@@ -63,13 +69,67 @@ def _params(case, dtype, bias=True, D=6, scale=0.5):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", list(TOL))
-def test_op_matches_reference_forward_backward(case, activation, bias, dtype):
+@pytest.mark.parametrize("upcast", [False, True])
+def test_op_matches_reference_forward_backward(case, activation, bias, dtype, upcast):
+    """``upcast``: low-precision GEMMs in fp32 (a CPU without native ones), the same math
+    within the dtype's rounding; fp32/fp64 ignore it."""
     hidden, outs, layer2 = CASES[case]
     w1, b1, w2, b2 = _params(case, dtype, bias)
     x = torch.randn(13, 6, dtype=dtype, requires_grad=True)
     assert_matches_reference(
-        lambda *a: torch.ops.mtlfast.mlp_heads(*a, hidden, outs, activation, layer2),
+        lambda *a: torch.ops.mtlfast.mlp_heads(*a, hidden, outs, activation, layer2,
+                                               upcast=upcast),
         lambda *a: mlp_heads_reference(*a, hidden, outs, activation), [x, w1, b1, w2, b2], dtype)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_upcast_runs_low_precision_gemms_in_fp32(case, dtype, create_graph):
+    """With ``upcast`` every GEMM of a bf16/fp16 call, forward and backward (double backward
+    included), runs on fp32 operands; fp32/fp64 calls ignore it, bit for bit."""
+    hidden, outs, layer2 = CASES[case]
+    results = {}
+    for upcast in (False, True):
+        w1, b1, w2, b2 = _params(case, dtype)
+        x = torch.randn(5, 6, generator=torch.Generator().manual_seed(2)).to(dtype)
+        leaves = [x.requires_grad_(), w1, b1, w2, b2]
+        with GemmDtypes() as gemms:
+            ys = torch.ops.mtlfast.mlp_heads(*leaves, hidden, outs, "gelu", layer2,
+                                             upcast=upcast)
+            grads = torch.autograd.grad(ys, leaves, [torch.ones_like(y) for y in ys],
+                                        create_graph=create_graph)
+            if create_graph:
+                torch.autograd.grad(sum(g.sum() for g in grads), [x, w1, w2])
+        lowp = dtype in (torch.float16, torch.bfloat16)
+        assert gemms.dtypes == {torch.float32 if upcast and lowp else dtype}
+        assert all(t.dtype == dtype for t in [*ys, *grads])
+        results[upcast] = [*ys, *grads]
+    if dtype in (torch.float32, torch.float64):
+        for a, b in zip(results[False], results[True], strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("hidden", [8, [3, 8, 5]])
+def test_fused_heads_without_native_lowp_gemms(native, hidden, monkeypatch):
+    """bf16 FusedHeads on a CPU without native bf16 GEMMs: the op's GEMMs run in fp32, its
+    outputs and gradients stay bf16 and match the unfused heads'."""
+    lowp_gemms(monkeypatch, native)
+    torch.manual_seed(0)
+    fused = FusedHeads(6, {"a": 1, "b": 9, "c": 4}, hidden=hidden, dtype=torch.bfloat16)
+    plain = fused.unfuse()
+    z = torch.randn(7, 6, dtype=torch.bfloat16, requires_grad=True)
+    with GemmDtypes() as gemms:
+        out = fused(z)
+        got = torch.autograd.grad(sum(y.float().square().sum() for y in out.values()), z)[0]
+    assert _uses_op(out)
+    assert gemms.dtypes == {torch.bfloat16 if native else torch.float32}
+    ref = {t: plain[t](z) for t in out}
+    want = torch.autograd.grad(sum(y.float().square().sum() for y in ref.values()), z)[0]
+    for t, y in out.items():
+        assert y.dtype == torch.bfloat16 and rel_err(y, ref[t]) < TOL[torch.bfloat16]
+    assert got.dtype == torch.bfloat16 and rel_err(got, want) < 2 * TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -204,8 +264,15 @@ def test_bad_arguments_raise_not_crash(args, match):
     ([8] * 8, [5, 8, 6, 7] * 2, torch.float32, 32, "bmm"),          # 1.23x
     ([64] * 8, [1, 200, 5, 50] * 2, torch.bfloat16, 2**14, "groups"),  # past the budget
 ])
-def test_layer2_choice(hidden, outs, dtype, M, want):
+def test_layer2_choice(hidden, outs, dtype, M, want, monkeypatch):
+    """On a CPU with native low-precision GEMMs; without them bf16/fp16 heads choose as fp32
+    heads do (their GEMMs run in fp32 there)."""
+    lowp_gemms(monkeypatch, native=True)
     assert layer2_for(torch.empty(M, 4, dtype=dtype), hidden, outs) == want
+    lowp_gemms(monkeypatch, native=False)
+    for dt in (dtype, torch.float16):
+        assert layer2_for(torch.empty(M, 4, dtype=dt), hidden, outs) == \
+            layer2_for(torch.empty(M, 4), hidden, outs)
 
 
 def _uses_op(out: dict) -> bool:
@@ -260,7 +327,8 @@ def test_fused_heads_other_calls_keep_their_paths(monkeypatch):
 def test_route_is_chosen_per_rows_dtype_and_mode(monkeypatch):
     """The route kept per (rows, dtype, device, train/eval, per-task): large groups by their
     rows, the padded bmm by dtype; without the extension large groups run as ATen ops per
-    head; a full table starts anew."""
+    head; a full table starts anew. (A CPU with native bf16 GEMMs.)"""
+    lowp_gemms(monkeypatch, native=True)
     monkeypatch.setitem(gl._HEADS_LOOP_MK, ("cpu", torch.float32), 2**8)
     monkeypatch.setattr(gl, "_HEADS_LOOP_MIN", 2**8)
     fused = FusedHeads(6, {f"t{i}": n for i, n in enumerate([1, 200, 5, 50] * 2)}, hidden=4,
@@ -413,7 +481,11 @@ def test_per_task_gradcheck_twice_forward_mode_and_batched(case):
     (4, [2] * 4, torch.bfloat16, False),     # equal low-precision heads: the batched bmm
     (4, [1, 7, 3, 2], torch.bfloat16, True),
 ])
-def test_fused_heads_per_task_route(T, widths, dtype, takes_op):
+@pytest.mark.parametrize("native", [True, False])
+def test_fused_heads_per_task_route(T, widths, dtype, takes_op, native, monkeypatch):
+    """Without native low-precision GEMMs bf16 heads route as fp32 ones."""
+    lowp_gemms(monkeypatch, native)
+    takes_op = takes_op or (not native and T <= 8)
     fused = FusedHeads(6, {f"t{i}": n for i, n in enumerate(widths)}, hidden=4, dtype=dtype)
     z = torch.randn(T, 2, 5, 6, dtype=dtype, requires_grad=True)
     out = fused(z, per_task=True)
