@@ -64,6 +64,17 @@ def _run(model, x, seed=1):
     return model(x)
 
 
+def _gumbel_fp32_noise(logits, tau=1.0, hard=False, eps=1e-10, dim=-1):
+    """``F.gumbel_softmax`` (straight-through when ``hard``) with its noise drawn in fp32
+    whatever the logits' dtype: a model's fp64 twin then samples what the model samples."""
+    g = -torch.empty(logits.shape, dtype=torch.float32).exponential_().log()
+    y = ((logits + g.to(logits.dtype)) / tau).softmax(dim)
+    if not hard:
+        return y
+    one_hot = torch.zeros_like(y).scatter_(dim, y.argmax(dim, keepdim=True), 1.0)
+    return one_hot - y.detach() + y
+
+
 def _grads(model, ref):
     """The batched model's parameter gradients in the reference's layout (by state_dict key)."""
     saved = [p.data for p in model.parameters()]
@@ -90,14 +101,18 @@ def _loss(outs):
 @pytest.mark.parametrize("T,B", [(3, 2), (1, 2), (2, 1)])
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_batched_matches_reference(arch, T, B, train, dtype):
+def test_batched_matches_reference(arch, T, B, train, dtype, monkeypatch):
     """Forward, input and parameter gradients, BatchNorm buffers. float64 shows the two
-    definitions agree to rounding; float32 (training-mode BatchNorm on tiny channels amplifies
-    rounding) within 1e-3."""
+    definitions agree to rounding. In float32 the gradients are held to the fp32 reference's
+    own error against its float64 twin (training-mode BatchNorm over two samples cancels
+    most of the input gradient, and the fp32 reference alone misses it by 1e-4 to 1e-1
+    depending on the draw and on the CPU's GEMM kernels), and to 1e-3 where that is smaller."""
+    monkeypatch.setattr(torch.nn.functional, "gumbel_softmax", _gumbel_fp32_noise)
     tol, atol = (1e-3, 1e-5) if dtype == torch.float32 else (1e-9, 1e-11)
     bat, ref = _pair(arch, T)
     bat.to(dtype).train(train)
     ref.to(dtype).train(train)
+    twin = copy.deepcopy(ref).double()
     size = 64 if B == 1 else 32  # B=1 in training: BatchNorm needs > 1 value per channel
     x = torch.randn(B, 3, size, size, dtype=dtype, requires_grad=True)
     out_b, out_r = _run(bat, x), _run(ref, x)
@@ -109,11 +124,14 @@ def test_batched_matches_reference(arch, T, B, train, dtype):
     gx = x.grad.clone()
     x.grad = None
     _loss(out_r).backward()
-    assert rel_err(gx, x.grad) < tol
     gb, gr = _grads(bat, ref), _ref_grads(ref)
     assert all(gb[k].shape == gr[k].shape for k in gr)
-    assert rel_err(torch.cat([gb[k].reshape(-1) for k in gr]),
-                   torch.cat([gr[k].reshape(-1) for k in gr])) < tol
+    x64 = x.detach().double().requires_grad_()
+    _loss(_run(twin, x64)).backward()
+    g64 = _ref_grads(twin)
+    flat = [torch.cat([g[k].reshape(-1).double() for k in gr]) for g in (gb, gr, g64)]
+    for got, own, exact in ((gx.double(), x.grad.double(), x64.grad), flat):
+        assert rel_err(got, exact) < max(tol, 2 * rel_err(own, exact))
     if dtype == torch.float64:  # each parameter (a bias before a training-mode BatchNorm has
         for k in gr:            # a zero gradient: atol)
             assert rel_err(gb[k], gr[k]) < tol or (gb[k] - gr[k]).abs().max() < atol, k
