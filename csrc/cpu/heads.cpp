@@ -302,19 +302,40 @@ Layer2Grads second_layer_backward(const variable_list& gs, const Tensor& h, cons
     r.gw2 = gW.reshape(-1);
     return r;
   }
+  // Written into (M, H) and packed buffers, each head's GEMM into its column block (a BLAS
+  // leading dimension, no copy), where autograd takes plain tensors; else concatenated.
+  const bool into = s.T > 1 && writable(gs);
   variable_list gw, gh, gb;
-  int64_t wo = 0, c = 0;
+  if (into) {
+    r.gw2 = at::empty_like(w2);
+    r.gh = at::empty({M, s.H}, h.options());
+    if (bias) r.gb2 = at::empty({s.N}, w2.options());
+  }
+  int64_t wo = 0, c = 0, o = 0;
   for (int64_t t = 0; t < s.T; ++t) {
     const int64_t k = s.hid[t], n = s.outs[t];
-    gw.push_back(mm(gs[t].t(), h.narrow(1, c, k), s.up).reshape(-1));
-    gh.push_back(mm(gs[t], w2.narrow(0, wo, n * k).view({n, k}), s.up));
-    if (bias) gb.push_back(gs[t].sum(0));
+    const Tensor W = w2.narrow(0, wo, n * k).view({n, k}), ht = h.narrow(1, c, k);
+    if (into) {
+      mm_into(r.gw2.narrow(0, wo, n * k).view({n, k}), gs[t].t(), ht, s.up);
+      mm_into(r.gh.narrow(1, c, k), gs[t], W, s.up);
+      if (bias) {
+        Tensor gbt = r.gb2.narrow(0, o, n);
+        at::sum_out(gbt, gs[t], 0);
+      }
+    } else {
+      gw.push_back(mm(gs[t].t(), ht, s.up).reshape(-1));
+      gh.push_back(mm(gs[t], W, s.up));
+      if (bias) gb.push_back(gs[t].sum(0));
+    }
     wo += n * k;
     c += k;
+    o += n;
   }
-  r.gw2 = s.T == 1 ? gw[0] : at::cat(gw);
-  r.gh = s.T == 1 ? gh[0] : at::cat(gh, 1);
-  if (bias) r.gb2 = s.T == 1 ? gb[0] : at::cat(gb);
+  if (!into) {
+    r.gw2 = s.T == 1 ? gw[0] : at::cat(gw);
+    r.gh = s.T == 1 ? gh[0] : at::cat(gh, 1);
+    if (bias) r.gb2 = s.T == 1 ? gb[0] : at::cat(gb);
+  }
   return r;
 }
 
