@@ -39,6 +39,23 @@ class GemmDtypes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def assert_upcast_runs_gemms_in_fp32(call: Callable[[bool], list[torch.Tensor]],
+                                     dtype: torch.dtype) -> None:
+    """``call(upcast)`` runs an op on fresh ``dtype`` inputs and returns its outputs and
+    gradients. With ``upcast`` every GEMM inside runs on fp32 operands for bf16/fp16, without it
+    in ``dtype``; the results keep ``dtype``; fp32/fp64 ignore ``upcast`` bit for bit."""
+    lowp = dtype in (torch.float16, torch.bfloat16)
+    results = {}
+    for upcast in (False, True):
+        with GemmDtypes() as gemms:
+            results[upcast] = call(upcast)
+        assert gemms.dtypes == {torch.float32 if upcast and lowp else dtype}
+        assert all(t.dtype == dtype for t in results[upcast])
+    if not lowp:
+        for a, b in zip(results[False], results[True], strict=True):
+            assert torch.equal(a, b)
+
+
 def assert_matches_reference(op: Callable, reference: Callable, args: list, dtype: torch.dtype
                              ) -> None:
     """``op(*args)`` (the heads' outputs) against ``reference(*args)`` run in float64, forward

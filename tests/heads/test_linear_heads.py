@@ -14,9 +14,9 @@ from mtlfast.ops.linear_heads import linear_heads_reference
 from tests.conftest import rel_err
 from tests.heads.helpers import (
     TOL,
-    GemmDtypes,
     assert_engine_step_unchanged,
     assert_matches_reference,
+    assert_upcast_runs_gemms_in_fp32,
     lowp_gemms,
 )
 
@@ -51,19 +51,13 @@ def test_upcast_runs_low_precision_gemms_in_fp32(family, dtype):
     """``upcast``: every GEMM of a bf16/fp16 call, forward and backward, on fp32 operands;
     fp32/fp64 calls ignore it, bit for bit."""
     outs = FAMILIES[family]
-    results = {}
-    for upcast in (False, True):
+
+    def call(upcast):
         x, w, b = _args(outs, dtype)
-        with GemmDtypes() as gemms:
-            ys = torch.ops.mtlfast.linear_heads(x, w, b, outs, upcast=upcast)
-            grads = torch.autograd.grad(ys, [x, w, b], [torch.ones_like(y) for y in ys])
-        lowp = dtype in (torch.float16, torch.bfloat16)
-        assert gemms.dtypes == {torch.float32 if upcast and lowp else dtype}
-        assert all(t.dtype == dtype for t in [*ys, *grads])
-        results[upcast] = [*ys, *grads]
-    if dtype in (torch.float32, torch.float64):
-        for a, c in zip(results[False], results[True], strict=True):
-            assert torch.equal(a, c)
+        ys = torch.ops.mtlfast.linear_heads(x, w, b, outs, upcast=upcast)
+        return [*ys, *torch.autograd.grad(ys, [x, w, b], [torch.ones_like(y) for y in ys])]
+
+    assert_upcast_runs_gemms_in_fp32(call, dtype)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

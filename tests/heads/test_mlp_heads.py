@@ -22,6 +22,7 @@ from tests.heads.helpers import (
     GemmDtypes,
     assert_engine_step_unchanged,
     assert_matches_reference,
+    assert_upcast_runs_gemms_in_fp32,
     lowp_gemms,
 )
 
@@ -89,25 +90,19 @@ def test_upcast_runs_low_precision_gemms_in_fp32(case, dtype, create_graph):
     """With ``upcast`` every GEMM of a bf16/fp16 call, forward and backward (double backward
     included), runs on fp32 operands; fp32/fp64 calls ignore it, bit for bit."""
     hidden, outs, layer2 = CASES[case]
-    results = {}
-    for upcast in (False, True):
+
+    def call(upcast):
         w1, b1, w2, b2 = _params(case, dtype)
         x = torch.randn(5, 6, generator=torch.Generator().manual_seed(2)).to(dtype)
         leaves = [x.requires_grad_(), w1, b1, w2, b2]
-        with GemmDtypes() as gemms:
-            ys = torch.ops.mtlfast.mlp_heads(*leaves, hidden, outs, "gelu", layer2,
-                                             upcast=upcast)
-            grads = torch.autograd.grad(ys, leaves, [torch.ones_like(y) for y in ys],
-                                        create_graph=create_graph)
-            if create_graph:
-                torch.autograd.grad(sum(g.sum() for g in grads), [x, w1, w2])
-        lowp = dtype in (torch.float16, torch.bfloat16)
-        assert gemms.dtypes == {torch.float32 if upcast and lowp else dtype}
-        assert all(t.dtype == dtype for t in [*ys, *grads])
-        results[upcast] = [*ys, *grads]
-    if dtype in (torch.float32, torch.float64):
-        for a, b in zip(results[False], results[True], strict=True):
-            assert torch.equal(a, b)
+        ys = torch.ops.mtlfast.mlp_heads(*leaves, hidden, outs, "gelu", layer2, upcast=upcast)
+        grads = torch.autograd.grad(ys, leaves, [torch.ones_like(y) for y in ys],
+                                    create_graph=create_graph)
+        if create_graph:
+            torch.autograd.grad(sum(g.sum() for g in grads), [x, w1, w2])
+        return [*ys, *grads]
+
+    assert_upcast_runs_gemms_in_fp32(call, dtype)
 
 
 @pytest.mark.parametrize("native", [True, False])
