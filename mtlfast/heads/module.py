@@ -55,7 +55,7 @@ from ..ops.grouped_linear import (
     grouped_linear_input_grad,
 )
 from ..ops.linear_heads import linear_heads, linear_heads_serves
-from ..ops.mlp_heads import gemm_dtype, mlp_heads, mlp_heads_layer2
+from ..ops.mlp_heads import gemm_dtype, mlp_heads, mlp_heads_layer2, upcast_gemms
 from .spec import normalize_activation, resolve_tasks
 
 __all__ = ["FusedHeads"]
@@ -312,8 +312,13 @@ class FusedHeads(Interop, nn.Module):
             return self._outputs(parts, batch)
         if not per_task:
             # One dense GEMM with no epilogue to fuse: the native op (addmm / cuBLAS) is the
-            # fastest and adds no custom-op dispatch overhead.
-            y = F.linear(x, cast(self.weight, dtype), cast(self.bias, dtype))
+            # fastest and adds no custom-op dispatch overhead; in fp32 where the CPU has no
+            # native GEMM for a low-precision dtype (as the heads ops run theirs).
+            w, b = cast(self.weight, dtype), cast(self.bias, dtype)
+            if upcast_gemms(x) and _eager(x, w, b):
+                y = F.linear(x.float(), w.float(), None if b is None else b.float()).to(dtype)
+            else:
+                y = F.linear(x, w, b)
         else:
             w, b = cast(self.weight, dtype), cast(self.bias, dtype)
             if _eager(x, w, b) and self._route(x, True) == "heads":

@@ -126,8 +126,11 @@ def mlp_heads_layer2(x: torch.Tensor, hidden: Sequence[int], outs: Sequence[int]
 def per_task_per_head(x: torch.Tensor, hidden: Sequence[int] | None, outs: Sequence[int]
                       ) -> bool:
     """Heads on per-task inputs run one by one (the per-head form of this op, or of
-    ``linear_heads``) rather than batched: up to ``_PER_TASK_MAX_T`` heads."""
-    lowp = gemm_dtype(x) in (torch.float16, torch.bfloat16)
+    ``linear_heads``) rather than batched: up to ``_PER_TASK_MAX_T`` heads, and any number
+    where ``upcast_gemms`` (the batched path would run the CPU's slow low-precision GEMMs)."""
+    if upcast_gemms(x):
+        return True
+    lowp = x.dtype in (torch.float16, torch.bfloat16)
     ragged = len(set(outs)) > 1 or (hidden is not None and len(set(hidden)) > 1)
     return len(outs) <= _PER_TASK_MAX_T["ragged" if ragged or not lowp
                                         else "uniform, low precision"]

@@ -14,6 +14,7 @@ from mtlfast.ops.linear_heads import linear_heads_reference
 from tests.conftest import rel_err
 from tests.heads.helpers import (
     TOL,
+    GemmDtypes,
     assert_engine_step_unchanged,
     assert_matches_reference,
     assert_upcast_runs_gemms_in_fp32,
@@ -123,11 +124,12 @@ def _uses_op(out: dict) -> bool:
     ([2, 2], torch.bfloat16, True),
     ([2] * 4, torch.bfloat16, False),
     ([1, 7, 3, 2], torch.bfloat16, True),
+    ([1] * 9, torch.bfloat16, False),
 ])
 @pytest.mark.parametrize("native", [True, False])
 def test_fused_linear_heads_per_task_route(widths, dtype, takes_op, native, monkeypatch):
     lowp_gemms(monkeypatch, native)
-    takes_op = takes_op or (not native and len(widths) <= 8)
+    takes_op = takes_op or (not native and dtype == torch.bfloat16)
     fused = FusedHeads(6, {f"t{i}": n for i, n in enumerate(widths)}, dtype=dtype)
     z = torch.randn(len(widths), 2, 3, 6, dtype=dtype, requires_grad=True)
     out = fused(z, per_task=True)
@@ -142,6 +144,33 @@ def test_fused_linear_heads_per_task_route(widths, dtype, takes_op, native, monk
     for t in out:
         assert out[t].shape == ref[t].shape and rel_err(out[t], ref[t]) < 2 * TOL[dtype]
     assert rel_err(got[0], want[0]) < 4 * TOL[dtype]
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_shared_input_linear_heads_without_native_lowp_gemms(native, bias, monkeypatch):
+    """bf16 Linear heads on shared features: one GEMM, in fp32 on a CPU without native bf16
+    GEMMs (forward and backward), bf16 outputs and gradients matching the unfused heads'."""
+    lowp_gemms(monkeypatch, native)
+    torch.manual_seed(0)
+    fused = FusedHeads(6, {"a": 1, "b": 7, "c": 3}, bias=bias, dtype=torch.bfloat16)
+    plain = fused.unfuse()
+    z = torch.randn(4, 5, 6, dtype=torch.bfloat16, requires_grad=True)
+    with GemmDtypes() as gemms:
+        out = fused(z)
+        got = torch.autograd.grad(sum(y.float().square().sum() for y in out.values()),
+                                  [z, *fused.parameters()])
+    assert gemms.dtypes == {torch.bfloat16 if native else torch.float32}
+    ref = {t: plain[t](z) for t in out}
+    want = torch.autograd.grad(sum(y.float().square().sum() for y in ref.values()),
+                               [z, *plain.parameters()])
+    tol = 2 * TOL[torch.bfloat16]
+    for t, y in out.items():
+        assert y.dtype == torch.bfloat16 and rel_err(y, ref[t]) < tol
+    assert all(g.dtype == torch.bfloat16 for g in got)
+    assert rel_err(got[0], want[0]) < tol
+    assert rel_err(got[1], torch.cat([want[1 + 2 * i] if bias else want[1 + i]
+                                      for i in range(3)])) < tol
 
 
 def test_engine_step_equals_the_grouped_path(monkeypatch):
