@@ -8,7 +8,7 @@ heads a step is bound by per-node costs; once a head's hidden layer is large (ba
 past ``_HEADS_LOOP_MK``), and for per-task inputs of up to 8 heads, each head instead runs both
 layers on its own (the op's per-head form, or as ATen ops on views of the fused parameters: the
 loop of heads, measured faster there). On a CPU with no native bf16/fp16 GEMM (where torch runs
-one 30-60x slower than fp32's) the op runs the GEMMs of low-precision heads in fp32. Other
+one 30-60x slower than fp32's) eager low-precision heads run their GEMMs in fp32. Other
 eager calls (no extension, the GPU, more per-task heads) run plain ATen ops under torch's own
 autograd (``grouped_linear_parts``: one ``bmm`` over equal-width groups, ragged ones
 zero-padded while that is cheap; on the CPU one GEMM per group where that is measured
