@@ -55,7 +55,7 @@ from ..ops.grouped_linear import (
     grouped_linear_input_grad,
 )
 from ..ops.linear_heads import linear_heads, linear_heads_serves
-from ..ops.mlp_heads import gemm_dtype, mlp_heads, mlp_heads_layer2, upcast_gemms
+from ..ops.mlp_heads import mlp_heads, mlp_heads_layer2, upcast_gemms
 from .spec import normalize_activation, resolve_tasks
 
 __all__ = ["FusedHeads"]
@@ -261,10 +261,8 @@ class FusedHeads(Interop, nn.Module):
                 route = "heads" if per_task and linear_heads_serves(x, self.out_widths) \
                     else None
             else:
-                large = not per_task and _large_groups(x, self.hidden_widths, gemm_dtype(x))
-                route = mlp_heads_layer2(x, self.hidden_widths, self.out_widths, large,
-                                         per_task)
-                if route is None and large:
+                route = mlp_heads_layer2(x, self.hidden_widths, self.out_widths, per_task)
+                if route is None and not per_task and _large_groups(x, self.hidden_widths):
                     route = _PER_HEAD
             self._routes[key] = route
         return route

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import backend
-from .grouped_linear import _blocks, _pad_ok, _width_one_mulsum, apply_activation
+from .grouped_linear import _blocks, _large_groups, _pad_ok, _width_one_mulsum, apply_activation
 
 __all__ = ["gemm_dtype", "layer2_for", "mlp_heads", "mlp_heads_layer2", "mlp_heads_reference",
            "per_task_per_head", "upcast_gemms"]
@@ -91,11 +91,8 @@ def upcast_gemms(x: torch.Tensor) -> bool:
 
 
 def gemm_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the GEMMs of FusedHeads' eager heads run in for ``x``: fp32 where the op
-    serves and ``upcast_gemms``, else x's. The form choice's cost rules read it."""
-    if upcast_gemms(x) and backend("mlp_heads", x, eager=True) == "cpu":
-        return torch.float32
-    return x.dtype
+    """The dtype the op's GEMMs run in for ``x``: the form choice's cost rules read it."""
+    return torch.float32 if upcast_gemms(x) else x.dtype
 
 
 def layer2_for(x: torch.Tensor, hidden: Sequence[int], outs: Sequence[int]) -> str:
@@ -111,16 +108,17 @@ def layer2_for(x: torch.Tensor, hidden: Sequence[int], outs: Sequence[int]) -> s
 
 
 def mlp_heads_layer2(x: torch.Tensor, hidden: Sequence[int], outs: Sequence[int],
-                     per_head: bool = False, per_task: bool = False) -> str | None:
+                     per_task: bool = False) -> str | None:
     """The dispatch: the C++ op's form where it serves eager calls with ``x`` (the caller
-    checked they are eager): ``"heads"`` (each head's two layers on its own) for ``per_head``
-    and for per-task inputs (``x`` ``(T, M, D)``) up to ``_PER_TASK_MAX_T`` heads, else
-    ``layer2_for``'s; None where it does not serve (FusedHeads composes ATen ops)."""
+    checked they are eager): ``"heads"`` (each head's two layers on its own) for large groups
+    (``_large_groups`` at the GEMMs' dtype) and for per-task inputs (``x`` ``(T, M, D)``) up
+    to ``_PER_TASK_MAX_T`` heads, else ``layer2_for``'s; None where it does not serve
+    (FusedHeads composes ATen ops)."""
     if backend("mlp_heads", x, eager=True) != "cpu":
         return None
     if per_task:
         return "heads" if per_task_per_head(x, hidden, outs) else None
-    return "heads" if per_head else layer2_for(x, hidden, outs)
+    return "heads" if _large_groups(x, hidden, gemm_dtype(x)) else layer2_for(x, hidden, outs)
 
 
 def per_task_per_head(x: torch.Tensor, hidden: Sequence[int] | None, outs: Sequence[int]
